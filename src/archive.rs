@@ -1,0 +1,349 @@
+//! The outer `docker save` archive: many hashers, one ordered writer.
+//!
+//! Worker threads run the hashing pass (each store layer rendered into a
+//! [`HashSink`]) while this module's writer, on the calling thread, emits the
+//! archive in order as soon as each layer's digest is known: base layers
+//! (copied through, verified against their diff_ids), store layers (rendered
+//! again through a [`VerifyingWriter`]), the customisation layer (copied,
+//! verified against its checksum file), the config and, last, manifest.json.
+//! Any failure stops the writer before manifest.json, so what reached the
+//! output cannot be loaded as an image.  The member headers are those of
+//! `stream_layered_image.py`.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
+
+use crate::baseimage::BaseError;
+use crate::hash::{hex, HashSink, LayerDigest, OverrunError, VerifyingWriter};
+use crate::image::{image_meta, ImageMeta};
+use crate::layer::{write_store_layer, LayerError, Scratch};
+use crate::plan::{Customisation, ImagePlan, PlannedLayer};
+use crate::progress::Progress;
+use crate::pyjson::repr_str_list;
+use crate::tarheader::{self, Header};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    #[error("layer {layer}: {source}")]
+    Layer { layer: usize, source: LayerError },
+    #[error(transparent)]
+    Base(#[from] BaseError),
+    #[error("customisation layer {path}: {what}")]
+    Customisation { path: PathBuf, what: String },
+    #[error(
+        "layer {layer} ({paths}) changed between the hashing and streaming passes \
+         (sha256:{expected}, {expected_size} bytes, became sha256:{actual}, {actual_size} bytes); \
+         the archive was stopped before manifest.json"
+    )]
+    DigestMismatch {
+        layer: usize,
+        paths: String,
+        expected: String,
+        expected_size: u64,
+        actual: String,
+        actual_size: u64,
+    },
+    #[error("writing the output failed: {0}")]
+    Output(#[source] io::Error),
+    #[error("internal error in a hashing worker: {0}")]
+    Worker(String),
+}
+
+impl ArchiveError {
+    /// True when the output (not an input) failed, e.g. a closed pipe.
+    pub fn output_error(&self) -> Option<&io::Error> {
+        match self {
+            ArchiveError::Output(e) | ArchiveError::Layer { source: LayerError::Output(e), .. } => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// What was written.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub meta: ImageMeta,
+    pub digests: Vec<LayerDigest>,
+    pub bytes: u64,
+}
+
+/// Hashing-pass results, published by workers, awaited by the writer.
+struct Slots {
+    results: Mutex<Vec<Option<Result<LayerDigest, ArchiveError>>>>,
+    ready: Condvar,
+    abort: AtomicBool,
+}
+
+impl Slots {
+    fn put(&self, i: usize, r: Result<LayerDigest, ArchiveError>) {
+        if r.is_err() {
+            self.abort.store(true, Ordering::Relaxed);
+        }
+        self.results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
+        self.ready.notify_all();
+    }
+
+    /// Waits for layer `i`; returns early with any other layer's error.
+    fn wait(&self, i: usize) -> Result<LayerDigest, ArchiveError> {
+        let mut g = self.results.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(r) = g[i].take() {
+                return r;
+            }
+            if let Some(j) = g.iter().position(|r| matches!(r, Some(Err(_)))) {
+                return g[j].take().expect("checked").map(|_| unreachable!());
+            }
+            g = self.ready.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn first_error(&self) -> Option<ArchiveError> {
+        let mut g = self.results.lock().unwrap_or_else(|p| p.into_inner());
+        let j = g.iter().position(|r| matches!(r, Some(Err(_))))?;
+        g[j].take().and_then(Result::err)
+    }
+}
+
+/// The outer tar, counting its offset.
+struct Outer<'p, W: Write> {
+    out: W,
+    offset: u64,
+    progress: &'p Progress,
+    header: Vec<u8>,
+}
+
+impl<W: Write> Write for Outer<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_all(buf).map(|_| buf.len())
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.out.write_all(buf)?;
+        self.offset += buf.len() as u64;
+        self.progress.wrote(buf.len() as u64);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+impl<W: Write> Outer<'_, W> {
+    fn header(&mut self, h: &Header<'_>) -> Result<(), ArchiveError> {
+        let mut buf = std::mem::take(&mut self.header);
+        buf.clear();
+        tarheader::encode(h, &mut buf);
+        let r = self.write_all(&buf).map_err(ArchiveError::Output);
+        self.header = buf;
+        r
+    }
+
+    fn pad(&mut self, size: u64) -> Result<(), ArchiveError> {
+        let zeros = [0u8; tarheader::BLOCK];
+        self.write_all(&zeros[..tarheader::data_padding(size)]).map_err(ArchiveError::Output)
+    }
+
+    fn member(&mut self, name: &str, data: &[u8], mtime: i64) -> Result<(), ArchiveError> {
+        self.header(&Header::plain_file(name.as_bytes(), data.len() as u64, mtime))?;
+        self.write_all(data).map_err(ArchiveError::Output)?;
+        self.pad(data.len() as u64)
+    }
+}
+
+/// Hashes and streams the image described by `plan` into `out`.
+pub fn write_archive<W: Write>(plan: &ImagePlan, out: W, jobs: usize, progress: &Progress) -> Result<Summary, ArchiveError> {
+    let store: Vec<usize> =
+        plan.layers.iter().enumerate().filter(|(_, l)| matches!(l, PlannedLayer::Store { .. })).map(|(i, _)| i).collect();
+    let slots = Slots {
+        results: Mutex::new((0..plan.layers.len()).map(|_| None).collect()),
+        ready: Condvar::new(),
+        abort: AtomicBool::new(false),
+    };
+    let next = AtomicUsize::new(0);
+    let workers = jobs.clamp(1, store.len().max(1));
+
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| hash_worker(plan, &store, &next, &slots, progress));
+        }
+        let r = stream(plan, out, &slots, progress);
+        if r.is_err() {
+            slots.abort.store(true, Ordering::Relaxed);
+        }
+        r
+    })
+}
+
+fn hash_worker(plan: &ImagePlan, store: &[usize], next: &AtomicUsize, slots: &Slots, progress: &Progress) {
+    let mut scratch = Scratch::default();
+    loop {
+        let k = next.fetch_add(1, Ordering::Relaxed);
+        if k >= store.len() || slots.abort.load(Ordering::Relaxed) {
+            return;
+        }
+        let i = store[k];
+        let PlannedLayer::Store { listing, .. } = &plan.layers[i] else { unreachable!("store index") };
+        let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let mut sink = HashSink::new();
+            write_store_layer(listing, &plan.owner, &mut sink, &mut scratch, Some(&slots.abort))
+                .map(|_| sink.finish())
+                .map_err(|source| ArchiveError::Layer { layer: i + 1, source })
+        }))
+        .unwrap_or_else(|panic| {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panic".into());
+            Err(ArchiveError::Worker(format!("layer {}: {msg}", i + 1)))
+        });
+        if let Ok(d) = &r {
+            progress.sized(d.size);
+        }
+        let failed = r.is_err();
+        slots.put(i, r);
+        if failed {
+            return;
+        }
+    }
+}
+
+fn stream<W: Write>(plan: &ImagePlan, out: W, slots: &Slots, progress: &Progress) -> Result<Summary, ArchiveError> {
+    let mtime = plan.owner.mtime;
+    let mut outer = Outer { out, offset: 0, progress, header: Vec::with_capacity(2048) };
+    let mut scratch = Scratch::default();
+    let mut digests = Vec::with_capacity(plan.layers.len());
+    let total = plan.layers.len();
+    if plan.base.is_none() {
+        progress.line(|| "No 'fromImage' provided".into());
+    }
+    for (i, layer) in plan.layers.iter().enumerate() {
+        let num = i + 1;
+        let digest = match layer {
+            PlannedLayer::Base { index } => {
+                let base = plan.base.as_ref().expect("base layer without base");
+                let bl = &base.layers[*index];
+                progress.line(|| format!("Adding base layer {} from {}", index + 1, bl.member.name_lossy()));
+                progress.sized(bl.member.size);
+                outer.header(&bl.member.header())?;
+                base.copy_layer(*index, &mut outer).map_err(ArchiveError::Output)??;
+                outer.pad(bl.member.size)?;
+                LayerDigest { size: bl.member.size, sha256: bl.diff_id }
+            }
+            PlannedLayer::Store { paths_text, listing } => {
+                progress.line(|| format!("Creating layer {num} from paths: {}", repr_str_list(paths_text)));
+                let d = slots.wait(i)?;
+                let name = format!("{}/layer.tar", d.hex());
+                outer.header(&Header::plain_file(name.as_bytes(), d.size, mtime))?;
+                let mut v = VerifyingWriter::new(&mut outer, d);
+                match write_store_layer(listing, &plan.owner, &mut v, &mut scratch, Some(&slots.abort)) {
+                    Ok(_) => {}
+                    Err(LayerError::Aborted) => {
+                        return Err(slots.first_error().unwrap_or(ArchiveError::Worker("aborted".into())))
+                    }
+                    Err(LayerError::Output(e)) if e.get_ref().is_some_and(|r| r.is::<OverrunError>()) => {
+                        return Err(mismatch(num, paths_text, d, None));
+                    }
+                    Err(source) => return Err(ArchiveError::Layer { layer: num, source }),
+                }
+                if let Err(m) = v.finish() {
+                    return Err(mismatch(num, paths_text, d, Some(m.actual)));
+                }
+                outer.pad(d.size)?;
+                d
+            }
+            PlannedLayer::Customisation(c) => {
+                progress.line(|| format!("Creating layer {num} with customisation..."));
+                copy_customisation(c, mtime, &mut outer)?
+            }
+        };
+        digests.push(digest);
+        progress.layer_done(num, total);
+        if let Some(e) = slots.first_error() {
+            return Err(e);
+        }
+    }
+    progress.line(|| "Adding manifests...".into());
+    let diff_ids: Vec<[u8; 32]> = digests.iter().map(|d| d.sha256).collect();
+    let meta = image_meta(plan, &diff_ids);
+    outer.member(&meta.config_name, &meta.config, mtime)?;
+    outer.member("manifest.json", &meta.manifest, mtime)?;
+    let end = tarheader::end_of_archive_len(outer.offset);
+    outer.write_all(&vec![0u8; end]).map_err(ArchiveError::Output)?;
+    outer.flush().map_err(ArchiveError::Output)?;
+    progress.line(|| "Done.".into());
+    Ok(Summary { meta, digests, bytes: outer.offset })
+}
+
+fn mismatch(layer: usize, paths: &[String], expected: LayerDigest, actual: Option<LayerDigest>) -> ArchiveError {
+    ArchiveError::DigestMismatch {
+        layer,
+        paths: repr_str_list(paths),
+        expected: expected.hex(),
+        expected_size: expected.size,
+        actual: actual.map(|a| a.hex()).unwrap_or_else(|| "?".into()),
+        actual_size: actual.map(|a| a.size).unwrap_or(expected.size + 1),
+    }
+}
+
+/// `add_customisation_layer`: the member header comes from stat'ing
+/// layer.tar (`gettarinfo`), with the configured mtime.
+fn copy_customisation<W: Write>(c: &Customisation, mtime: i64, outer: &mut Outer<'_, W>) -> Result<LayerDigest, ArchiveError> {
+    let err = |what: String| ArchiveError::Customisation { path: c.tar_path.clone(), what };
+    let expected = LayerDigest { size: c.size, sha256: c.digest };
+    let mut f = File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&c.tar_path)
+        .map_err(|e| err(format!("cannot open: {e}")))?;
+    let md = f.metadata().map_err(|e| err(format!("cannot stat: {e}")))?;
+    let mtime_ns = i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec());
+    if md.size() != c.size || md.ino() != c.ino || mtime_ns != c.mtime_ns {
+        return Err(err("changed while the image was being written".into()));
+    }
+    let name = format!("{}/layer.tar", hex(&c.digest));
+    outer.header(&Header {
+        name: name.as_bytes(),
+        mode: c.mode,
+        uid: c.uid,
+        gid: c.gid,
+        size: c.size,
+        mtime,
+        typeflag: tarheader::typeflag::REGULAR,
+        linkname: b"",
+        uname: &c.uname,
+        gname: &c.gname,
+        devmajor: 0,
+        devminor: 0,
+        pax: &[],
+    })?;
+    let mut v = VerifyingWriter::new(&mut *outer, expected);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = c.size;
+    while left > 0 {
+        let want = buf.len().min(left as usize);
+        let n = match f.read(&mut buf[..want]) {
+            Ok(0) => return Err(err("it ended early".into())),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(err(format!("cannot read: {e}"))),
+        };
+        v.write_all(&buf[..n]).map_err(ArchiveError::Output)?;
+        left -= n as u64;
+    }
+    if let Err(m) = v.finish() {
+        return Err(err(format!(
+            "its sha256 is {}, but its checksum file says {}; the customisation layer is corrupt",
+            m.actual.hex(),
+            m.expected.hex()
+        )));
+    }
+    outer.pad(c.size)?;
+    Ok(expected)
+}

@@ -1,0 +1,171 @@
+//! The one producer of store-layer tars, generic over `Write`.
+//!
+//! The hashing pass runs it into a [`crate::hash::HashSink`]; the streaming
+//! pass runs it again into the output through a
+//! [`crate::hash::VerifyingWriter`].  There is no second code path that has
+//! to agree with this one.  The bytes are those of `archive_paths_to` in
+//! `stream_layered_image.py`: `/nix` and `/nix/store` directories (mode 0755)
+//! first, then every listed entry with the configured owner and mtime, hard
+//! links as regular files, then `tarfile`'s end-of-archive padding.
+//!
+//! Every file is opened without following symlinks and checked against the
+//! listing (type, size, inode, mtime) before a byte of it is used, and must
+//! yield exactly the listed size, so a file that changed between the passes is
+//! an error naming it, never a silently different layer.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::tarheader::{self, typeflag, Header};
+use crate::walk::{Entry, Kind, Listing};
+
+/// Owner and time applied to every store-layer entry (`apply_filters`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Owner {
+    pub uid: u64,
+    pub gid: u64,
+    pub uname: Vec<u8>,
+    pub gname: Vec<u8>,
+    pub mtime: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LayerError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("{path} changed while the image was being written ({what}); rebuild or retry when the store is quiet")]
+    Changed { path: PathBuf, what: String },
+    #[error("writing the output failed: {0}")]
+    Output(#[source] io::Error),
+    #[error("stopped because another part of the image failed")]
+    Aborted,
+}
+
+/// Buffers reused across layers by one worker.
+pub struct Scratch {
+    header: Vec<u8>,
+    buf: Vec<u8>,
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Scratch { header: Vec::with_capacity(4096), buf: vec![0; 1 << 20] }
+    }
+}
+
+/// Enough zeros for any padding: end of archive is at most two blocks plus a record less one block.
+const ZEROS: [u8; tarheader::RECORD + 2 * tarheader::BLOCK] = [0; tarheader::RECORD + 2 * tarheader::BLOCK];
+
+/// Writes the layer tar for `listing` into `out`; returns its length.
+pub fn write_store_layer<W: Write>(
+    listing: &Listing,
+    owner: &Owner,
+    out: &mut W,
+    scratch: &mut Scratch,
+    abort: Option<&AtomicBool>,
+) -> Result<u64, LayerError> {
+    let mut out = Counting { out, written: 0 };
+
+    // "To be consistent with the docker utilities": /nix and /nix/store
+    // first, literally, whatever store_dir is.
+    scratch.header.clear();
+    for dir in [&b"/nix"[..], b"/nix/store"] {
+        tarheader::encode(&entry_header(dir, b"", Kind::Directory, 0o755, 0, owner), &mut scratch.header);
+    }
+    out.emit(&scratch.header)?;
+
+    for e in &listing.entries {
+        if abort.is_some_and(|a| a.load(Ordering::Relaxed)) {
+            return Err(LayerError::Aborted);
+        }
+        let path = listing.path(e);
+        scratch.header.clear();
+        tarheader::encode(&entry_header(path, listing.link(e), e.kind, e.mode, e.size, owner), &mut scratch.header);
+        out.emit(&scratch.header)?;
+        if e.kind == Kind::File {
+            copy_file(e, path, &mut out, &mut scratch.buf)?;
+            out.emit(&ZEROS[..tarheader::data_padding(e.size)])?;
+        }
+    }
+    let end = tarheader::end_of_archive_len(out.written);
+    out.emit(&ZEROS[..end])?;
+    Ok(out.written)
+}
+
+/// The layer's output, counting bytes; output errors become `LayerError::Output`.
+struct Counting<'a, W> {
+    out: &'a mut W,
+    written: u64,
+}
+
+impl<W: Write> Counting<'_, W> {
+    fn emit(&mut self, bytes: &[u8]) -> Result<(), LayerError> {
+        self.out.write_all(bytes).map_err(LayerError::Output)?;
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+}
+
+fn entry_header<'a>(name: &'a [u8], link: &'a [u8], kind: Kind, mode: u32, size: u64, owner: &'a Owner) -> Header<'a> {
+    Header {
+        name,
+        mode,
+        uid: owner.uid,
+        gid: owner.gid,
+        size,
+        mtime: owner.mtime,
+        typeflag: match kind {
+            Kind::Directory => typeflag::DIRECTORY,
+            Kind::Symlink => typeflag::SYMLINK,
+            Kind::File => typeflag::REGULAR,
+        },
+        linkname: link,
+        uname: &owner.uname,
+        gname: &owner.gname,
+        devmajor: 0,
+        devminor: 0,
+        pax: &[],
+    }
+}
+
+fn copy_file<W: Write>(e: &Entry, path: &[u8], out: &mut Counting<'_, W>, buf: &mut [u8]) -> Result<(), LayerError> {
+    let p = || PathBuf::from(std::ffi::OsStr::from_bytes(path));
+    let changed = |what: String| LayerError::Changed { path: p(), what };
+    let mut f = match File::options().read(true).custom_flags(libc::O_NOFOLLOW).open(std::ffi::OsStr::from_bytes(path)) {
+        Ok(f) => f,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Err(changed("it was removed".into())),
+        Err(err) if err.raw_os_error() == Some(libc::ELOOP) => return Err(changed("it became a symlink".into())),
+        Err(source) => return Err(LayerError::Read { path: p(), source }),
+    };
+    let md = f.metadata().map_err(|source| LayerError::Read { path: p(), source })?;
+    if !md.is_file() {
+        return Err(changed("it is no longer a regular file".into()));
+    }
+    if md.size() != e.size {
+        return Err(changed(format!("size {} became {}", e.size, md.size())));
+    }
+    if md.ino() != e.ino || md.dev() != e.dev {
+        return Err(changed("it was replaced by another file".into()));
+    }
+    let mtime_ns = i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec());
+    if mtime_ns != e.mtime_ns {
+        return Err(changed("it was modified".into()));
+    }
+    let mut left = e.size;
+    while left > 0 {
+        let want = buf.len().min(left as usize);
+        let n = match f.read(&mut buf[..want]) {
+            Ok(0) => return Err(changed(format!("it ended {left} bytes early"))),
+            Ok(n) => n,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(source) => return Err(LayerError::Read { path: p(), source }),
+        };
+        out.emit(&buf[..n])?;
+        left -= n as u64;
+    }
+    Ok(())
+}

@@ -1,0 +1,25 @@
+//! nixstream: Nix store paths to a docker-archive image, streamed.
+//!
+//! The stages, each a module and each testable alone:
+//! [`conf`] (the configuration) → [`plan`] (an [`plan::ImagePlan`]: base
+//! image indexed, store layers listed by [`walk`]) → [`archive`] (layers
+//! hashed in parallel by [`layer`] into [`hash`] sinks, then streamed in
+//! order through verifying writers, with [`image`] building config and
+//! manifest).  [`tarheader`] and [`pyjson`] own the bytes that must equal
+//! the reference's.
+
+pub mod archive;
+pub mod baseimage;
+pub mod cli;
+pub mod compress;
+pub mod conf;
+pub mod hash;
+pub mod image;
+pub mod isotime;
+pub mod layer;
+pub mod owners;
+pub mod plan;
+pub mod progress;
+pub mod pyjson;
+pub mod tarheader;
+pub mod walk;

@@ -1,0 +1,216 @@
+//! The `ImagePlan`: everything that decides the archive's bytes, gathered
+//! and checked before the first byte is written.
+//!
+//! It is built from a [`Conf`]: the base image indexed and validated, every
+//! store layer listed (in parallel, one walk per layer), the customisation
+//! layer's checksum read and its tar stat'ed, and the image config merged with
+//! the base image's `Env` as the reference does.  Nothing is hashed here; the
+//! next stage ([`crate::archive`]) hashes and streams from this value.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use serde_json::{Map, Value};
+
+use crate::baseimage::{BaseError, BaseImage};
+use crate::conf::Conf;
+use crate::hash::parse_sha256_hex;
+use crate::layer::Owner;
+use crate::walk::{list_layer, Listing, WalkError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error(transparent)]
+    Base(#[from] BaseError),
+    #[error("store layer {layer}: {source}")]
+    Walk { layer: usize, source: WalkError },
+    #[error("customisation layer {path}: {what}")]
+    Customisation { path: PathBuf, what: String },
+}
+
+/// The customisation layer: a directory with `layer.tar` and `checksum`.
+#[derive(Debug, Clone)]
+pub struct Customisation {
+    /// The directory as written in the configuration.
+    pub dir_text: String,
+    pub tar_path: PathBuf,
+    pub digest: [u8; 32],
+    pub size: u64,
+    pub mode: u32,
+    pub uid: u64,
+    pub gid: u64,
+    pub uname: Vec<u8>,
+    pub gname: Vec<u8>,
+    pub ino: u64,
+    pub mtime_ns: i128,
+}
+
+#[derive(Debug, Clone)]
+pub enum PlannedLayer {
+    /// Layer `index` of the base image, copied through.
+    Base { index: usize },
+    /// Store paths, archived by [`crate::layer::write_store_layer`].
+    Store { paths_text: Vec<String>, listing: Listing },
+    Customisation(Customisation),
+}
+
+#[derive(Debug, Clone)]
+pub struct ImagePlan {
+    pub owner: Owner,
+    /// `datetime.isoformat(created)`.
+    pub created: String,
+    pub architecture: Value,
+    /// The image config, Env already merged with the base image's.
+    pub config: Map<String, Value>,
+    pub repo_tag: String,
+    pub base: Option<BaseImage>,
+    pub layers: Vec<PlannedLayer>,
+}
+
+impl ImagePlan {
+    pub fn from_conf(conf: &Conf, jobs: usize) -> Result<ImagePlan, PlanError> {
+        let base = conf.from_image.as_deref().map(BaseImage::open).transpose()?;
+        let customisation = customisation(conf)?;
+        let listings = list_layers(&conf.store_layers, jobs)?;
+
+        let mut layers: Vec<PlannedLayer> = Vec::new();
+        if let Some(b) = &base {
+            layers.extend((0..b.layers.len()).map(|index| PlannedLayer::Base { index }));
+        }
+        for (paths_text, listing) in conf.store_layers_text.iter().zip(listings) {
+            layers.push(PlannedLayer::Store { paths_text: paths_text.clone(), listing });
+        }
+        layers.push(PlannedLayer::Customisation(customisation));
+
+        let mut config = conf.config.clone();
+        if let Some(b) = &base {
+            merge_env(&mut config, &b.config);
+        }
+        Ok(ImagePlan {
+            owner: Owner {
+                uid: conf.uid,
+                gid: conf.gid,
+                uname: conf.uname.as_bytes().to_vec(),
+                gname: conf.gname.as_bytes().to_vec(),
+                mtime: conf.mtime,
+            },
+            created: conf.created.isoformat(),
+            architecture: conf.architecture.clone(),
+            config,
+            repo_tag: conf.repo_tag.clone(),
+            base,
+            layers,
+        })
+    }
+
+    /// The paths a layer's history comment names (`LayerInfo.paths`).
+    pub fn history_paths(&self, layer: &PlannedLayer) -> Vec<String> {
+        match layer {
+            PlannedLayer::Base { index } => vec![self.base.as_ref().expect("base layer without base").layers[*index].path.clone()],
+            PlannedLayer::Store { paths_text, .. } => paths_text.clone(),
+            PlannedLayer::Customisation(c) => vec![c.dir_text.clone()],
+        }
+    }
+}
+
+/// Lists every store layer, `jobs` layers at a time.
+fn list_layers(layers: &[Vec<PathBuf>], jobs: usize) -> Result<Vec<Listing>, PlanError> {
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<Result<Listing, WalkError>>>> = Mutex::new((0..layers.len()).map(|_| None).collect());
+    std::thread::scope(|s| {
+        for _ in 0..jobs.clamp(1, layers.len().max(1)) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= layers.len() {
+                    break;
+                }
+                let r = list_layer(&layers[i]);
+                results.lock().expect("lister panicked")[i] = Some(r);
+            });
+        }
+    });
+    results
+        .into_inner()
+        .expect("lister panicked")
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| r.expect("every layer listed").map_err(|source| PlanError::Walk { layer: i + 1, source }))
+        .collect()
+}
+
+fn customisation(conf: &Conf) -> Result<Customisation, PlanError> {
+    let dir = &conf.customisation_layer;
+    let err = |what: String| PlanError::Customisation { path: dir.clone(), what };
+    let checksum_path = dir.join("checksum");
+    let text = std::fs::read_to_string(&checksum_path).map_err(|e| err(format!("cannot read checksum: {e}")))?;
+    // `f.read().strip()`, then a 64-character sha256.
+    let digest = parse_sha256_hex(text.trim())
+        .ok_or_else(|| err(format!("checksum holds {:?}, not a sha256 hex digest", text.trim())))?;
+    let tar_path = dir.join("layer.tar");
+    let md = std::fs::symlink_metadata(&tar_path).map_err(|e| err(format!("cannot stat layer.tar: {e}")))?;
+    if !md.is_file() {
+        return Err(err("layer.tar is not a regular file".into()));
+    }
+    Ok(Customisation {
+        dir_text: conf.customisation_layer_text.clone(),
+        tar_path,
+        digest,
+        size: md.size(),
+        mode: md.mode() & 0o7777,
+        uid: u64::from(md.uid()),
+        gid: u64::from(md.gid()),
+        // gettarinfo fills owner names from the user and group databases.
+        uname: crate::owners::user_name(md.uid()).unwrap_or_default(),
+        gname: crate::owners::group_name(md.gid()).unwrap_or_default(),
+        ino: md.ino(),
+        mtime_ns: i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec()),
+    })
+}
+
+/// `overlay_base_config`: base Env then ours, de-duplicated by variable name
+/// (last value wins, first position kept); written only when non-empty.
+pub fn merge_env(config: &mut Map<String, Value>, base_config: &Map<String, Value>) {
+    let strings = |v: Option<&Value>| -> Vec<String> {
+        v.and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+            .unwrap_or_default()
+    };
+    let all: Vec<String> = strings(base_config.get("Env")).into_iter().chain(strings(config.get("Env"))).collect();
+    if all.is_empty() {
+        return;
+    }
+    let mut resolved: Vec<(String, String)> = Vec::new();
+    for entry in all {
+        let key = entry.split('=').next().unwrap_or("").to_string();
+        match resolved.iter_mut().find(|(k, _)| *k == key) {
+            Some(slot) => slot.1 = entry,
+            None => resolved.push((key, entry)),
+        }
+    }
+    config.insert("Env".into(), Value::Array(resolved.into_iter().map(|(_, e)| Value::String(e)).collect()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn env_merge_keeps_first_position_last_value() {
+        let mut c = json!({"Cmd": ["x"], "Env": ["PATH=/usr/bin", "EXTRA=1"]}).as_object().unwrap().clone();
+        let b = json!({"Env": ["PATH=/bin", "HOME=/root"]}).as_object().unwrap().clone();
+        merge_env(&mut c, &b);
+        assert_eq!(c["Env"], json!(["PATH=/usr/bin", "HOME=/root", "EXTRA=1"]));
+        assert_eq!(c.keys().collect::<Vec<_>>(), ["Cmd", "Env"]);
+
+        let mut c = json!({"Cmd": ["x"]}).as_object().unwrap().clone();
+        merge_env(&mut c, &b);
+        assert_eq!(c.keys().collect::<Vec<_>>(), ["Cmd", "Env"], "appended when absent");
+
+        let mut c = json!({"Cmd": ["x"]}).as_object().unwrap().clone();
+        merge_env(&mut c, &Map::new());
+        assert!(!c.contains_key("Env"), "no Env key when both are empty");
+    }
+}

@@ -1,0 +1,230 @@
+//! Listing store paths into layer entries, once, in the reference's order.
+//!
+//! The reference archives `[path] + path.rglob("*")` sorted as `pathlib`
+//! paths: component by component, each component compared as a Python string
+//! (code points, with undecodable bytes as surrogates `U+DC80..U+DCFF`).  That
+//! is a pre-order walk with each directory's children sorted by that key.
+//! Symlinks are never followed; a store path that is itself a symlink is one
+//! entry.  The listing is kept (in one byte arena per layer, not one
+//! allocation per file) and reused by both passes; each file's size, inode and
+//! mtime are recorded so a pass can tell when a file changed underneath us.
+
+use std::cmp::Ordering;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WalkError {
+    #[error("store path {path} does not exist (is it built and in the store?)")]
+    Missing { path: PathBuf },
+    #[error("cannot read {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path} is a {kind}; Nix store paths cannot hold one (NAR has no such entry), so it is not archived")]
+    Unsupported { path: PathBuf, kind: &'static str },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Directory,
+    Symlink,
+    /// A regular file (hard links included: the reference writes every name
+    /// as a regular file with its full content).
+    File,
+}
+
+/// One archive member of a store layer.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    path: (usize, usize),
+    link: (usize, usize),
+    pub kind: Kind,
+    /// `st_mode & 0o7777`.
+    pub mode: u32,
+    /// Content size for files, else 0.
+    pub size: u64,
+    /// Identity used to detect a file replaced or modified between passes.
+    pub dev: u64,
+    pub ino: u64,
+    pub mtime_ns: i128,
+}
+
+/// The entries of one store layer, in archive order.
+#[derive(Debug, Clone, Default)]
+pub struct Listing {
+    pub entries: Vec<Entry>,
+    arena: Vec<u8>,
+    /// Sum of file content sizes.
+    pub file_bytes: u64,
+}
+
+impl Listing {
+    /// The absolute path of `e`, which is also its member name.
+    pub fn path(&self, e: &Entry) -> &[u8] {
+        &self.arena[e.path.0..e.path.1]
+    }
+
+    /// The symlink target of `e` (empty for other kinds).
+    pub fn link(&self, e: &Entry) -> &[u8] {
+        &self.arena[e.link.0..e.link.1]
+    }
+
+    fn push(&mut self, path: &[u8], md: &std::fs::Metadata) -> Result<Kind, WalkError> {
+        let ft = md.file_type();
+        let p = PathBuf::from(OsStr::from_bytes(path));
+        let kind = if ft.is_dir() {
+            Kind::Directory
+        } else if ft.is_symlink() {
+            Kind::Symlink
+        } else if ft.is_file() {
+            Kind::File
+        } else {
+            let kind = if ft.is_fifo() {
+                "fifo"
+            } else if ft.is_socket() {
+                "socket"
+            } else if ft.is_char_device() {
+                "character device"
+            } else {
+                "block device"
+            };
+            return Err(WalkError::Unsupported { path: p, kind });
+        };
+        let start = self.arena.len();
+        self.arena.extend_from_slice(path);
+        let path_r = (start, self.arena.len());
+        let mut link_r = (self.arena.len(), self.arena.len());
+        if kind == Kind::Symlink {
+            let target = std::fs::read_link(&p).map_err(|source| WalkError::Io { path: p.clone(), source })?;
+            let s = self.arena.len();
+            self.arena.extend_from_slice(target.as_os_str().as_bytes());
+            link_r = (s, self.arena.len());
+        }
+        let size = if kind == Kind::File { md.size() } else { 0 };
+        self.file_bytes += size;
+        self.entries.push(Entry {
+            path: path_r,
+            link: link_r,
+            kind,
+            mode: md.mode() & 0o7777,
+            size,
+            dev: md.dev(),
+            ino: md.ino(),
+            mtime_ns: i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec()),
+        });
+        Ok(kind)
+    }
+}
+
+/// Lists the store paths of one layer, each path's tree in reference order,
+/// the paths in the given order.
+pub fn list_layer(paths: &[PathBuf]) -> Result<Listing, WalkError> {
+    let mut listing = Listing::default();
+    let mut names: Vec<Vec<u8>> = Vec::new();
+    for path in paths {
+        let md = std::fs::symlink_metadata(path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                WalkError::Missing { path: path.clone() }
+            } else {
+                WalkError::Io { path: path.clone(), source }
+            }
+        })?;
+        let mut buf = path.as_os_str().as_bytes().to_vec();
+        if listing.push(&buf, &md)? == Kind::Directory {
+            walk_dir(&mut buf, &mut listing, &mut names)?;
+        }
+    }
+    Ok(listing)
+}
+
+/// Appends the sorted subtree of the directory at `dir` (reused as the path
+/// buffer). `names` is scratch space shared across the recursion.
+fn walk_dir(dir: &mut Vec<u8>, listing: &mut Listing, scratch: &mut Vec<Vec<u8>>) -> Result<(), WalkError> {
+    let dir_path = PathBuf::from(OsStr::from_bytes(dir));
+    let rd = std::fs::read_dir(&dir_path).map_err(|source| WalkError::Io { path: dir_path.clone(), source })?;
+    let mut children: Vec<Vec<u8>> = Vec::new();
+    for ent in rd {
+        let ent = ent.map_err(|source| WalkError::Io { path: dir_path.clone(), source })?;
+        children.push(ent.file_name().as_bytes().to_vec());
+    }
+    children.sort_unstable_by(|a, b| compare_names(a, b));
+    let base_len = dir.len();
+    for name in children {
+        dir.truncate(base_len);
+        dir.push(b'/');
+        dir.extend_from_slice(&name);
+        let p = Path::new(OsStr::from_bytes(dir));
+        let md = std::fs::symlink_metadata(p).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                WalkError::Io { path: p.to_path_buf(), source: std::io::Error::other("vanished while being listed") }
+            } else {
+                WalkError::Io { path: p.to_path_buf(), source }
+            }
+        })?;
+        if listing.push(dir, &md)? == Kind::Directory {
+            walk_dir(dir, listing, scratch)?;
+        }
+    }
+    dir.truncate(base_len);
+    Ok(())
+}
+
+/// Python's `str` order of two file names decoded with `surrogateescape`.
+/// For valid UTF-8, byte order is code point order; otherwise compare the
+/// decoded code points.
+pub fn compare_names(a: &[u8], b: &[u8]) -> Ordering {
+    if std::str::from_utf8(a).is_ok() && std::str::from_utf8(b).is_ok() {
+        return a.cmp(b);
+    }
+    code_points(a).cmp(code_points(b))
+}
+
+fn code_points(s: &[u8]) -> impl Iterator<Item = u32> + '_ {
+    s.utf8_chunks().flat_map(|c| {
+        c.valid().chars().map(|ch| ch as u32).chain(c.invalid().iter().map(|&b| 0xDC00 + u32::from(b)))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_order_differs_from_byte_order_for_undecodable_names() {
+        // U+0100 (bytes C4 80) sorts before the escaped byte 0x80 (U+DC80),
+        // although C4 > 80 as bytes.
+        assert_eq!(compare_names("\u{100}".as_bytes(), b"\x80"), Ordering::Less);
+        // U+E000 (EE 80 80) sorts after 0xFF (U+DCFF).
+        assert_eq!(compare_names("\u{e000}".as_bytes(), b"\xff"), Ordering::Greater);
+        assert_eq!(compare_names(b"A", b"_x"), Ordering::Less);
+        assert_eq!(compare_names(b"a", b"a-c"), Ordering::Less);
+    }
+
+    #[test]
+    fn walk_is_component_wise_preorder() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("s");
+        std::fs::create_dir_all(root.join("a")).unwrap();
+        std::fs::write(root.join("a/b"), b"1").unwrap();
+        std::fs::write(root.join("a-c"), b"22").unwrap();
+        std::fs::write(root.join("a0"), b"").unwrap();
+        std::os::unix::fs::symlink("a", root.join("l")).unwrap();
+        let l = list_layer(&[root.clone()]).unwrap();
+        let names: Vec<String> = l
+            .entries
+            .iter()
+            .map(|e| String::from_utf8_lossy(&l.path(e)[root.as_os_str().len()..]).into_owned())
+            .collect();
+        assert_eq!(names, ["", "/a", "/a/b", "/a-c", "/a0", "/l"]);
+        assert_eq!(l.file_bytes, 3);
+        assert_eq!(l.link(&l.entries[5]), b"a");
+        assert_eq!(l.entries[5].kind, Kind::Symlink);
+    }
+
+    #[test]
+    fn missing_path_is_named() {
+        let e = list_layer(&[PathBuf::from("/nonexistent/xyz")]).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/xyz"));
+    }
+}
