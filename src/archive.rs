@@ -156,15 +156,39 @@ impl<W: Write> Outer<'_, W> {
     }
 }
 
+/// How to run the two passes.
+#[derive(Debug, Clone, Default)]
+pub struct ArchiveOptions {
+    /// Hashing threads (at least one).
+    pub jobs: usize,
+    /// Digests already known for some store layers (by plan index), e.g.
+    /// from a cache: those layers skip the hashing pass.  The streaming pass
+    /// still verifies them, so a stale digest stops the archive before
+    /// manifest.json instead of producing a lying one.
+    pub known: Vec<Option<LayerDigest>>,
+}
+
 /// Hashes and streams the image described by `plan` into `out`.
-pub fn write_archive<W: Write>(plan: &ImagePlan, out: W, jobs: usize, progress: &Progress) -> Result<Summary, ArchiveError> {
-    let store: Vec<usize> =
-        plan.layers.iter().enumerate().filter(|(_, l)| matches!(l, PlannedLayer::Store { .. })).map(|(i, _)| i).collect();
+pub fn write_archive<W: Write>(
+    plan: &ImagePlan,
+    out: W,
+    opts: &ArchiveOptions,
+    progress: &Progress,
+) -> Result<Summary, ArchiveError> {
+    let known = |i: usize| opts.known.get(i).copied().flatten();
+    let store: Vec<usize> = plan
+        .layers
+        .iter()
+        .enumerate()
+        .filter(|(i, l)| matches!(l, PlannedLayer::Store { .. }) && known(*i).is_none())
+        .map(|(i, _)| i)
+        .collect();
     let slots = Slots {
-        results: Mutex::new((0..plan.layers.len()).map(|_| None).collect()),
+        results: Mutex::new((0..plan.layers.len()).map(|i| known(i).map(Ok)).collect()),
         ready: Condvar::new(),
         abort: AtomicBool::new(false),
     };
+    let jobs = opts.jobs;
     let next = AtomicUsize::new(0);
     let workers = jobs.clamp(1, store.len().max(1));
 
@@ -294,7 +318,11 @@ fn mismatch(layer: usize, paths: &[String], expected: LayerDigest, actual: Optio
 
 /// `add_customisation_layer`: the member header comes from stat'ing
 /// layer.tar (`gettarinfo`), with the configured mtime.
-fn copy_customisation<W: Write>(c: &Customisation, mtime: i64, outer: &mut Outer<'_, W>) -> Result<LayerDigest, ArchiveError> {
+fn copy_customisation<W: Write>(
+    c: &Customisation,
+    mtime: i64,
+    outer: &mut Outer<'_, W>,
+) -> Result<LayerDigest, ArchiveError> {
     let err = |what: String| ArchiveError::Customisation { path: c.tar_path.clone(), what };
     let expected = LayerDigest { size: c.size, sha256: c.digest };
     let mut f = File::options()

@@ -387,8 +387,10 @@ fn read_json(path: &Path, compression: Compression, member: &Member) -> Result<V
     if read_full(&mut r, &mut data).map_err(io_err(path))? < data.len() {
         return Err(BaseError::Truncated { path: path.to_path_buf(), member: member.name_lossy() });
     }
-    serde_json::from_slice(&data)
-        .map_err(|e| BaseError::Invalid { path: path.to_path_buf(), what: format!("{} is not valid JSON: {e}", member.name_lossy()) })
+    serde_json::from_slice(&data).map_err(|e| BaseError::Invalid {
+        path: path.to_path_buf(),
+        what: format!("{} is not valid JSON: {e}", member.name_lossy()),
+    })
 }
 
 impl BaseImage {
@@ -519,7 +521,6 @@ impl BaseImage {
                 }));
             }
         }
-        drop(verifier_take(&mut None));
         let actual = sink.borrow().clone().finish();
         if actual.sha256 != layer.diff_id {
             return Ok(Err(BaseError::DiffIdMismatch {
@@ -531,10 +532,6 @@ impl BaseImage {
         }
         Ok(Ok(()))
     }
-}
-
-fn verifier_take(v: &mut Option<Box<dyn Write>>) -> Option<Box<dyn Write>> {
-    v.take()
 }
 
 struct SharedSink(std::rc::Rc<std::cell::RefCell<HashSink>>);

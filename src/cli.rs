@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::archive::write_archive;
+use crate::archive::{write_archive, ArchiveOptions};
 use crate::compress::{Compress, Compressed};
 use crate::conf::Conf;
 use crate::plan::ImagePlan;
@@ -25,7 +25,11 @@ pub enum ExitCode {
 }
 
 #[derive(Parser, Debug)]
-#[command(name = "nixstream", version, about = "Stream Nix store paths as a docker-archive image (a byte-identical, faster drop-in for nixpkgs' stream_layered_image.py)")]
+#[command(
+    name = "nixstream",
+    version,
+    about = "Stream Nix store paths as a docker-archive image (a byte-identical, faster drop-in for nixpkgs' stream_layered_image.py)"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -103,7 +107,7 @@ fn stream(a: &StreamArgs) -> anyhow::Result<()> {
     let stdout = stdout_file();
     let out = Compressed::new(BufWriter::with_capacity(1 << 20, &*stdout), a.compress, jobs)?;
     let mut out = out;
-    write_archive(&plan, &mut out, jobs, &progress)?;
+    write_archive(&plan, &mut out, &ArchiveOptions { jobs, known: Vec::new() }, &progress)?;
     out.finish()?.flush()?;
     progress.finish();
     Ok(())

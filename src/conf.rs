@@ -183,7 +183,9 @@ impl Conf {
 fn parse_time(key: &'static str, v: &Value, now: DateTime) -> Result<DateTime, ConfError> {
     match v {
         Value::String(s) if s == "now" => Ok(now),
-        Value::String(s) => DateTime::parse_iso(s).map_err(|e| ConfError::Invalid { key: key.into(), message: e.to_string() }),
+        Value::String(s) => {
+            DateTime::parse_iso(s).map_err(|e| ConfError::Invalid { key: key.into(), message: e.to_string() })
+        }
         other => Err(type_err(key, "an ISO 8601 time string or \"now\"", other)),
     }
 }

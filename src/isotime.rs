@@ -28,9 +28,7 @@ pub struct TimeError(pub String);
 impl DateTime {
     /// The current time in UTC with microsecond precision.
     pub fn now_utc() -> DateTime {
-        let d = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
+        let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         let us = d.as_micros() as i64;
         from_unix_micros(us)
     }
@@ -50,10 +48,15 @@ impl DateTime {
             return Err(err());
         };
         let (year, month, day) = (year.ok_or_else(err)?, month.ok_or_else(err)?, day.ok_or_else(err)?);
-        if !(1..=9999).contains(&year) || !(1..=12).contains(&month) || day == 0 || day > days_in_month(year as i32, month) {
+        if !(1..=9999).contains(&year)
+            || !(1..=12).contains(&month)
+            || day == 0
+            || day > days_in_month(year as i32, month)
+        {
             return Err(err());
         }
-        let mut dt = DateTime { year: year as i32, month, day, hour: 0, minute: 0, second: 0, micro: 0, offset_us: None };
+        let mut dt =
+            DateTime { year: year as i32, month, day, hour: 0, minute: 0, second: 0, micro: 0, offset_us: None };
         let mut chars = rest.chars();
         if chars.next().is_none() {
             return Ok(dt);
@@ -111,9 +114,10 @@ impl DateTime {
     /// `int(dt.timestamp())`; a naive time is taken as local time, as Python does.
     pub fn timestamp_secs(&self) -> i64 {
         let days = days_from_civil(self.year, self.month, self.day);
-        let local_us = ((days * 86_400 + i64::from(self.hour) * 3600 + i64::from(self.minute) * 60 + i64::from(self.second))
-            * 1_000_000)
-            + i64::from(self.micro);
+        let local_us =
+            ((days * 86_400 + i64::from(self.hour) * 3600 + i64::from(self.minute) * 60 + i64::from(self.second))
+                * 1_000_000)
+                + i64::from(self.micro);
         let offset = match self.offset_us {
             Some(o) => o,
             None => local_offset_us(local_us / 1_000_000),
@@ -137,11 +141,7 @@ fn parse_clock(s: &str) -> Option<(u32, u32, u32, u32)> {
         None => (s, None),
     };
     let b = main.as_bytes();
-    let parts: Vec<&[u8]> = if main.contains(':') {
-        b.split(|&c| c == b':').collect()
-    } else {
-        b.chunks(2).collect()
-    };
+    let parts: Vec<&[u8]> = if main.contains(':') { b.split(|&c| c == b':').collect() } else { b.chunks(2).collect() };
     if parts.is_empty() || parts.len() > 3 || parts.iter().any(|p| p.len() != 2) {
         return None;
     }
@@ -265,7 +265,9 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        for s in ["", "yesterday", "2024-13-01", "2024-02-30", "2024-05-01T25:00", "2024-05-01T12:34:56+", "2024-05-01T12:3"] {
+        for s in
+            ["", "yesterday", "2024-13-01", "2024-02-30", "2024-05-01T25:00", "2024-05-01T12:34:56+", "2024-05-01T12:3"]
+        {
             assert!(DateTime::parse_iso(s).is_err(), "{s}");
         }
     }

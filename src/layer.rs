@@ -135,7 +135,8 @@ fn entry_header<'a>(name: &'a [u8], link: &'a [u8], kind: Kind, mode: u32, size:
 fn copy_file<W: Write>(e: &Entry, path: &[u8], out: &mut Counting<'_, W>, buf: &mut [u8]) -> Result<(), LayerError> {
     let p = || PathBuf::from(std::ffi::OsStr::from_bytes(path));
     let changed = |what: String| LayerError::Changed { path: p(), what };
-    let mut f = match File::options().read(true).custom_flags(libc::O_NOFOLLOW).open(std::ffi::OsStr::from_bytes(path)) {
+    let mut f = match File::options().read(true).custom_flags(libc::O_NOFOLLOW).open(std::ffi::OsStr::from_bytes(path))
+    {
         Ok(f) => f,
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Err(changed("it was removed".into())),
         Err(err) if err.raw_os_error() == Some(libc::ELOOP) => return Err(changed("it became a symlink".into())),

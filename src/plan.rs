@@ -50,9 +50,14 @@ pub struct Customisation {
 #[derive(Debug, Clone)]
 pub enum PlannedLayer {
     /// Layer `index` of the base image, copied through.
-    Base { index: usize },
+    Base {
+        index: usize,
+    },
     /// Store paths, archived by [`crate::layer::write_store_layer`].
-    Store { paths_text: Vec<String>, listing: Listing },
+    Store {
+        paths_text: Vec<String>,
+        listing: Listing,
+    },
     Customisation(Customisation),
 }
 
@@ -108,7 +113,9 @@ impl ImagePlan {
     /// The paths a layer's history comment names (`LayerInfo.paths`).
     pub fn history_paths(&self, layer: &PlannedLayer) -> Vec<String> {
         match layer {
-            PlannedLayer::Base { index } => vec![self.base.as_ref().expect("base layer without base").layers[*index].path.clone()],
+            PlannedLayer::Base { index } => {
+                vec![self.base.as_ref().expect("base layer without base").layers[*index].path.clone()]
+            }
             PlannedLayer::Store { paths_text, .. } => paths_text.clone(),
             PlannedLayer::Customisation(c) => vec![c.dir_text.clone()],
         }

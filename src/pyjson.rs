@@ -135,11 +135,7 @@ pub fn float_repr(f: f64) -> String {
             format!("{}.{}", &digits[..decpt as usize], &digits[decpt as usize..])
         }
     } else {
-        let m = if digits.len() > 1 {
-            format!("{}.{}", &digits[..1], &digits[1..])
-        } else {
-            digits.clone()
-        };
+        let m = if digits.len() > 1 { format!("{}.{}", &digits[..1], &digits[1..]) } else { digits.clone() };
         let e = decpt - 1;
         format!("{m}e{}{:02}", if e < 0 { '-' } else { '+' }, e.abs())
     };
@@ -215,7 +211,10 @@ mod tests {
 
     #[test]
     fn layout_matches_json_dumps_indent_4() {
-        assert_eq!(dumps(r#"{"a": [1, {}], "b": {"c": []}}"#), "{\n    \"a\": [\n        1,\n        {}\n    ],\n    \"b\": {\n        \"c\": []\n    }\n}");
+        assert_eq!(
+            dumps(r#"{"a": [1, {}], "b": {"c": []}}"#),
+            "{\n    \"a\": [\n        1,\n        {}\n    ],\n    \"b\": {\n        \"c\": []\n    }\n}"
+        );
     }
 
     #[test]
@@ -225,7 +224,10 @@ mod tests {
 
     #[test]
     fn strings_are_ascii_escaped_like_python() {
-        assert_eq!(dumps(r#""h\u00e9llo \u2713 \"q\" \\ \u007f \u0001 \ud83d\ude00""#), r#""h\u00e9llo \u2713 \"q\" \\ \u007f \u0001 \ud83d\ude00""#);
+        assert_eq!(
+            dumps(r#""h\u00e9llo \u2713 \"q\" \\ \u007f \u0001 \ud83d\ude00""#),
+            r#""h\u00e9llo \u2713 \"q\" \\ \u007f \u0001 \ud83d\ude00""#
+        );
         assert_eq!(dumps("\"\\b\\f\\n\\r\\t/\""), "\"\\b\\f\\n\\r\\t/\"");
     }
 

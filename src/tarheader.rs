@@ -88,14 +88,9 @@ pub fn encode(h: &Header<'_>, out: &mut Vec<u8>) {
     }
 
     // Existing records first (dict copy), then new keys in tarfile's order.
-    let mut pax: Vec<(&[u8], std::borrow::Cow<'_, [u8]>)> = h
-        .pax
-        .iter()
-        .map(|(k, v)| (k.as_slice(), std::borrow::Cow::Borrowed(v.as_slice())))
-        .collect();
-    let has = |pax: &Vec<(&[u8], std::borrow::Cow<'_, [u8]>)>, key: &[u8]| {
-        pax.iter().any(|(k, _)| *k == key)
-    };
+    let mut pax: Vec<(&[u8], std::borrow::Cow<'_, [u8]>)> =
+        h.pax.iter().map(|(k, v)| (k.as_slice(), std::borrow::Cow::Borrowed(v.as_slice()))).collect();
+    let has = |pax: &Vec<(&[u8], std::borrow::Cow<'_, [u8]>)>, key: &[u8]| pax.iter().any(|(k, _)| *k == key);
 
     // String fields: pax when not ASCII or longer than the ustar field.
     for (value, key, limit) in [
@@ -372,7 +367,7 @@ mod tests {
     #[test]
     fn pax_record_length_counts_its_own_digits() {
         // l = 4 + 92 + 3 = 99 -> "99" would make 101, so the length is 102.
-        let v = vec![b'v'; 92];
+        let v = [b'v'; 92];
         let r = pax_records(&[(&b"path"[..], std::borrow::Cow::Borrowed(&v[..]))]);
         assert_eq!(r.len(), 102);
         assert!(r.starts_with(b"102 path="));

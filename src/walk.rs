@@ -121,7 +121,6 @@ impl Listing {
 /// the paths in the given order.
 pub fn list_layer(paths: &[PathBuf]) -> Result<Listing, WalkError> {
     let mut listing = Listing::default();
-    let mut names: Vec<Vec<u8>> = Vec::new();
     for path in paths {
         let md = std::fs::symlink_metadata(path).map_err(|source| {
             if source.kind() == std::io::ErrorKind::NotFound {
@@ -132,15 +131,15 @@ pub fn list_layer(paths: &[PathBuf]) -> Result<Listing, WalkError> {
         })?;
         let mut buf = path.as_os_str().as_bytes().to_vec();
         if listing.push(&buf, &md)? == Kind::Directory {
-            walk_dir(&mut buf, &mut listing, &mut names)?;
+            walk_dir(&mut buf, &mut listing)?;
         }
     }
     Ok(listing)
 }
 
 /// Appends the sorted subtree of the directory at `dir` (reused as the path
-/// buffer). `names` is scratch space shared across the recursion.
-fn walk_dir(dir: &mut Vec<u8>, listing: &mut Listing, scratch: &mut Vec<Vec<u8>>) -> Result<(), WalkError> {
+/// buffer).
+fn walk_dir(dir: &mut Vec<u8>, listing: &mut Listing) -> Result<(), WalkError> {
     let dir_path = PathBuf::from(OsStr::from_bytes(dir));
     let rd = std::fs::read_dir(&dir_path).map_err(|source| WalkError::Io { path: dir_path.clone(), source })?;
     let mut children: Vec<Vec<u8>> = Vec::new();
@@ -163,7 +162,7 @@ fn walk_dir(dir: &mut Vec<u8>, listing: &mut Listing, scratch: &mut Vec<Vec<u8>>
             }
         })?;
         if listing.push(dir, &md)? == Kind::Directory {
-            walk_dir(dir, listing, scratch)?;
+            walk_dir(dir, listing)?;
         }
     }
     dir.truncate(base_len);
@@ -181,9 +180,8 @@ pub fn compare_names(a: &[u8], b: &[u8]) -> Ordering {
 }
 
 fn code_points(s: &[u8]) -> impl Iterator<Item = u32> + '_ {
-    s.utf8_chunks().flat_map(|c| {
-        c.valid().chars().map(|ch| ch as u32).chain(c.invalid().iter().map(|&b| 0xDC00 + u32::from(b)))
-    })
+    s.utf8_chunks()
+        .flat_map(|c| c.valid().chars().map(|ch| ch as u32).chain(c.invalid().iter().map(|&b| 0xDC00 + u32::from(b))))
 }
 
 #[cfg(test)]
@@ -210,7 +208,7 @@ mod tests {
         std::fs::write(root.join("a-c"), b"22").unwrap();
         std::fs::write(root.join("a0"), b"").unwrap();
         std::os::unix::fs::symlink("a", root.join("l")).unwrap();
-        let l = list_layer(&[root.clone()]).unwrap();
+        let l = list_layer(std::slice::from_ref(&root)).unwrap();
         let names: Vec<String> = l
             .entries
             .iter()
