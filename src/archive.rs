@@ -21,7 +21,7 @@ use std::sync::{Condvar, Mutex};
 use crate::baseimage::BaseError;
 use crate::hash::{hex, HashSink, LayerDigest, OverrunError, VerifyingWriter};
 use crate::image::{image_meta, ImageMeta};
-use crate::layer::{write_store_layer, LayerError, Scratch};
+use crate::layer::{write_store_layer, FileCheck, LayerError, Scratch};
 use crate::plan::{Customisation, ImagePlan, PlannedLayer};
 use crate::progress::Progress;
 use crate::pyjson::repr_str_list;
@@ -72,15 +72,23 @@ pub struct Summary {
     pub bytes: u64,
 }
 
+/// A store layer after the hashing pass.
+struct Hashed {
+    digest: LayerDigest,
+    /// Each file's xxh3-128, when this run hashed the layer; `None` for a
+    /// digest known in advance, which is then verified with sha256 instead.
+    files: Option<Vec<u128>>,
+}
+
 /// Hashing-pass results, published by workers, awaited by the writer.
 struct Slots {
-    results: Mutex<Vec<Option<Result<LayerDigest, ArchiveError>>>>,
+    results: Mutex<Vec<Option<Result<Hashed, ArchiveError>>>>,
     ready: Condvar,
     abort: AtomicBool,
 }
 
 impl Slots {
-    fn put(&self, i: usize, r: Result<LayerDigest, ArchiveError>) {
+    fn put(&self, i: usize, r: Result<Hashed, ArchiveError>) {
         if r.is_err() {
             self.abort.store(true, Ordering::Relaxed);
         }
@@ -89,7 +97,7 @@ impl Slots {
     }
 
     /// Waits for layer `i`; returns early with any other layer's error.
-    fn wait(&self, i: usize) -> Result<LayerDigest, ArchiveError> {
+    fn wait(&self, i: usize) -> Result<Hashed, ArchiveError> {
         let mut g = self.results.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if let Some(r) = g[i].take() {
@@ -184,17 +192,21 @@ pub fn write_archive<W: Write>(
         .map(|(i, _)| i)
         .collect();
     let slots = Slots {
-        results: Mutex::new((0..plan.layers.len()).map(|i| known(i).map(Ok)).collect()),
+        results: Mutex::new(
+            (0..plan.layers.len()).map(|i| known(i).map(|digest| Ok(Hashed { digest, files: None }))).collect(),
+        ),
         ready: Condvar::new(),
         abort: AtomicBool::new(false),
     };
     let jobs = opts.jobs;
-    let next = AtomicUsize::new(0);
+    let queue = Queue::new(plan, &store);
     let workers = jobs.clamp(1, store.len().max(1));
 
     std::thread::scope(|s| {
-        for _ in 0..workers {
-            s.spawn(|| hash_worker(plan, &store, &next, &slots, progress));
+        for w in 0..workers {
+            let queue = &queue;
+            let slots = &slots;
+            s.spawn(move || hash_worker(plan, queue, w, slots, progress));
         }
         let r = stream(plan, out, &slots, progress);
         if r.is_err() {
@@ -204,20 +216,72 @@ pub fn write_archive<W: Write>(
     })
 }
 
-fn hash_worker(plan: &ImagePlan, store: &[usize], next: &AtomicUsize, slots: &Slots, progress: &Progress) {
+/// Which store layer a hashing worker takes next.  Worker 0 takes them in
+/// archive order, so the writer can start as soon as the bottom layer is
+/// hashed; the others take the largest layer left first, so a huge layer
+/// near the top is not started last (its sha256 cannot be split, and the
+/// writer must wait for it).
+struct Queue {
+    /// Plan indices of the layers left, in archive order.
+    in_order: Vec<usize>,
+    /// The same layers, largest first.
+    by_size: Vec<usize>,
+    taken: Vec<AtomicBool>,
+    next_in_order: AtomicUsize,
+    next_by_size: AtomicUsize,
+}
+
+impl Queue {
+    fn new(plan: &ImagePlan, store: &[usize]) -> Queue {
+        let size = |i: usize| match &plan.layers[i] {
+            PlannedLayer::Store { listing, .. } => listing.file_bytes,
+            _ => 0,
+        };
+        let mut by_size = store.to_vec();
+        by_size.sort_by_key(|&i| std::cmp::Reverse(size(i)));
+        Queue {
+            in_order: store.to_vec(),
+            by_size,
+            taken: (0..plan.layers.len()).map(|_| AtomicBool::new(false)).collect(),
+            next_in_order: AtomicUsize::new(0),
+            next_by_size: AtomicUsize::new(0),
+        }
+    }
+
+    fn take(&self, worker: usize) -> Option<usize> {
+        let (list, cursor) =
+            if worker == 0 { (&self.in_order, &self.next_in_order) } else { (&self.by_size, &self.next_by_size) };
+        loop {
+            let k = cursor.fetch_add(1, Ordering::Relaxed);
+            let &i = list.get(k)?;
+            if !self.taken[i].swap(true, Ordering::Relaxed) {
+                return Some(i);
+            }
+        }
+    }
+}
+
+fn hash_worker(plan: &ImagePlan, queue: &Queue, worker: usize, slots: &Slots, progress: &Progress) {
     let mut scratch = Scratch::default();
     loop {
-        let k = next.fetch_add(1, Ordering::Relaxed);
-        if k >= store.len() || slots.abort.load(Ordering::Relaxed) {
+        if slots.abort.load(Ordering::Relaxed) {
             return;
         }
-        let i = store[k];
+        let Some(i) = queue.take(worker) else { return };
         let PlannedLayer::Store { listing, .. } = &plan.layers[i] else { unreachable!("store index") };
         let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
             let mut sink = HashSink::new();
-            write_store_layer(listing, &plan.owner, &mut sink, &mut scratch, Some(&slots.abort))
-                .map(|_| sink.finish())
-                .map_err(|source| ArchiveError::Layer { layer: i + 1, source })
+            let mut files = Vec::new();
+            write_store_layer(
+                listing,
+                &plan.owner,
+                &mut sink,
+                &mut scratch,
+                FileCheck::Record(&mut files),
+                Some(&slots.abort),
+            )
+            .map(|_| Hashed { digest: sink.finish(), files: Some(files) })
+            .map_err(|source| ArchiveError::Layer { layer: i + 1, source })
         }))
         .unwrap_or_else(|panic| {
             let msg = panic
@@ -227,8 +291,8 @@ fn hash_worker(plan: &ImagePlan, store: &[usize], next: &AtomicUsize, slots: &Sl
                 .unwrap_or_else(|| "panic".into());
             Err(ArchiveError::Worker(format!("layer {}: {msg}", i + 1)))
         });
-        if let Ok(d) = &r {
-            progress.sized(d.size);
+        if let Ok(h) = &r {
+            progress.sized(h.digest.size);
         }
         let failed = r.is_err();
         slots.put(i, r);
@@ -262,11 +326,15 @@ fn stream<W: Write>(plan: &ImagePlan, out: W, slots: &Slots, progress: &Progress
             }
             PlannedLayer::Store { paths_text, listing } => {
                 progress.line(|| format!("Creating layer {num} from paths: {}", repr_str_list(paths_text)));
-                let d = slots.wait(i)?;
+                let Hashed { digest: d, files } = slots.wait(i)?;
                 let name = format!("{}/layer.tar", d.hex());
                 outer.header(&Header::plain_file(name.as_bytes(), d.size, mtime))?;
-                let mut v = VerifyingWriter::new(&mut outer, d);
-                match write_store_layer(listing, &plan.owner, &mut v, &mut scratch, Some(&slots.abort)) {
+                // Per-file xxh3 when this run hashed the layer, else sha256.
+                let (mut v, check) = match &files {
+                    Some(f) => (VerifyingWriter::size_only(&mut outer, d), FileCheck::Verify(f)),
+                    None => (VerifyingWriter::new(&mut outer, d), FileCheck::Off),
+                };
+                match write_store_layer(listing, &plan.owner, &mut v, &mut scratch, check, Some(&slots.abort)) {
                     Ok(_) => {}
                     Err(LayerError::Aborted) => {
                         return Err(slots.first_error().unwrap_or(ArchiveError::Worker("aborted".into())))

@@ -213,8 +213,7 @@ fn ustar_block(h: &Header<'_>, name: &[u8], nums: [u64; 4], out: &mut Vec<u8>) {
     // prefix (345..500) stays empty: tarfile never splits names in PAX mode.
     let sum: u32 = b.iter().map(|&x| u32::from(x)).sum();
     // "%06o\0" then the field's eighth byte stays a space.
-    let chk = format!("{sum:06o}\0");
-    b[148..155].copy_from_slice(chk.as_bytes());
+    put_octal(&mut b[148..155], u64::from(sum));
 }
 
 /// `stn(s, length, "ascii", "replace")`: each non-ASCII *character* becomes
@@ -247,11 +246,13 @@ fn put_str(field: &mut [u8], s: &[u8]) {
 
 /// `itn(n, digits)`: zero-padded octal with a trailing NUL. Callers have
 /// already replaced values that do not fit with 0.
-fn put_octal(field: &mut [u8], n: u64) {
+fn put_octal(field: &mut [u8], mut n: u64) {
     let digits = field.len() - 1;
-    let s = format!("{n:0digits$o}");
-    debug_assert_eq!(s.len(), digits, "octal overflow");
-    field[..digits].copy_from_slice(&s.as_bytes()[s.len() - digits..]);
+    debug_assert!(n < 8u64.pow(digits as u32), "octal overflow");
+    for d in field[..digits].iter_mut().rev() {
+        *d = b'0' + (n & 7) as u8;
+        n >>= 3;
+    }
     field[digits] = 0;
 }
 
