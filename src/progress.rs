@@ -69,6 +69,11 @@ impl Progress {
     pub fn wrote(&self, bytes: u64) {
         if let Some(b) = &self.bar {
             b.inc(bytes);
+            // Member headers, the config and the manifest are not in the
+            // layer sizes; never show more written than the total.
+            if b.length().is_some_and(|l| b.position() > l) {
+                b.set_length(b.position());
+            }
         }
     }
 

@@ -1,0 +1,214 @@
+//! End to end, with the real programs people pipe images into and a real
+//! Nix store.  These need docker (with a daemon), skopeo, umoci, podman and
+//! nix-build: `scripts/test` installs and starts them and runs these tests;
+//! plain `cargo test` lists them as ignored.  A missing program is a
+//! failure here, never a skip.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+const EXPECTED_RUN: &str = "hello from a nixstream image\ndata from another store path\n";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Single-user Nix without sandbox or binary cache (scripts/nix-env.sh).
+fn nix_opts() -> [&'static str; 9] {
+    ["--option", "sandbox", "false", "--option", "substituters", "", "--option", "build-users-group", ""]
+}
+
+/// Runs a command, failing loudly when it cannot be started or fails.
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (is it installed? run scripts/setup-deps)"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The test closure (tests/fixtures/closure.nix), built once: the app's
+/// store path and its closure.
+fn closure() -> &'static (PathBuf, Vec<PathBuf>) {
+    static C: OnceLock<(PathBuf, Vec<PathBuf>)> = OnceLock::new();
+    C.get_or_init(|| {
+        let out = run(Command::new("nix-build")
+            .env("NIX_REMOTE", "local")
+            .arg("--no-out-link")
+            .args(nix_opts())
+            .arg(repo().join("tests/fixtures/closure.nix")));
+        let app = PathBuf::from(stdout(&out).trim());
+        let req = run(Command::new("nix-store").env("NIX_REMOTE", "local").args(["--query", "--requisites"]).arg(&app));
+        let paths: Vec<PathBuf> = stdout(&req).lines().map(PathBuf::from).collect();
+        assert_eq!(paths.len(), 3, "busybox, data, app: {paths:?}");
+        (app, paths)
+    })
+}
+
+/// A configuration for the closure, one layer per path.
+fn conf(dir: &Path, tag: &str) -> PathBuf {
+    let (app, paths) = closure();
+    let cust = common::make_customisation(dir);
+    let mut c = common::conf_json(Path::new("/nix/store"), &paths.iter().map(|p| vec![p.clone()]).collect::<Vec<_>>(), &cust);
+    c["repo_tag"] = serde_json::json!(tag);
+    c["config"] = serde_json::json!({ "Cmd": [app.join("bin/app")] });
+    let p = dir.join("conf.json");
+    std::fs::write(&p, serde_json::to_vec(&c).unwrap()).unwrap();
+    p
+}
+
+fn stream_to_file(conf: &Path, file: &Path) {
+    let f = std::fs::File::create(file).unwrap();
+    run(common::bin().args(["stream", "-q"]).arg(conf).stdout(f));
+}
+
+#[test]
+#[ignore = "needs docker, skopeo, umoci, podman and nix: run scripts/test"]
+fn docker_load_and_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tag = "nixstream-e2e/docker:latest";
+    let archive = tmp.path().join("image.tar");
+    stream_to_file(&conf(tmp.path(), tag), &archive);
+    // Remove any earlier copy so the layers are really imported.
+    let _ = Command::new("docker").args(["rmi", "-f", tag]).output();
+    let load = run(Command::new("docker").args(["load", "-i"]).arg(&archive));
+    assert!(stdout(&load).contains(&format!("Loaded image: {tag}")), "{}", stdout(&load));
+    let out = run(Command::new("docker").args(["run", "--rm", "--network=none", tag]));
+    assert_eq!(stdout(&out), EXPECTED_RUN);
+    let _ = Command::new("docker").args(["rmi", "-f", tag]).output();
+}
+
+/// Every entry of every store path appears in `rootfs` as it is in the store.
+fn compare_rootfs(rootfs: &Path, paths: &[PathBuf]) -> usize {
+    let mut checked = 0;
+    let mut stack: Vec<PathBuf> = paths.to_vec();
+    while let Some(p) = stack.pop() {
+        let inside = rootfs.join(p.strip_prefix("/").unwrap());
+        let a = std::fs::symlink_metadata(&p).unwrap();
+        let b = std::fs::symlink_metadata(&inside).unwrap_or_else(|e| panic!("{} missing from the image: {e}", p.display()));
+        assert_eq!(a.file_type(), b.file_type(), "{}", p.display());
+        if a.is_symlink() {
+            assert_eq!(std::fs::read_link(&p).unwrap(), std::fs::read_link(&inside).unwrap(), "{}", p.display());
+        } else {
+            assert_eq!(a.mode() & 0o7777, b.mode() & 0o7777, "mode of {}", p.display());
+        }
+        if a.is_file() {
+            assert_eq!(std::fs::read(&p).unwrap(), std::fs::read(&inside).unwrap(), "content of {}", p.display());
+        }
+        if a.is_dir() {
+            for e in std::fs::read_dir(&p).unwrap() {
+                stack.push(e.unwrap().path());
+            }
+        }
+        checked += 1;
+    }
+    checked
+}
+
+#[test]
+#[ignore = "needs docker, skopeo, umoci, podman and nix: run scripts/test"]
+fn skopeo_copy_and_umoci_unpack_match_the_store() {
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("image.tar");
+    stream_to_file(&conf(tmp.path(), "nixstream-e2e/skopeo:latest"), &archive);
+    let oci = tmp.path().join("oci");
+    // skopeo verifies every layer digest while copying.
+    let out = run(Command::new("skopeo")
+        .arg("copy")
+        .arg(format!("docker-archive:{}", archive.display()))
+        .arg(format!("oci:{}:e2e", oci.display())));
+    assert!(stdout(&out).contains("Writing manifest to image destination"), "{}", stdout(&out));
+    let bundle = tmp.path().join("bundle");
+    run(Command::new("umoci").args(["unpack", "--image"]).arg(format!("{}:e2e", oci.display())).arg(&bundle));
+    let (_, paths) = closure();
+    let n = compare_rootfs(&bundle.join("rootfs"), paths);
+    assert!(n >= 15, "compared {n} entries");
+    // The hard link arrives as two regular files with the same content.
+    let data = paths.iter().find(|p| p.to_string_lossy().ends_with("-nixstream-data")).unwrap();
+    let inside = bundle.join("rootfs").join(data.strip_prefix("/").unwrap());
+    assert!(std::fs::symlink_metadata(inside.join("greeting-hardlink")).unwrap().is_file());
+    assert_eq!(std::fs::read(inside.join("greeting-hardlink")).unwrap(), b"data from another store path\n");
+    assert!(inside.join("héllo-wörld.txt").is_file());
+}
+
+#[test]
+#[ignore = "needs docker, skopeo, umoci, podman and nix: run scripts/test"]
+fn skopeo_reads_a_zstd_stream_from_a_pipe() {
+    let tmp = tempfile::tempdir().unwrap();
+    let conf = conf(tmp.path(), "nixstream-e2e/pipe:latest");
+    let oci = tmp.path().join("oci");
+    let mut producer = common::bin()
+        .args(["stream", "-q", "--compress", "zstd"])
+        .arg(&conf)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = Command::new("skopeo")
+        .args(["copy", "docker-archive:/dev/stdin"])
+        .arg(format!("oci:{}:piped", oci.display()))
+        .stdin(producer.stdout.take().unwrap())
+        .output()
+        .expect("run skopeo (is it installed? run scripts/setup-deps)");
+    assert!(producer.wait().unwrap().success());
+    assert!(out.status.success(), "skopeo: {}", String::from_utf8_lossy(&out.stderr));
+    let inspect = run(Command::new("skopeo").arg("inspect").arg(format!("oci:{}:piped", oci.display())));
+    let v: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!(v["Layers"].as_array().map(Vec::len), Some(4), "3 store layers and the customisation layer");
+}
+
+#[test]
+#[ignore = "needs docker, skopeo, umoci, podman and nix: run scripts/test"]
+fn podman_load_accepts_the_archive() {
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("image.tar");
+    stream_to_file(&conf(tmp.path(), "nixstream-e2e/podman:latest"), &archive);
+    let podman = || {
+        let mut c = Command::new("podman");
+        c.args(["--storage-driver", "vfs"]);
+        c
+    };
+    let _ = podman().args(["rmi", "-f", "localhost/nixstream-e2e/podman:latest"]).output();
+    let out = run(podman().args(["load", "-i"]).arg(&archive));
+    let text = stdout(&out) + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("Loaded image: localhost/nixstream-e2e/podman:latest"), "{text}");
+    let images = run(podman().args(["images", "--format", "{{.Repository}}:{{.Tag}}"]));
+    assert!(stdout(&images).contains("localhost/nixstream-e2e/podman:latest"), "{}", stdout(&images));
+}
+
+#[test]
+#[ignore = "needs docker, skopeo, umoci, podman and nix: run scripts/test"]
+fn nix_derivation_builds_the_image_reproducibly() {
+    let build = |check: bool| {
+        let mut c = Command::new("nix-build");
+        c.env("NIX_REMOTE", "local").arg("--no-out-link").args(nix_opts());
+        if check {
+            c.arg("--check"); // rebuilds and fails if the bytes differ
+        }
+        c.args(["--argstr", "nixstream", env!("CARGO_BIN_EXE_nixstream")]).arg(repo().join("tests/fixtures/image.nix"));
+        run(&mut c)
+    };
+    let first = PathBuf::from(stdout(&build(false)).trim());
+    let bytes = std::fs::read(&first).unwrap();
+    common::validate(&bytes);
+    let again = PathBuf::from(stdout(&build(true)).trim());
+    assert_eq!(first, again, "same output path");
+    assert_eq!(std::fs::read(&again).unwrap(), bytes, "same bytes");
+    let tag = "nixstream-built:latest";
+    let _ = Command::new("docker").args(["rmi", "-f", tag]).output();
+    let load = run(Command::new("docker").args(["load", "-i"]).arg(&first));
+    assert!(stdout(&load).contains(&format!("Loaded image: {tag}")), "{}", stdout(&load));
+    let out = run(Command::new("docker").args(["run", "--rm", "--network=none", tag]));
+    assert_eq!(stdout(&out), EXPECTED_RUN);
+}
