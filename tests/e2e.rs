@@ -24,7 +24,8 @@ fn nix_opts() -> [&'static str; 9] {
 
 /// Runs a command, failing loudly when it cannot be started or fails.
 fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (is it installed? run scripts/setup-deps)"));
+    let out =
+        cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (is it installed? run scripts/setup-deps)"));
     assert!(
         out.status.success(),
         "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
@@ -61,7 +62,8 @@ fn closure() -> &'static (PathBuf, Vec<PathBuf>) {
 fn conf(dir: &Path, tag: &str) -> PathBuf {
     let (app, paths) = closure();
     let cust = common::make_customisation(dir);
-    let mut c = common::conf_json(Path::new("/nix/store"), &paths.iter().map(|p| vec![p.clone()]).collect::<Vec<_>>(), &cust);
+    let mut c =
+        common::conf_json(Path::new("/nix/store"), &paths.iter().map(|p| vec![p.clone()]).collect::<Vec<_>>(), &cust);
     c["repo_tag"] = serde_json::json!(tag);
     c["config"] = serde_json::json!({ "Cmd": [app.join("bin/app")] });
     let p = dir.join("conf.json");
@@ -97,7 +99,8 @@ fn compare_rootfs(rootfs: &Path, paths: &[PathBuf]) -> usize {
     while let Some(p) = stack.pop() {
         let inside = rootfs.join(p.strip_prefix("/").unwrap());
         let a = std::fs::symlink_metadata(&p).unwrap();
-        let b = std::fs::symlink_metadata(&inside).unwrap_or_else(|e| panic!("{} missing from the image: {e}", p.display()));
+        let b = std::fs::symlink_metadata(&inside)
+            .unwrap_or_else(|e| panic!("{} missing from the image: {e}", p.display()));
         assert_eq!(a.file_type(), b.file_type(), "{}", p.display());
         if a.is_symlink() {
             assert_eq!(std::fs::read_link(&p).unwrap(), std::fs::read_link(&inside).unwrap(), "{}", p.display());
@@ -149,12 +152,8 @@ fn skopeo_reads_a_zstd_stream_from_a_pipe() {
     let tmp = tempfile::tempdir().unwrap();
     let conf = conf(tmp.path(), "nixstream-e2e/pipe:latest");
     let oci = tmp.path().join("oci");
-    let mut producer = common::bin()
-        .args(["stream", "-q", "--compress", "zstd"])
-        .arg(&conf)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut producer =
+        common::bin().args(["stream", "-q", "--compress", "zstd"]).arg(&conf).stdout(Stdio::piped()).spawn().unwrap();
     let out = Command::new("skopeo")
         .args(["copy", "docker-archive:/dev/stdin"])
         .arg(format!("oci:{}:piped", oci.display()))
