@@ -9,8 +9,10 @@
 //! the reference's.
 
 pub mod archive;
+pub mod autolayer;
 pub mod baseimage;
 pub mod cli;
+pub mod closure;
 pub mod compress;
 pub mod conf;
 pub mod hash;
@@ -18,6 +20,7 @@ pub mod image;
 pub mod isotime;
 pub mod layer;
 pub mod owners;
+pub mod pipeline;
 pub mod plan;
 pub mod progress;
 pub mod pyjson;

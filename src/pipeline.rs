@@ -1,0 +1,848 @@
+//! nixpkgs' layering pipeline (`layeringPipeline`, the engine behind
+//! flatten-references-graph): the same JSON steps, the same result.
+//!
+//! The reference runs on igraph, so results follow igraph's conventions and
+//! this module reproduces them: a graph's vertices are the closure's nodes
+//! stably sorted by `narSize` (the order every layer lists its paths in),
+//! induced subgraphs keep that order, `+` is a disjoint union, and deleted
+//! edges stay deleted in the pieces `split_paths` returns.
+//!
+//! `popularity_contest` gives each path the count the reference's memoised
+//! tree walk produces, computed in closed form: with `A(v)` the number of
+//! paths from a virtual root (above every root) to `v`, the popularity of
+//! `s` is the sum of `A(v)` over `s` and all its ancestors.  Counts can
+//! exceed 128 bits in diamond-heavy graphs, so they fall back to big
+//! integers rather than saturate.  Paths sort by popularity (descending),
+//! then by "package name" (the path with its `/nix/store/HASH` part moved to
+//! the end).
+//!
+//! Unlike the reference, a malformed pipeline gets an error naming the step
+//! (its position, e.g. `pipeline[1][2]`), the argument and what was expected.
+
+use std::collections::{HashMap, HashSet};
+
+use num_bigint::BigUint;
+use serde_json::Value;
+
+use crate::closure::ClosureGraph;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("layering pipeline, step {at}: {what}")]
+pub struct PipelineError {
+    /// Where in the pipeline JSON, e.g. `pipeline[1][2]`, with the step name.
+    pub at: String,
+    pub what: String,
+}
+
+/// The closure's nodes in vertex order (stable by narSize).
+#[derive(Debug, Clone)]
+pub struct Universe {
+    pub names: Vec<String>,
+    pub nar_size: Vec<u64>,
+    by_name: HashMap<String, u32>,
+}
+
+/// A directed graph over some of the universe's vertices.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Graph {
+    /// Global vertex ids, in vertex order.
+    verts: Vec<u32>,
+    /// Successors as local indices, ascending (igraph's neighbour order).
+    succ: Vec<Vec<u32>>,
+}
+
+/// What flows between steps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Data {
+    Graph(Graph),
+    List(Vec<Data>),
+    Dict(Vec<(String, Data)>),
+}
+
+impl Data {
+    fn describe(&self) -> String {
+        match self {
+            Data::Graph(g) => format!("a graph of {} paths", g.verts.len()),
+            Data::List(l) => format!("a list of {} items", l.len()),
+            Data::Dict(d) => {
+                format!("a dict with keys {:?}", d.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>())
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SplitSpec {
+    Path(String),
+    ChildrenOf(Vec<String>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    PopularityContest,
+    LimitLayers(usize),
+    SplitEvery(usize),
+    SubcomponentIn(Vec<String>),
+    SubcomponentOut(Vec<String>),
+    SplitPaths(Vec<SplitSpec>),
+    RemovePaths(Vec<String>),
+    Over(String, Box<Step>),
+    Map(Box<Step>),
+    Pipe(Vec<Step>),
+    Flatten,
+    Reverse,
+}
+
+/// One parsed step and where it was in the JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub at: String,
+    pub op: Op,
+}
+
+const OPS: &str = "popularity_contest, limit_layers, split_every, subcomponent_in, subcomponent_out, split_paths, \
+                   remove_paths, over, map, pipe, flatten, reverse";
+
+fn err(at: &str, what: impl Into<String>) -> PipelineError {
+    PipelineError { at: at.to_string(), what: what.into() }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Parses a pipeline: a JSON list of steps.
+pub fn parse(v: &Value) -> Result<Vec<Step>, PipelineError> {
+    parse_steps(v, "pipeline")
+}
+
+fn parse_steps(v: &Value, at: &str) -> Result<Vec<Step>, PipelineError> {
+    let items = v.as_array().ok_or_else(|| err(at, format!("expected a list of steps, found {}", kind(v))))?;
+    items.iter().enumerate().map(|(i, s)| parse_step(s, &format!("{at}[{i}]"))).collect()
+}
+
+fn parse_step(v: &Value, at: &str) -> Result<Step, PipelineError> {
+    let items = v
+        .as_array()
+        .ok_or_else(|| err(at, format!("expected a step like [\"popularity_contest\"], found {}", kind(v))))?;
+    let name = items
+        .first()
+        .and_then(Value::as_str)
+        .ok_or_else(|| err(at, "a step is a list starting with the operation's name"))?;
+    let here = format!("{at} ({name:?})");
+    let args = &items[1..];
+    let want = |n: usize| -> Result<(), PipelineError> {
+        if args.len() == n {
+            Ok(())
+        } else {
+            Err(err(&here, format!("takes {n} argument{}, found {}", if n == 1 { "" } else { "s" }, args.len())))
+        }
+    };
+    let count = |i: usize| -> Result<usize, PipelineError> {
+        match args[i].as_u64() {
+            Some(n) if n > 0 => Ok(n as usize),
+            _ => Err(err(&here, format!("argument {}: expected a whole number above 0, found {}", i + 1, args[i]))),
+        }
+    };
+    let paths = |i: usize, single_ok: bool| -> Result<Vec<String>, PipelineError> {
+        match &args[i] {
+            Value::String(s) if single_ok => Ok(vec![s.clone()]),
+            Value::Array(a) => a
+                .iter()
+                .map(|p| {
+                    p.as_str().map(str::to_string).ok_or_else(|| {
+                        err(&here, format!("argument {}: expected store paths (strings), found {}", i + 1, kind(p)))
+                    })
+                })
+                .collect(),
+            other => {
+                Err(err(&here, format!("argument {}: expected a list of store paths, found {}", i + 1, kind(other))))
+            }
+        }
+    };
+    let op = match name {
+        "popularity_contest" => want(0).map(|_| Op::PopularityContest)?,
+        "flatten" => want(0).map(|_| Op::Flatten)?,
+        "reverse" => want(0).map(|_| Op::Reverse)?,
+        "limit_layers" => {
+            want(1)?;
+            Op::LimitLayers(count(0)?)
+        }
+        "split_every" => {
+            want(1)?;
+            Op::SplitEvery(count(0)?)
+        }
+        "subcomponent_in" => {
+            want(1)?;
+            Op::SubcomponentIn(paths(0, false)?)
+        }
+        "subcomponent_out" => {
+            want(1)?;
+            Op::SubcomponentOut(paths(0, false)?)
+        }
+        "remove_paths" => {
+            want(1)?;
+            Op::RemovePaths(paths(0, true)?)
+        }
+        "split_paths" => {
+            want(1)?;
+            let specs = args[0].as_array().ok_or_else(|| {
+                err(
+                    &here,
+                    format!(
+                        "argument 1: expected a list of paths or {{\"children_of\": ...}}, found {}",
+                        kind(&args[0])
+                    ),
+                )
+            })?;
+            let mut out = Vec::with_capacity(specs.len());
+            for (i, s) in specs.iter().enumerate() {
+                out.push(match s {
+                    Value::String(p) => SplitSpec::Path(p.clone()),
+                    Value::Object(o) if o.len() == 1 && o.contains_key("children_of") => match &o["children_of"] {
+                        Value::String(p) => SplitSpec::ChildrenOf(vec![p.clone()]),
+                        Value::Array(a) if a.iter().all(Value::is_string) => {
+                            SplitSpec::ChildrenOf(a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+                        }
+                        other => {
+                            return Err(err(
+                                &here,
+                                format!(
+                                    "argument 1, item {i}: children_of takes a path or a list of paths, found {}",
+                                    kind(other)
+                                ),
+                            ))
+                        }
+                    },
+                    other => {
+                        return Err(err(
+                            &here,
+                            format!(
+                                "argument 1, item {i}: expected a path or {{\"children_of\": PATH}}, found {other}"
+                            ),
+                        ))
+                    }
+                });
+            }
+            Op::SplitPaths(out)
+        }
+        "over" => {
+            want(2)?;
+            let key = args[0].as_str().ok_or_else(|| {
+                err(&here, format!("argument 1: expected a key such as \"rest\", found {}", kind(&args[0])))
+            })?;
+            Op::Over(key.to_string(), Box::new(parse_step(&args[1], &format!("{at}[2]"))?))
+        }
+        "map" => {
+            want(1)?;
+            Op::Map(Box::new(parse_step(&args[0], &format!("{at}[1]"))?))
+        }
+        "pipe" => {
+            want(1)?;
+            Op::Pipe(parse_steps(&args[0], &format!("{at}[1]"))?)
+        }
+        other => return Err(err(at, format!("unknown operation {other:?} (known: {OPS})"))),
+    };
+    Ok(Step { at: here, op })
+}
+
+impl Universe {
+    /// Builds the universe and the full graph: nodes (less `exclude`) stably
+    /// sorted by narSize; references to excluded paths and self-references
+    /// dropped.
+    pub fn build(closure: &ClosureGraph, exclude: &HashSet<String>) -> (Universe, Graph) {
+        let mut nodes: Vec<_> = closure.nodes.iter().filter(|n| !exclude.contains(&n.path)).collect();
+        nodes.sort_by_key(|n| n.nar_size);
+        let by_name: HashMap<String, u32> = nodes.iter().enumerate().map(|(i, n)| (n.path.clone(), i as u32)).collect();
+        let succ = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let mut s: Vec<u32> =
+                    n.references.iter().filter_map(|r| by_name.get(r).copied()).filter(|&j| j as usize != i).collect();
+                s.sort_unstable();
+                s.dedup();
+                s
+            })
+            .collect();
+        let u = Universe {
+            names: nodes.iter().map(|n| n.path.clone()).collect(),
+            nar_size: nodes.iter().map(|n| n.nar_size).collect(),
+            by_name,
+        };
+        let verts = (0..u.names.len() as u32).collect();
+        (u, Graph { verts, succ })
+    }
+}
+
+impl Graph {
+    pub fn len(&self) -> usize {
+        self.verts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.verts.is_empty()
+    }
+
+    /// The paths, in vertex order.
+    pub fn names<'u>(&self, u: &'u Universe) -> Vec<&'u str> {
+        self.verts.iter().map(|&v| u.names[v as usize].as_str()).collect()
+    }
+
+    fn local(&self, u: &Universe, name: &str) -> Option<u32> {
+        let g = *u.by_name.get(name)?;
+        self.verts.iter().position(|&v| v == g).map(|i| i as u32)
+    }
+
+    fn preds(&self) -> Vec<Vec<u32>> {
+        let mut p = vec![Vec::new(); self.len()];
+        for (i, s) in self.succ.iter().enumerate() {
+            for &j in s {
+                p[j as usize].push(i as u32);
+            }
+        }
+        p
+    }
+
+    /// The subgraph on the vertices marked `keep`, in vertex order.
+    fn induced(&self, keep: &[bool]) -> Graph {
+        let mut map = vec![u32::MAX; self.len()];
+        let mut verts = Vec::new();
+        for (i, &k) in keep.iter().enumerate() {
+            if k {
+                map[i] = verts.len() as u32;
+                verts.push(self.verts[i]);
+            }
+        }
+        let succ = (0..self.len())
+            .filter(|&i| keep[i])
+            .map(|i| {
+                self.succ[i].iter().filter_map(|&j| (map[j as usize] != u32::MAX).then_some(map[j as usize])).collect()
+            })
+            .collect();
+        Graph { verts, succ }
+    }
+
+    /// Vertices reachable from `starts` (included), along edges or against them.
+    fn reach(&self, starts: &[u32], adj: &[Vec<u32>]) -> Vec<bool> {
+        let mut seen = vec![false; self.len()];
+        let mut stack: Vec<u32> = starts.to_vec();
+        while let Some(v) = stack.pop() {
+            if !std::mem::replace(&mut seen[v as usize], true) {
+                stack.extend(adj[v as usize].iter().copied().filter(|&w| !seen[w as usize]));
+            }
+        }
+        seen
+    }
+
+    /// Disjoint union (igraph's `+` of two graphs).
+    fn union(graphs: impl IntoIterator<Item = Graph>) -> Graph {
+        let mut out = Graph::default();
+        for g in graphs {
+            let off = out.verts.len() as u32;
+            out.verts.extend(&g.verts);
+            out.succ.extend(g.succ.into_iter().map(|s| s.into_iter().map(|j| j + off).collect()));
+        }
+        out
+    }
+}
+
+/// `package_name`: the path with its first `-`-separated part moved last.
+fn package_key(path: &str) -> String {
+    match path.split_once('-') {
+        Some((first, rest)) => format!("{rest}-{first}"),
+        None => path.to_string(),
+    }
+}
+
+/// Path counts, exact: u128 while it fits, then big integers.
+trait Count: Clone + Ord {
+    fn zero() -> Self;
+    fn one() -> Self;
+    fn plus(&self, other: &Self) -> Option<Self>;
+}
+
+impl Count for u128 {
+    fn zero() -> Self {
+        0
+    }
+    fn one() -> Self {
+        1
+    }
+    fn plus(&self, other: &Self) -> Option<Self> {
+        self.checked_add(*other)
+    }
+}
+
+impl Count for BigUint {
+    fn zero() -> Self {
+        BigUint::from(0u8)
+    }
+    fn one() -> Self {
+        BigUint::from(1u8)
+    }
+    fn plus(&self, other: &Self) -> Option<Self> {
+        Some(self + other)
+    }
+}
+
+/// The popularity order of `g`'s vertices (local indices).
+///
+/// The reference expands the graph into a tree from its roots (in vertex
+/// order, children in index order), memoising each path's subtree when it is
+/// complete.  An edge back to a path still being expanded (a reference cycle,
+/// e.g. Debian's libc6 <-> libgcc-s1) becomes a leaf: a copy of that path
+/// with no children (this is what reproduces nixpkgs' output on the golden
+/// closures).  On that expanded DAG, with `A(x)` the number of paths from the
+/// virtual root to `x`, the popularity of `s` is the sum of `A` over the
+/// copies of `s` plus the sum of `A` over every vertex that strictly reaches
+/// a copy of `s`.  Paths no root reaches come last, sorted by name (the
+/// reference appends them in hash-set order).
+fn popularity_order(g: &Graph, u: &Universe) -> Vec<u32> {
+    let n = g.len();
+    let preds = g.preds();
+    // Depth-first expansion; back edges become leaf copies (index >= n).
+    const NEW: u8 = 0;
+    const OPEN: u8 = 1;
+    const DONE: u8 = 2;
+    let mut state = vec![NEW; n];
+    let mut children: Vec<Vec<u32>> = vec![Vec::new(); n];
+    let mut copy_of: Vec<u32> = Vec::new(); // leaf index - n -> original
+    for root in (0..n).filter(|&v| preds[v].is_empty()) {
+        let mut stack: Vec<(u32, usize)> = vec![(root as u32, 0)];
+        state[root] = OPEN;
+        while let Some(&mut (v, ref mut next)) = stack.last_mut() {
+            let succ = &g.succ[v as usize];
+            if *next == succ.len() {
+                state[v as usize] = DONE;
+                stack.pop();
+                continue;
+            }
+            let w = succ[*next];
+            *next += 1;
+            match state[w as usize] {
+                NEW => {
+                    children[v as usize].push(w);
+                    state[w as usize] = OPEN;
+                    stack.push((w, 0));
+                }
+                OPEN => {
+                    children[v as usize].push((n + copy_of.len()) as u32);
+                    copy_of.push(w);
+                }
+                _ => children[v as usize].push(w),
+            }
+        }
+    }
+    let total = n + copy_of.len();
+    children.resize(total, Vec::new());
+    let mut xpreds: Vec<Vec<u32>> = vec![Vec::new(); total];
+    for (v, ch) in children.iter().enumerate() {
+        for &c in ch {
+            xpreds[c as usize].push(v as u32);
+        }
+    }
+    let mut copies: Vec<Vec<u32>> = (0..n as u32).map(|v| vec![v]).collect();
+    for (i, &orig) in copy_of.iter().enumerate() {
+        copies[orig as usize].push((n + i) as u32);
+    }
+    // Topological order of the reached part (Kahn over the expanded DAG).
+    let reached: Vec<bool> = (0..total).map(|v| v >= n || state[v] == DONE).collect();
+    let mut indeg: Vec<usize> = xpreds.iter().map(Vec::len).collect();
+    let mut order: Vec<u32> = (0..total as u32).filter(|&v| reached[v as usize] && indeg[v as usize] == 0).collect();
+    let mut k = 0;
+    while k < order.len() {
+        let v = order[k] as usize;
+        k += 1;
+        for &w in &children[v] {
+            indeg[w as usize] -= 1;
+            if indeg[w as usize] == 0 {
+                order.push(w);
+            }
+        }
+    }
+    fn scores<C: Count>(xpreds: &[Vec<u32>], order: &[u32], copies: &[Vec<u32>], reached: &[bool]) -> Option<Vec<C>> {
+        let mut a: Vec<C> = vec![C::zero(); xpreds.len()];
+        for &v in order {
+            let v = v as usize;
+            a[v] = if xpreds[v].is_empty() {
+                C::one()
+            } else {
+                let mut s = C::zero();
+                for &p in &xpreds[v] {
+                    s = s.plus(&a[p as usize])?;
+                }
+                s
+            };
+        }
+        let mut stamp = vec![u32::MAX; xpreds.len()];
+        let mut stack = Vec::new();
+        let mut pop = Vec::with_capacity(copies.len());
+        for (s, cs) in copies.iter().enumerate() {
+            let mut total = C::zero();
+            if reached[s] {
+                for &c in cs {
+                    total = total.plus(&a[c as usize])?;
+                    stack.extend(xpreds[c as usize].iter().copied());
+                }
+                while let Some(v) = stack.pop() {
+                    if stamp[v as usize] != s as u32 {
+                        stamp[v as usize] = s as u32;
+                        total = total.plus(&a[v as usize])?;
+                        stack.extend(xpreds[v as usize].iter().copied().filter(|&p| stamp[p as usize] != s as u32));
+                    }
+                }
+            }
+            pop.push(total);
+        }
+        Some(pop)
+    }
+    let keys: Vec<String> = g.verts.iter().map(|&v| package_key(&u.names[v as usize])).collect();
+    fn sort<C: Ord>(pop: &[C], keys: &[String], reached: &[bool]) -> Vec<u32> {
+        let mut idx: Vec<u32> = (0..pop.len() as u32).collect();
+        idx.sort_by(|&a, &b| {
+            let (a, b) = (a as usize, b as usize);
+            reached[b].cmp(&reached[a]).then_with(|| pop[b].cmp(&pop[a])).then_with(|| keys[a].cmp(&keys[b]))
+        });
+        idx
+    }
+    match scores::<u128>(&xpreds, &order, &copies, &reached) {
+        Some(pop) => sort(&pop, &keys, &reached),
+        None => sort(&scores::<BigUint>(&xpreds, &order, &copies, &reached).expect("no overflow"), &keys, &reached),
+    }
+}
+
+fn expect_graph(d: Data, step: &Step) -> Result<Graph, PipelineError> {
+    match d {
+        Data::Graph(g) => Ok(g),
+        other => Err(err(&step.at, format!("expects a graph, but was given {}", other.describe()))),
+    }
+}
+
+fn expect_list(d: Data, step: &Step) -> Result<Vec<Data>, PipelineError> {
+    match d {
+        Data::List(l) => Ok(l),
+        other => Err(err(&step.at, format!("expects a list, but was given {}", other.describe()))),
+    }
+}
+
+/// Runs `steps` on `data`.
+pub fn run(steps: &[Step], data: Data, u: &Universe) -> Result<Data, PipelineError> {
+    steps.iter().try_fold(data, |d, s| apply(s, d, u))
+}
+
+fn apply(step: &Step, data: Data, u: &Universe) -> Result<Data, PipelineError> {
+    Ok(match &step.op {
+        Op::PopularityContest => {
+            let g = expect_graph(data, step)?;
+            let order = popularity_order(&g, u);
+            Data::List(
+                order
+                    .into_iter()
+                    .map(|i| Data::Graph(Graph { verts: vec![g.verts[i as usize]], succ: vec![Vec::new()] }))
+                    .collect(),
+            )
+        }
+        Op::LimitLayers(n) => {
+            let mut items = expect_list(data, step)?.into_iter();
+            let mut out: Vec<Data> = items.by_ref().take(n - 1).collect();
+            let rest: Vec<Data> = items.collect();
+            if !rest.is_empty() {
+                let graphs = rest.into_iter().map(|d| expect_graph(d, step)).collect::<Result<Vec<_>, _>>()?;
+                out.push(Data::Graph(Graph::union(graphs)));
+            }
+            Data::List(out)
+        }
+        Op::SplitEvery(n) => {
+            let g = expect_graph(data, step)?;
+            Data::List(
+                (0..g.len())
+                    .step_by(*n)
+                    .map(|start| {
+                        let keep: Vec<bool> = (0..g.len()).map(|i| i >= start && i < start + n).collect();
+                        Data::Graph(g.induced(&keep))
+                    })
+                    .collect(),
+            )
+        }
+        Op::SubcomponentIn(paths) | Op::SubcomponentOut(paths) => {
+            let g = expect_graph(data, step)?;
+            let starts: Vec<u32> = paths.iter().filter_map(|p| g.local(u, p)).collect();
+            let adj = if matches!(step.op, Op::SubcomponentIn(_)) { g.preds() } else { g.succ.clone() };
+            let main = g.reach(&starts, &adj);
+            let rest: Vec<bool> = main.iter().map(|m| !m).collect();
+            Data::Dict(vec![
+                ("main".into(), Data::Graph(g.induced(&main))),
+                ("rest".into(), Data::Graph(g.induced(&rest))),
+            ])
+        }
+        Op::SplitPaths(specs) => split_paths(expect_graph(data, step)?, specs, u),
+        Op::RemovePaths(paths) => {
+            let g = expect_graph(data, step)?;
+            let mut keep = vec![true; g.len()];
+            for p in paths {
+                if let Some(i) = g.local(u, p) {
+                    keep[i as usize] = false;
+                }
+            }
+            Data::Graph(g.induced(&keep))
+        }
+        Op::Over(key, f) => match data {
+            Data::Dict(entries) => {
+                if !entries.iter().any(|(k, _)| k == key) {
+                    let keys: Vec<&str> = entries.iter().map(|(k, _)| k.as_str()).collect();
+                    return Err(err(&step.at, format!("there is no {key:?} here (the dict has {keys:?})")));
+                }
+                let mut out = Vec::with_capacity(entries.len());
+                for (k, v) in entries {
+                    let v = if &k == key { apply(f, v, u)? } else { v };
+                    out.push((k, v));
+                }
+                Data::Dict(out)
+            }
+            other => {
+                return Err(err(
+                    &step.at,
+                    format!("expects a dict (from split_paths or subcomponent_*), but was given {}", other.describe()),
+                ))
+            }
+        },
+        Op::Map(f) => {
+            Data::List(expect_list(data, step)?.into_iter().map(|d| apply(f, d, u)).collect::<Result<_, _>>()?)
+        }
+        Op::Pipe(steps) => run(steps, data, u)?,
+        Op::Flatten => Data::List(flatten(data).into_iter().map(Data::Graph).collect()),
+        Op::Reverse => {
+            let mut l = expect_list(data, step)?;
+            l.reverse();
+            Data::List(l)
+        }
+    })
+}
+
+/// All graphs in `d`, depth first (dict values in order).
+pub fn flatten(d: Data) -> Vec<Graph> {
+    match d {
+        Data::Graph(g) => vec![g],
+        Data::List(l) => l.into_iter().flat_map(flatten).collect(),
+        Data::Dict(d) => d.into_iter().flat_map(|(_, v)| flatten(v)).collect(),
+    }
+}
+
+/// `split_paths`: the split paths with what only they use ("main"), what
+/// they share with the rest ("common"), and the rest; empty parts omitted.
+fn split_paths(g: Graph, specs: &[SplitSpec], u: &Universe) -> Data {
+    let mut split: Vec<u32> = Vec::new();
+    for s in specs {
+        match s {
+            SplitSpec::Path(p) => split.extend(g.local(u, p)),
+            SplitSpec::ChildrenOf(ps) => {
+                for p in ps {
+                    if let Some(i) = g.local(u, p) {
+                        split.extend(&g.succ[i as usize]);
+                    }
+                }
+            }
+        }
+    }
+    if split.is_empty() {
+        return Data::Dict(vec![("rest".into(), Data::Graph(g))]);
+    }
+    let preds = g.preds();
+    let roots: Vec<u32> = (0..g.len() as u32).filter(|&v| preds[v as usize].is_empty()).collect();
+    // One root, or a fake one (index n) above all roots.
+    let mut work = g.clone();
+    let (root, fake) = if roots.len() == 1 {
+        (roots[0], false)
+    } else {
+        work.succ.push(roots.clone());
+        work.verts.push(u32::MAX);
+        (g.len() as u32, true)
+    };
+    if split.contains(&root) {
+        return Data::Dict(vec![("main".into(), Data::Graph(g))]);
+    }
+    let split_off = work.reach(&split, &work.succ);
+    let is_split: HashSet<u32> = split.iter().copied().collect();
+    for s in work.succ.iter_mut() {
+        s.retain(|j| !is_split.contains(j));
+    }
+    let rest_with_common = work.reach(&[root], &work.succ);
+    let n = work.len();
+    let common: Vec<bool> = (0..n).map(|i| split_off[i] && rest_with_common[i]).collect();
+    let mut rest: Vec<bool> = (0..n).map(|i| rest_with_common[i] && !common[i]).collect();
+    let main: Vec<bool> = (0..n).map(|i| split_off[i] && !common[i]).collect();
+    if fake {
+        rest[n - 1] = false;
+    }
+    Data::Dict(
+        [("main", main), ("common", common), ("rest", rest)]
+            .into_iter()
+            .map(|(k, keep)| (k.to_string(), work.induced(&keep)))
+            .filter(|(_, part)| !part.is_empty())
+            .map(|(k, part)| (k, Data::Graph(part)))
+            .collect(),
+    )
+}
+
+/// Runs a pipeline on a closure: the layers, bottom first, as path lists.
+pub fn plan_layers(
+    closure: &ClosureGraph,
+    pipeline: &[Step],
+    exclude: &HashSet<String>,
+) -> Result<Vec<Vec<String>>, PipelineError> {
+    let (u, g) = Universe::build(closure, exclude);
+    let result = run(pipeline, Data::Graph(g), &u)?;
+    Ok(flatten(result).iter().map(|g| g.names(&u).into_iter().map(str::to_string).collect()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::closure::Node;
+    use serde_json::json;
+
+    /// The example of the reference's popularity docstring: A-B-C-D-F,
+    /// C-E, B-E, E-F, A-G.
+    fn docstring_graph() -> ClosureGraph {
+        let n = |p: &str, r: &[&str], s: u64| Node {
+            path: format!("/s/{p}"),
+            references: r.iter().map(|x| format!("/s/{x}")).collect(),
+            nar_size: s,
+            closure_size: None,
+        };
+        ClosureGraph {
+            nodes: vec![
+                n("a", &["b", "g"], 7),
+                n("b", &["c", "e"], 6),
+                n("c", &["d", "e"], 5),
+                n("d", &["f"], 4),
+                n("e", &["f"], 3),
+                n("f", &[], 2),
+                n("g", &[], 1),
+            ],
+        }
+    }
+
+    fn pipe(v: Value) -> Vec<Step> {
+        parse(&v).unwrap()
+    }
+
+    #[test]
+    fn popularity_matches_the_reference_docstring() {
+        // F 9, E 5, D 4, C 3, B 2 = G 2 (B before G by name), A 1.
+        let layers = plan_layers(&docstring_graph(), &pipe(json!([["popularity_contest"]])), &HashSet::new()).unwrap();
+        let order: Vec<&str> = layers.iter().map(|l| &l[0][3..]).collect();
+        assert_eq!(order, ["f", "e", "d", "c", "b", "g", "a"]);
+    }
+
+    #[test]
+    fn popularity_counts_overflowing_u128_stay_exact() {
+        // 140 diamonds in a row: 2^140 paths to the bottom.
+        let mut nodes = Vec::new();
+        for i in 0..140 {
+            let next = format!("/s/{:03}-top", i + 1);
+            nodes.push(Node {
+                path: format!("/s/{i:03}-top"),
+                references: vec![format!("/s/{i:03}-l"), format!("/s/{i:03}-r")],
+                nar_size: 1,
+                closure_size: None,
+            });
+            nodes.push(Node {
+                path: format!("/s/{i:03}-l"),
+                references: vec![next.clone()],
+                nar_size: 1,
+                closure_size: None,
+            });
+            nodes.push(Node { path: format!("/s/{i:03}-r"), references: vec![next], nar_size: 1, closure_size: None });
+        }
+        nodes.push(Node { path: "/s/140-top".into(), references: vec![], nar_size: 1, closure_size: None });
+        let layers =
+            plan_layers(&ClosureGraph { nodes }, &pipe(json!([["popularity_contest"]])), &HashSet::new()).unwrap();
+        assert_eq!(layers[0], ["/s/140-top"], "the bottom of the chain is the most popular");
+        assert_eq!(layers.last().unwrap(), &["/s/000-top"]);
+    }
+
+    #[test]
+    fn limit_layers_merges_the_rest_in_order() {
+        let g = docstring_graph();
+        let l = plan_layers(&g, &pipe(json!([["popularity_contest"], ["limit_layers", 3]])), &HashSet::new()).unwrap();
+        assert_eq!(l.len(), 3);
+        assert_eq!(l[2], ["/s/d", "/s/c", "/s/b", "/s/g", "/s/a"]);
+        let l = plan_layers(&g, &pipe(json!([["popularity_contest"], ["limit_layers", 30]])), &HashSet::new()).unwrap();
+        assert_eq!(l.len(), 7, "no empty extra layer");
+    }
+
+    #[test]
+    fn split_every_and_reverse_follow_vertex_order() {
+        let l =
+            plan_layers(&docstring_graph(), &pipe(json!([["split_every", 3], ["reverse"]])), &HashSet::new()).unwrap();
+        assert_eq!(l, [vec!["/s/a"], vec!["/s/d", "/s/c", "/s/b"], vec!["/s/g", "/s/f", "/s/e"]]);
+    }
+
+    #[test]
+    fn subcomponent_and_remove_paths() {
+        let g = docstring_graph();
+        let l = plan_layers(&g, &pipe(json!([["subcomponent_out", ["/s/d"]]])), &HashSet::new()).unwrap();
+        assert_eq!(l, [vec!["/s/f", "/s/d"], vec!["/s/g", "/s/e", "/s/c", "/s/b", "/s/a"]]);
+        let l = plan_layers(&g, &pipe(json!([["subcomponent_in", ["/s/e"]]])), &HashSet::new()).unwrap();
+        assert_eq!(l, [vec!["/s/e", "/s/c", "/s/b", "/s/a"], vec!["/s/g", "/s/f", "/s/d"]]);
+        let l = plan_layers(&g, &pipe(json!([["remove_paths", "/s/f"]])), &HashSet::new()).unwrap();
+        assert_eq!(l, [vec!["/s/g", "/s/e", "/s/d", "/s/c", "/s/b", "/s/a"]]);
+    }
+
+    #[test]
+    fn split_paths_main_common_rest() {
+        // Split C off: main = C, D (only C uses D); common = E, F (B uses E);
+        // rest = A, B, G.
+        let l = plan_layers(&docstring_graph(), &pipe(json!([["split_paths", ["/s/c"]]])), &HashSet::new()).unwrap();
+        assert_eq!(l, [vec!["/s/d", "/s/c"], vec!["/s/f", "/s/e"], vec!["/s/g", "/s/b", "/s/a"]]);
+        let l = plan_layers(&docstring_graph(), &pipe(json!([["split_paths", ["/s/a"]]])), &HashSet::new()).unwrap();
+        assert_eq!(l.len(), 1, "splitting at the root gives everything as main");
+    }
+
+    #[test]
+    fn malformed_pipelines_get_precise_errors() {
+        for (p, needle) in [
+            (json!("popularity_contest"), "pipeline: expected a list of steps"),
+            (json!([["popularity"]]), "pipeline[0]: unknown operation \"popularity\""),
+            (
+                json!([["limit_layers", 0]]),
+                "pipeline[0] (\"limit_layers\"): argument 1: expected a whole number above 0, found 0",
+            ),
+            (json!([["limit_layers"]]), "takes 1 argument, found 0"),
+            (json!([["over", "rest", ["pipe", [["split_every", "x"]]]]]), "pipeline[0][2][1][0] (\"split_every\")"),
+            (json!([["split_paths", [{"child_of": "/s/a"}]]]), "argument 1, item 0"),
+            (json!([["subcomponent_in", "/s/a"]]), "expected a list of store paths, found a string"),
+        ] {
+            let e = parse(&p).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e} should contain {needle}");
+        }
+    }
+
+    #[test]
+    fn type_errors_at_run_time_name_the_step() {
+        let e = plan_layers(
+            &docstring_graph(),
+            &pipe(json!([["popularity_contest"], ["popularity_contest"]])),
+            &HashSet::new(),
+        )
+        .unwrap_err();
+        assert_eq!(e.at, "pipeline[1] (\"popularity_contest\")");
+        assert!(e.what.contains("expects a graph, but was given a list of 7 items"), "{e}");
+        let e = plan_layers(
+            &docstring_graph(),
+            &pipe(json!([["split_paths", ["/s/zzz"]], ["over", "main", ["flatten"]]])),
+            &HashSet::new(),
+        )
+        .unwrap_err();
+        assert!(e.what.contains("no \"main\""), "{e}");
+    }
+}
