@@ -268,13 +268,14 @@ fn hash_worker(plan: &ImagePlan, queue: &Queue, worker: usize, slots: &Slots, pr
             return;
         }
         let Some(i) = queue.take(worker) else { return };
-        let PlannedLayer::Store { listing, .. } = &plan.layers[i] else { unreachable!("store index") };
+        let PlannedLayer::Store { listing, owner, .. } = &plan.layers[i] else { unreachable!("store index") };
+        let owner = owner.as_ref().unwrap_or(&plan.owner);
         let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
             let mut sink = HashSink::new();
             let mut files = Vec::new();
             write_store_layer(
                 listing,
-                &plan.owner,
+                owner,
                 &mut sink,
                 &mut scratch,
                 FileCheck::Record(&mut files),
@@ -324,7 +325,8 @@ fn stream<W: Write>(plan: &ImagePlan, out: W, slots: &Slots, progress: &Progress
                 outer.pad(bl.member.size)?;
                 LayerDigest { size: bl.member.size, sha256: bl.diff_id }
             }
-            PlannedLayer::Store { paths_text, listing } => {
+            PlannedLayer::Store { paths_text, listing, owner } => {
+                let owner = owner.as_ref().unwrap_or(&plan.owner);
                 progress.line(|| format!("Creating layer {num} from paths: {}", repr_str_list(paths_text)));
                 let Hashed { digest: d, files } = slots.wait(i)?;
                 let name = format!("{}/layer.tar", d.hex());
@@ -334,7 +336,7 @@ fn stream<W: Write>(plan: &ImagePlan, out: W, slots: &Slots, progress: &Progress
                     Some(f) => (VerifyingWriter::size_only(&mut outer, d), FileCheck::Verify(f)),
                     None => (VerifyingWriter::new(&mut outer, d), FileCheck::Off),
                 };
-                match write_store_layer(listing, &plan.owner, &mut v, &mut scratch, check, Some(&slots.abort)) {
+                match write_store_layer(listing, owner, &mut v, &mut scratch, check, Some(&slots.abort)) {
                     Ok(_) => {}
                     Err(LayerError::Aborted) => {
                         return Err(slots.first_error().unwrap_or(ArchiveError::Worker("aborted".into())))

@@ -31,6 +31,18 @@ pub enum ConfError {
     Invalid { key: String, message: String },
 }
 
+/// Where the top (customisation) layer comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CustomisationSource {
+    /// nixpkgs' customisation layer: a directory holding `layer.tar` and its
+    /// sha256 in `checksum` (`text` is the path as the configuration wrote it).
+    Prebuilt { dir: PathBuf, text: String },
+    /// `nixstream image --contents DIR`: files placed at `/`, archived by
+    /// nixstream itself (sorted, fixed mtime, numeric owners 0:0); `None`
+    /// gives an empty layer.
+    Contents(Option<PathBuf>),
+}
+
 /// The configuration, typed.
 #[derive(Debug, Clone)]
 pub struct Conf {
@@ -49,8 +61,7 @@ pub struct Conf {
     pub store_layers: Vec<Vec<PathBuf>>,
     /// The same paths as they were written in the file, for history comments.
     pub store_layers_text: Vec<Vec<String>>,
-    pub customisation_layer: PathBuf,
-    pub customisation_layer_text: String,
+    pub customisation: CustomisationSource,
     pub repo_tag: String,
     /// The image `config` object, keys in file order.
     pub config: Map<String, Value>,
@@ -108,8 +119,8 @@ impl Conf {
             Value::String(s) if !s.is_empty() => Some(PathBuf::from(s)),
             other => return Err(type_err("from_image", "null or a path to a docker-archive", &other)),
         };
-        let customisation_layer_text = string_value("customisation_layer", take("customisation_layer")?)?;
-        let customisation_layer = PathBuf::from(&customisation_layer_text);
+        let text = string_value("customisation_layer", take("customisation_layer")?)?;
+        let customisation = CustomisationSource::Prebuilt { dir: PathBuf::from(&text), text };
         let repo_tag = match repo_tag_override {
             Some(t) if !t.is_empty() => t.to_string(),
             _ => string_value("repo_tag", take("repo_tag")?)?,
@@ -172,8 +183,7 @@ impl Conf {
             from_image,
             store_layers,
             store_layers_text,
-            customisation_layer,
-            customisation_layer_text,
+            customisation,
             repo_tag,
             config,
         })

@@ -92,11 +92,13 @@ pub fn write_store_layer<W: Write>(
 
     // "To be consistent with the docker utilities": /nix and /nix/store
     // first, literally, whatever store_dir is.
-    scratch.header.clear();
-    for dir in [&b"/nix"[..], b"/nix/store"] {
-        tarheader::encode(&entry_header(dir, b"", Kind::Directory, 0o755, 0, owner), &mut scratch.header);
+    if listing.nix_dirs {
+        scratch.header.clear();
+        for dir in [&b"/nix"[..], b"/nix/store"] {
+            tarheader::encode(&entry_header(dir, b"", Kind::Directory, 0o755, 0, owner), &mut scratch.header);
+        }
+        out.emit(&scratch.header)?;
     }
-    out.emit(&scratch.header)?;
 
     for e in &listing.entries {
         if abort.is_some_and(|a| a.load(Ordering::Relaxed)) {
@@ -104,7 +106,8 @@ pub fn write_store_layer<W: Write>(
         }
         let path = listing.path(e);
         scratch.header.clear();
-        tarheader::encode(&entry_header(path, listing.link(e), e.kind, e.mode, e.size, owner), &mut scratch.header);
+        let name = listing.name(e);
+        tarheader::encode(&entry_header(name, listing.link(e), e.kind, e.mode, e.size, owner), &mut scratch.header);
         out.emit(&scratch.header)?;
         if e.kind == Kind::File {
             let hashed = copy_file(e, path, &mut out, &mut scratch.buf, !matches!(check, FileCheck::Off))?;

@@ -15,10 +15,10 @@ use std::sync::Mutex;
 use serde_json::{Map, Value};
 
 use crate::baseimage::{BaseError, BaseImage};
-use crate::conf::Conf;
+use crate::conf::{Conf, CustomisationSource};
 use crate::hash::parse_sha256_hex;
 use crate::layer::Owner;
-use crate::walk::{list_layer, Listing, WalkError};
+use crate::walk::{list_contents, list_layer, Listing, WalkError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
@@ -53,10 +53,13 @@ pub enum PlannedLayer {
     Base {
         index: usize,
     },
-    /// Store paths, archived by [`crate::layer::write_store_layer`].
+    /// Store paths (or `--contents`), archived by
+    /// [`crate::layer::write_store_layer`]; `owner` overrides the image's
+    /// owner settings (numeric 0:0 for `--contents`).
     Store {
         paths_text: Vec<String>,
         listing: Listing,
+        owner: Option<Owner>,
     },
     Customisation(Customisation),
 }
@@ -77,7 +80,18 @@ pub struct ImagePlan {
 impl ImagePlan {
     pub fn from_conf(conf: &Conf, jobs: usize) -> Result<ImagePlan, PlanError> {
         let base = conf.from_image.as_deref().map(BaseImage::open).transpose()?;
-        let customisation = customisation(conf)?;
+        let top = match &conf.customisation {
+            CustomisationSource::Prebuilt { dir, text } => PlannedLayer::Customisation(customisation(dir, text)?),
+            CustomisationSource::Contents(dir) => {
+                let listing = match dir {
+                    Some(d) => list_contents(d).map_err(|source| PlanError::Walk { layer: 0, source })?,
+                    None => Listing::default(),
+                };
+                let owner = Owner { uid: 0, gid: 0, uname: Vec::new(), gname: Vec::new(), mtime: conf.mtime };
+                let paths_text = dir.iter().map(|d| d.display().to_string()).collect();
+                PlannedLayer::Store { paths_text, listing, owner: Some(owner) }
+            }
+        };
         let listings = list_layers(&conf.store_layers, jobs)?;
 
         let mut layers: Vec<PlannedLayer> = Vec::new();
@@ -85,9 +99,9 @@ impl ImagePlan {
             layers.extend((0..b.layers.len()).map(|index| PlannedLayer::Base { index }));
         }
         for (paths_text, listing) in conf.store_layers_text.iter().zip(listings) {
-            layers.push(PlannedLayer::Store { paths_text: paths_text.clone(), listing });
+            layers.push(PlannedLayer::Store { paths_text: paths_text.clone(), listing, owner: None });
         }
-        layers.push(PlannedLayer::Customisation(customisation));
+        layers.push(top);
 
         let mut config = conf.config.clone();
         if let Some(b) = &base {
@@ -147,21 +161,20 @@ fn list_layers(layers: &[Vec<PathBuf>], jobs: usize) -> Result<Vec<Listing>, Pla
         .collect()
 }
 
-fn customisation(conf: &Conf) -> Result<Customisation, PlanError> {
-    let dir = &conf.customisation_layer;
-    let err = |what: String| PlanError::Customisation { path: dir.clone(), what };
+fn customisation(dir: &std::path::Path, text: &str) -> Result<Customisation, PlanError> {
+    let err = |what: String| PlanError::Customisation { path: dir.to_path_buf(), what };
     let checksum_path = dir.join("checksum");
-    let text = std::fs::read_to_string(&checksum_path).map_err(|e| err(format!("cannot read checksum: {e}")))?;
+    let checksum = std::fs::read_to_string(&checksum_path).map_err(|e| err(format!("cannot read checksum: {e}")))?;
     // `f.read().strip()`, then a 64-character sha256.
-    let digest = parse_sha256_hex(text.trim())
-        .ok_or_else(|| err(format!("checksum holds {:?}, not a sha256 hex digest", text.trim())))?;
+    let digest = parse_sha256_hex(checksum.trim())
+        .ok_or_else(|| err(format!("checksum holds {:?}, not a sha256 hex digest", checksum.trim())))?;
     let tar_path = dir.join("layer.tar");
     let md = std::fs::symlink_metadata(&tar_path).map_err(|e| err(format!("cannot stat layer.tar: {e}")))?;
     if !md.is_file() {
         return Err(err("layer.tar is not a regular file".into()));
     }
     Ok(Customisation {
-        dir_text: conf.customisation_layer_text.clone(),
+        dir_text: text.to_string(),
         tar_path,
         digest,
         size: md.size(),

@@ -50,19 +50,30 @@ pub struct Entry {
     pub mtime_ns: i128,
 }
 
-/// The entries of one store layer, in archive order.
+/// The entries of one layer, in archive order.
 #[derive(Debug, Clone, Default)]
 pub struct Listing {
     pub entries: Vec<Entry>,
     arena: Vec<u8>,
     /// Sum of file content sizes.
     pub file_bytes: u64,
+    /// Bytes of each path that are not part of its member name: 0 for store
+    /// layers (absolute names, as the reference writes them), the root
+    /// directory and its slash for a contents layer (names relative to `/`).
+    pub name_offset: usize,
+    /// Whether the layer starts with the `/nix` and `/nix/store` entries.
+    pub nix_dirs: bool,
 }
 
 impl Listing {
-    /// The absolute path of `e`, which is also its member name.
+    /// The absolute path of `e` on this machine.
     pub fn path(&self, e: &Entry) -> &[u8] {
         &self.arena[e.path.0..e.path.1]
+    }
+
+    /// The member name of `e`.
+    pub fn name(&self, e: &Entry) -> &[u8] {
+        &self.arena[e.path.0 + self.name_offset..e.path.1]
     }
 
     /// The symlink target of `e` (empty for other kinds).
@@ -120,7 +131,7 @@ impl Listing {
 /// Lists the store paths of one layer, each path's tree in reference order,
 /// the paths in the given order.
 pub fn list_layer(paths: &[PathBuf]) -> Result<Listing, WalkError> {
-    let mut listing = Listing::default();
+    let mut listing = Listing { nix_dirs: true, ..Listing::default() };
     for path in paths {
         let md = std::fs::symlink_metadata(path).map_err(|source| {
             if source.kind() == std::io::ErrorKind::NotFound {
@@ -134,6 +145,23 @@ pub fn list_layer(paths: &[PathBuf]) -> Result<Listing, WalkError> {
             walk_dir(&mut buf, &mut listing)?;
         }
     }
+    Ok(listing)
+}
+
+/// Lists what is inside `dir` (not `dir` itself) for a layer whose member
+/// names are relative to `/`: the `--contents` of an image, which becomes its
+/// customisation layer.  Same order and checks as store layers.
+pub fn list_contents(dir: &Path) -> Result<Listing, WalkError> {
+    let md = std::fs::metadata(dir).map_err(|source| WalkError::Io { path: dir.to_path_buf(), source })?;
+    if !md.is_dir() {
+        return Err(WalkError::Io { path: dir.to_path_buf(), source: std::io::Error::other("not a directory") });
+    }
+    let mut buf = dir.as_os_str().as_bytes().to_vec();
+    while buf.len() > 1 && buf.ends_with(b"/") {
+        buf.pop();
+    }
+    let mut listing = Listing { name_offset: buf.len() + 1, nix_dirs: false, ..Listing::default() };
+    walk_dir(&mut buf, &mut listing)?;
     Ok(listing)
 }
 
