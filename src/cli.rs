@@ -1,14 +1,19 @@
 //! The command line: options parsed by clap, resolved into one config per
 //! command, run, and mapped to an [`ExitCode`].
 
+use std::collections::{HashMap, HashSet};
 use std::io::{self, BufWriter, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::archive::{write_archive, ArchiveOptions};
+use crate::autolayer::auto_layer;
+use crate::closure::ClosureGraph;
 use crate::compress::{Compress, Compressed};
-use crate::conf::Conf;
+use crate::conf::{Conf, CustomisationSource};
+use crate::pipeline;
 use crate::plan::ImagePlan;
 use crate::progress::{Mode, Progress};
 
@@ -39,15 +44,109 @@ pub struct Cli {
 pub enum Command {
     /// Write the image described by CONF (nixpkgs' streamLayeredImage configuration) to stdout as a docker-archive.
     Stream(StreamArgs),
+    /// Print the layers planned for a closure, as a JSON list of lists of store paths (the format nixpkgs' planners print).
+    Layers(LayersArgs),
+    /// Show the layers planned for a closure: paths, bytes and largest paths per layer.
+    Plan(PlanArgs),
+    /// Build an image from a closure in one command: plan its layers and stream the docker-archive to stdout.
+    Image(ImageArgs),
+}
+
+/// Where the closure comes from.
+#[derive(clap::Args, Debug)]
+pub struct ClosureArgs {
+    /// A closure graph file (exportReferencesGraph's {"graph": ...} or {"closure": ...}, or `nix path-info --json --recursive` output), or store paths whose closure is asked of the local Nix.
+    #[arg(required = true, value_name = "GRAPH|STORE_PATH")]
+    pub input: Vec<String>,
+    /// Leave these store paths out: a file with one path per line, or a JSON list.
+    #[arg(long, value_name = "FILE")]
+    pub exclude_paths: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
-pub struct StreamArgs {
-    /// The configuration JSON nixpkgs' streamLayeredImage writes.
-    pub conf: PathBuf,
-    /// Override the configuration's repo_tag (NAME:TAG).
-    #[arg(short = 't', long = "repo-tag", visible_alias = "repo_tag", value_name = "NAME:TAG")]
-    pub repo_tag: Option<String>,
+#[group(id = "layering", required = true, multiple = false)]
+pub struct LayeringChoice {
+    /// A layering pipeline, as nixpkgs' layeringPipeline takes it: JSON text, or @FILE. Matches nixpkgs' flatten-references-graph.
+    #[arg(long, value_name = "JSON|@FILE", group = "layering")]
+    pub pipeline: Option<String>,
+    /// nixpkgs' size-based auto-layer (auto-layer.py) with at most N layers.
+    #[arg(long, value_name = "N", group = "layering")]
+    pub auto_layer: Option<usize>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct LayersArgs {
+    #[command(flatten)]
+    pub closure: ClosureArgs,
+    #[command(flatten)]
+    pub layering: LayeringChoice,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub closure: ClosureArgs,
+    #[command(flatten)]
+    pub layering: LayeringChoice,
+    /// Print the plan as JSON: [{"layer", "paths", "bytes"}].
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ImageArgs {
+    #[command(flatten)]
+    pub closure: ClosureArgs,
+    /// At most this many layers in all, as nixpkgs' maxLayers: one goes to the customisation layer, and the base image's layers count too.
+    #[arg(long, default_value_t = 100, value_name = "N")]
+    pub max_layers: usize,
+    /// Plan with nixpkgs' size-based auto-layer (the default; what current nixpkgs' streamLayeredImage does without a layeringPipeline).
+    #[arg(long, group = "image_layering")]
+    pub auto_layer: bool,
+    /// Plan with the popularity contest ([["popularity_contest"], ["limit_layers", N]]), nixpkgs' default before auto-layer.
+    #[arg(long, group = "image_layering")]
+    pub popularity: bool,
+    /// Plan with this layering pipeline (JSON text or @FILE), as nixpkgs' layeringPipeline.
+    #[arg(long, value_name = "JSON|@FILE", group = "image_layering")]
+    pub pipeline: Option<String>,
+    /// The image config (Cmd, Env, ...) as a JSON object, or @FILE.
+    #[arg(long, value_name = "JSON|@FILE")]
+    pub config: Option<String>,
+    /// The image's NAME:TAG (default: the first store path's name, tag "latest").
+    #[arg(short = 't', long = "tag", value_name = "NAME:TAG")]
+    pub tag: Option<String>,
+    /// A base image (docker-archive, plain or compressed).
+    #[arg(long, value_name = "FILE")]
+    pub from_image: Option<PathBuf>,
+    /// Files to place at / (the customisation layer): sorted, with --mtime and numeric owners 0:0.
+    #[arg(long, value_name = "DIR")]
+    pub contents: Option<PathBuf>,
+    /// Creation time (ISO 8601 or "now").
+    #[arg(long, default_value = "1970-01-01T00:00:01Z")]
+    pub created: String,
+    /// File modification time in the layers (ISO 8601 or "now"; default: --created).
+    #[arg(long)]
+    pub mtime: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    pub uid: u32,
+    #[arg(long, default_value_t = 0)]
+    pub gid: u32,
+    #[arg(long, default_value = "root")]
+    pub uname: String,
+    #[arg(long, default_value = "root")]
+    pub gname: String,
+    /// Image architecture (default: this machine's, in Go's naming).
+    #[arg(long)]
+    pub architecture: Option<String>,
+    /// The Nix store directory.
+    #[arg(long, default_value = "/nix/store")]
+    pub store_dir: PathBuf,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct OutputArgs {
     /// Compress the whole output stream. `zstd` lets `skopeo copy docker-archive:/dev/stdin` read from a pipe; `docker load` reads `gzip`.
     #[arg(long, value_enum, default_value = "none")]
     pub compress: Compress,
@@ -57,6 +156,17 @@ pub struct StreamArgs {
     /// No progress output on stderr.
     #[arg(short, long)]
     pub quiet: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct StreamArgs {
+    /// The configuration JSON nixpkgs' streamLayeredImage writes.
+    pub conf: PathBuf,
+    /// Override the configuration's repo_tag (NAME:TAG).
+    #[arg(short = 't', long = "repo-tag", visible_alias = "repo_tag", value_name = "NAME:TAG")]
+    pub repo_tag: Option<String>,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 /// Parses `args`, runs the command, reports errors on stderr.
@@ -74,6 +184,9 @@ where
     };
     match cli.command {
         Command::Stream(a) => report(stream(&a)),
+        Command::Layers(a) => report(layers(&a)),
+        Command::Plan(a) => report(plan(&a)),
+        Command::Image(a) => report(image(&a)),
     }
 }
 
@@ -89,10 +202,14 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| c.downcast_ref::<io::Error>().is_some_and(|io| io.kind() == io::ErrorKind::BrokenPipe))
-        || e.downcast_ref::<crate::archive::ArchiveError>()
-            .and_then(|a| a.output_error())
-            .is_some_and(|io| io.kind() == io::ErrorKind::BrokenPipe)
+    e.chain().any(|c| {
+        c.downcast_ref::<io::Error>().is_some_and(|io| io.kind() == io::ErrorKind::BrokenPipe)
+            || c.downcast_ref::<serde_json::Error>().and_then(serde_json::Error::io_error_kind)
+                == Some(io::ErrorKind::BrokenPipe)
+    }) || e
+        .downcast_ref::<crate::archive::ArchiveError>()
+        .and_then(|a| a.output_error())
+        .is_some_and(|io| io.kind() == io::ErrorKind::BrokenPipe)
 }
 
 pub fn default_jobs() -> usize {
@@ -100,17 +217,196 @@ pub fn default_jobs() -> usize {
 }
 
 fn stream(a: &StreamArgs) -> anyhow::Result<()> {
-    let jobs = a.jobs.unwrap_or_else(default_jobs).max(1);
     let conf = Conf::load(&a.conf, a.repo_tag.as_deref())?;
-    let plan = ImagePlan::from_conf(&conf, jobs)?;
-    let progress = Progress::new(Mode::detect(a.quiet), plan.layers.len());
+    emit(&conf, &a.output)
+}
+
+/// Plans and streams the image for `conf` to stdout.
+fn emit(conf: &Conf, o: &OutputArgs) -> anyhow::Result<()> {
+    let jobs = o.jobs.unwrap_or_else(default_jobs).max(1);
+    let plan = ImagePlan::from_conf(conf, jobs)?;
+    let progress = Progress::new(Mode::detect(o.quiet), plan.layers.len());
     let stdout = stdout_file();
-    let out = Compressed::new(BufWriter::with_capacity(1 << 20, &*stdout), a.compress, jobs)?;
-    let mut out = out;
+    let mut out = Compressed::new(BufWriter::with_capacity(1 << 20, &*stdout), o.compress, jobs)?;
     write_archive(&plan, &mut out, &ArchiveOptions { jobs, known: Vec::new() }, &progress)?;
     out.finish()?.flush()?;
     progress.finish();
     Ok(())
+}
+
+/// JSON text, or the contents of @FILE.
+fn json_arg(what: &str, text: &str) -> anyhow::Result<serde_json::Value> {
+    let (source, body) = match text.strip_prefix('@') {
+        Some(file) => (
+            file.to_string(),
+            std::fs::read_to_string(file).with_context(|| format!("cannot read {what} file {file}"))?,
+        ),
+        None => (format!("--{what}"), text.to_string()),
+    };
+    serde_json::from_str(&body).with_context(|| format!("{what} ({source}) is not valid JSON"))
+}
+
+fn load_closure(c: &ClosureArgs) -> anyhow::Result<(ClosureGraph, HashSet<String>)> {
+    let exclude: HashSet<String> = match &c.exclude_paths {
+        None => HashSet::new(),
+        Some(f) => {
+            let text =
+                std::fs::read_to_string(f).with_context(|| format!("cannot read --exclude-paths {}", f.display()))?;
+            match serde_json::from_str::<Vec<String>>(&text) {
+                Ok(list) => list.into_iter().collect(),
+                Err(_) => text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect(),
+            }
+        }
+    };
+    // One regular file holding JSON is a graph; anything else names store paths.
+    if let [one] = c.input.as_slice() {
+        let p = Path::new(one);
+        if p.is_file() {
+            if let Ok(bytes) = std::fs::read(p) {
+                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) {
+                    let g = ClosureGraph::from_value(&v)
+                        .map_err(|what| crate::closure::ClosureError::Invalid { path: p.to_path_buf(), what })?;
+                    return Ok((g, exclude));
+                }
+            }
+        }
+    }
+    Ok((ClosureGraph::from_store(&c.input)?, exclude))
+}
+
+fn plan_with(
+    closure: &ClosureGraph,
+    exclude: &HashSet<String>,
+    l: &LayeringChoice,
+) -> anyhow::Result<Vec<Vec<String>>> {
+    if let Some(n) = l.auto_layer {
+        anyhow::ensure!(n > 0, "--auto-layer needs at least 1 layer");
+        return Ok(auto_layer(closure, exclude, n));
+    }
+    let text = l.pipeline.as_deref().expect("clap requires one layering option");
+    let steps = pipeline::parse(&json_arg("pipeline", text)?)?;
+    Ok(pipeline::plan_layers(closure, &steps, exclude)?)
+}
+
+fn layers(a: &LayersArgs) -> anyhow::Result<()> {
+    let (closure, exclude) = load_closure(&a.closure)?;
+    let layers = plan_with(&closure, &exclude, &a.layering)?;
+    let mut out = io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, &layers)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn plan(a: &PlanArgs) -> anyhow::Result<()> {
+    let (closure, exclude) = load_closure(&a.closure)?;
+    let layers = plan_with(&closure, &exclude, &a.layering)?;
+    let size: HashMap<&str, u64> = closure.nodes.iter().map(|n| (n.path.as_str(), n.nar_size)).collect();
+    let bytes = |l: &[String]| l.iter().map(|p| size.get(p.as_str()).copied().unwrap_or(0)).sum::<u64>();
+    let mut out = io::stdout().lock();
+    if a.json {
+        let v: Vec<serde_json::Value> = layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| serde_json::json!({"layer": i + 1, "paths": l, "bytes": bytes(l)}))
+            .collect();
+        serde_json::to_writer_pretty(&mut out, &v)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    let name = |p: &str| {
+        p.rsplit('/').next().and_then(|b| b.split_once('-')).map(|(_, n)| n.to_string()).unwrap_or_else(|| p.into())
+    };
+    writeln!(out, "{:>5} {:>6} {:>10}  largest paths", "layer", "paths", "bytes")?;
+    for (i, l) in layers.iter().enumerate() {
+        let mut by_size: Vec<&String> = l.iter().collect();
+        by_size.sort_by_key(|p| std::cmp::Reverse(size.get(p.as_str()).copied().unwrap_or(0)));
+        let largest: Vec<String> = by_size.iter().take(3).map(|p| name(p)).collect();
+        let more = if l.len() > 3 { format!(" (+{} more)", l.len() - 3) } else { String::new() };
+        writeln!(out, "{:>5} {:>6} {:>10}  {}{more}", i + 1, l.len(), human(bytes(l)), largest.join(", "))?;
+    }
+    let total: u64 = layers.iter().map(|l| bytes(l)).sum();
+    let paths: usize = layers.iter().map(Vec::len).sum();
+    writeln!(out, "{:>5} {:>6} {:>10}  {} layers", "total", paths, human(total), layers.len())?;
+    Ok(())
+}
+
+fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn host_architecture() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "arm" => "arm",
+        "powerpc64" => "ppc64le",
+        "riscv64" => "riscv64",
+        "s390x" => "s390x",
+        other => other,
+    }
+}
+
+fn image(a: &ImageArgs) -> anyhow::Result<()> {
+    let (closure, exclude) = load_closure(&a.closure)?;
+    // nixpkgs' budget: maxLayers, less the customisation layer and the base image's layers.
+    let base_layers = match &a.from_image {
+        Some(f) => crate::baseimage::BaseImage::open(f)?.layers.len(),
+        None => 0,
+    };
+    let used = 1 + base_layers;
+    anyhow::ensure!(
+        used < a.max_layers,
+        "--max-layers {} leaves no layer for the store paths: the base image has {base_layers} layers and the customisation layer takes one",
+        a.max_layers
+    );
+    let budget = a.max_layers - used;
+    let layers = if let Some(p) = &a.pipeline {
+        let steps = pipeline::parse(&json_arg("pipeline", p)?)?;
+        pipeline::plan_layers(&closure, &steps, &exclude)?
+    } else if a.popularity {
+        let steps = pipeline::parse(&serde_json::json!([["popularity_contest"], ["limit_layers", budget]]))?;
+        pipeline::plan_layers(&closure, &steps, &exclude)?
+    } else {
+        auto_layer(&closure, &exclude, budget)
+    };
+    let layers: Vec<Vec<String>> = layers.into_iter().filter(|l| !l.is_empty()).collect();
+    let config = match &a.config {
+        Some(c) => json_arg("config", c)?,
+        None => serde_json::json!({}),
+    };
+    let tag = a.tag.clone().unwrap_or_else(|| {
+        let first = a.closure.input.first().map(String::as_str).unwrap_or("image");
+        let base = first.rsplit('/').next().unwrap_or(first);
+        let name = base.split_once('-').map(|(_, n)| n).unwrap_or(base).trim_end_matches(".json");
+        format!("{name}:latest")
+    });
+    let v = serde_json::json!({
+        "architecture": a.architecture.as_deref().unwrap_or(host_architecture()),
+        "created": a.created,
+        "mtime": a.mtime.as_deref().unwrap_or(&a.created),
+        "uid": a.uid, "gid": a.gid, "uname": a.uname, "gname": a.gname,
+        "store_dir": a.store_dir,
+        "from_image": a.from_image,
+        "repo_tag": tag,
+        "customisation_layer": "(contents)",
+        "config": config,
+        "store_layers": layers,
+    });
+    let mut conf = Conf::from_value(v, None, crate::isotime::DateTime::now_utc())?;
+    conf.customisation = CustomisationSource::Contents(a.contents.clone());
+    emit(&conf, &a.output)
 }
 
 /// Standard output as a `File`, unbuffered (Rust's stdout is line-buffered,

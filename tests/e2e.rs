@@ -211,3 +211,72 @@ fn nix_derivation_builds_the_image_reproducibly() {
     let out = run(Command::new("docker").args(["run", "--rm", "--network=none", tag]));
     assert_eq!(stdout(&out), EXPECTED_RUN);
 }
+
+/// The store paths each layer of `archive` holds (entries directly under
+/// /nix/store), in layer order.
+fn layer_store_paths(archive: &[u8]) -> Vec<Vec<String>> {
+    common::validate(archive)
+        .layers
+        .iter()
+        .map(|layer| {
+            let mut ar = tar::Archive::new(&layer[..]);
+            let mut paths = Vec::new();
+            for e in ar.entries().unwrap() {
+                let e = e.unwrap();
+                let name = String::from_utf8_lossy(&e.path_bytes()).trim_end_matches('/').to_string();
+                if let Some(rest) = name.strip_prefix("/nix/store/") {
+                    if !rest.is_empty() && !rest.contains('/') {
+                        paths.push(name);
+                    }
+                }
+            }
+            paths
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs docker, skopeo, umoci, podman and nix: run scripts/test"]
+fn nixstream_image_from_a_store_path() {
+    let (app, paths) = closure();
+    let tag = "nixstream-e2e/image:latest";
+    let config = format!("{{\"Cmd\": [\"{}/bin/app\"]}}", app.display());
+    for (planner, flags) in [("popularity", vec!["--popularity"]), ("auto-layer", vec![])] {
+        let out = run(common::bin()
+            .env("NIX_REMOTE", "local")
+            .args(["image", "-q", "--tag", tag, "--config", &config])
+            .args(&flags)
+            .arg(app));
+        let layers = layer_store_paths(&out.stdout);
+        // Every closure path exactly once; the top layer is the (empty) customisation layer.
+        let mut all: Vec<&String> = layers.iter().flatten().collect();
+        all.sort();
+        let mut want: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+        want.sort();
+        assert_eq!(all.iter().map(|s| s.as_str()).collect::<Vec<_>>(), want, "{planner}: each path once");
+        if planner == "popularity" {
+            // References sit in the same layer or below their users.
+            let layer_of = |p: &str| layers.iter().position(|l| l.iter().any(|x| x == p)).unwrap();
+            for p in paths {
+                let refs =
+                    run(Command::new("nix-store").env("NIX_REMOTE", "local").args(["--query", "--references"]).arg(p));
+                for r in stdout(&refs).lines().filter(|r| *r != p.to_str().unwrap()) {
+                    assert!(
+                        layer_of(r) <= layer_of(p.to_str().unwrap()),
+                        "{r} must not be above its user {}",
+                        p.display()
+                    );
+                }
+            }
+        }
+        let _ = Command::new("docker").args(["rmi", "-f", tag]).output();
+        let mut load =
+            Command::new("docker").args(["load"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        std::io::Write::write_all(load.stdin.as_mut().unwrap(), &out.stdout).unwrap();
+        let load = load.wait_with_output().unwrap();
+        assert!(stdout(&load).contains(&format!("Loaded image: {tag}")), "{planner}: {}", stdout(&load));
+        let run_out = run(Command::new("docker").args(["run", "--rm", "--network=none", tag]));
+        assert_eq!(stdout(&run_out), EXPECTED_RUN, "{planner}");
+    }
+    let _ = Command::new("docker").args(["rmi", "-f", tag]).output();
+}

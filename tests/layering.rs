@@ -54,3 +54,24 @@ fn golden_layering_medium() {
 fn golden_layering_smallfiles() {
     run_corpus("smallfiles");
 }
+
+#[test]
+fn layers_command_prints_the_golden_plan() {
+    let dir = common::golden_dir().join("layering/medium");
+    let case: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("split-two.json")).unwrap()).unwrap();
+    let pipeline = serde_json::to_string(&case["request"]["pipeline"]).unwrap();
+    let out = common::bin().arg("layers").arg(dir.join("graph.json")).args(["--pipeline", &pipeline]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got, case["expected_layers"]);
+
+    let out = common::bin()
+        .arg("layers")
+        .arg(dir.join("graph.json"))
+        .args(["--pipeline", "[[\"limit_layers\", -1]]"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("pipeline[0] (\"limit_layers\"): argument 1: expected a whole number above 0"), "{err}");
+}
