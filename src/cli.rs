@@ -49,7 +49,7 @@ pub enum Command {
     /// Show the layers planned for a closure: paths, bytes and largest paths per layer.
     Plan(PlanArgs),
     /// Build an image from a closure in one command: plan its layers and stream the docker-archive to stdout.
-    Image(ImageArgs),
+    Image(Box<ImageArgs>),
 }
 
 /// Where the closure comes from.

@@ -362,37 +362,6 @@ fn package_key(path: &str) -> String {
     }
 }
 
-/// Path counts, exact: u128 while it fits, then big integers.
-trait Count: Clone + Ord {
-    fn zero() -> Self;
-    fn one() -> Self;
-    fn plus(&self, other: &Self) -> Option<Self>;
-}
-
-impl Count for u128 {
-    fn zero() -> Self {
-        0
-    }
-    fn one() -> Self {
-        1
-    }
-    fn plus(&self, other: &Self) -> Option<Self> {
-        self.checked_add(*other)
-    }
-}
-
-impl Count for BigUint {
-    fn zero() -> Self {
-        BigUint::from(0u8)
-    }
-    fn one() -> Self {
-        BigUint::from(1u8)
-    }
-    fn plus(&self, other: &Self) -> Option<Self> {
-        Some(self + other)
-    }
-}
-
 /// The popularity order of `g`'s vertices (local indices).
 ///
 /// The reference expands the graph into a tree from its roots (in vertex
@@ -468,54 +437,227 @@ fn popularity_order(g: &Graph, u: &Universe) -> Vec<u32> {
             }
         }
     }
-    fn scores<C: Count>(xpreds: &[Vec<u32>], order: &[u32], copies: &[Vec<u32>], reached: &[bool]) -> Option<Vec<C>> {
-        let mut a: Vec<C> = vec![C::zero(); xpreds.len()];
+    let keys: Vec<String> = g.verts.iter().map(|&v| package_key(&u.names[v as usize])).collect();
+    let scores = Scores::new(&xpreds, &order, &copies, &reached);
+    let mut idx: Vec<u32> = (0..n as u32).collect();
+    idx.sort_by(|&a, &b| {
+        let (a, b) = (a as usize, b as usize);
+        reached[b].cmp(&reached[a]).then_with(|| scores.cmp(b, a)).then_with(|| keys[a].cmp(&keys[b]))
+    });
+    idx
+}
+
+/// 2^k as a float, built from its exponent bits (0 below the normal range).
+fn pow2(k: i64) -> f64 {
+    if k < -1022 {
+        0.0
+    } else if k > 1023 {
+        f64::INFINITY
+    } else {
+        f64::from_bits(((k + 1023) as u64) << 52)
+    }
+}
+
+/// A positive number as `m * 2^e`, `m` in [1, 2): path counts overflow
+/// every fixed width on dense graphs, and only their order matters here.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Ext {
+    m: f64,
+    e: i64,
+}
+
+impl Ext {
+    const ZERO: Ext = Ext { m: 0.0, e: i64::MIN };
+
+    fn from_f64(x: f64) -> Ext {
+        if x == 0.0 {
+            return Ext::ZERO;
+        }
+        let e = x.log2().floor() as i64;
+        let mut ext = Ext { m: x / pow2(e), e };
+        ext.normalise();
+        ext
+    }
+
+    fn normalise(&mut self) {
+        while self.m >= 2.0 {
+            self.m /= 2.0;
+            self.e += 1;
+        }
+        while self.m > 0.0 && self.m < 1.0 {
+            self.m *= 2.0;
+            self.e -= 1;
+        }
+    }
+
+    fn add(self, o: Ext) -> Ext {
+        if self.m == 0.0 {
+            return o;
+        }
+        if o.m == 0.0 {
+            return self;
+        }
+        let (hi, lo) = if self.e >= o.e { (self, o) } else { (o, self) };
+        let d = hi.e - lo.e;
+        let mut r = Ext { m: hi.m + lo.m * pow2(-d), e: hi.e };
+        r.normalise();
+        r
+    }
+
+    /// `self / 2^e` as a plain float (0 when negligible).
+    fn scaled(self, e: i64) -> f64 {
+        if self.m == 0.0 {
+            0.0
+        } else {
+            self.m * pow2(self.e - e)
+        }
+    }
+}
+
+/// The terms of a popularity sum: each copy once, and each strict ancestor
+/// of any copy once more (a copy that reaches another copy is both).
+fn members_of(anc: &[u64], words: usize, copies: &[u32], out: &mut Vec<u32>) {
+    out.clear();
+    out.extend_from_slice(copies);
+    let mut union = vec![0u64; words];
+    for &c in copies {
+        let c = c as usize;
+        for (w, u) in union.iter_mut().enumerate() {
+            *u |= anc[c * words + w];
+        }
+    }
+    for &c in copies {
+        let c = c as usize;
+        let by_other =
+            copies.iter().any(|&o| o as usize != c && anc[o as usize * words + c / 64] & (1 << (c % 64)) != 0);
+        if !by_other {
+            union[c / 64] &= !(1 << (c % 64));
+        }
+    }
+    for (w, &bits) in union.iter().enumerate() {
+        let mut b = bits;
+        while b != 0 {
+            out.push((w * 64 + b.trailing_zeros() as usize) as u32);
+            b &= b - 1;
+        }
+    }
+}
+
+/// Popularity of every vertex: an extended float for magnitude, the exact
+/// value modulo 2^128 for equality, and exact big integers on demand for the
+/// rare pair whose floats agree but whose residues do not.
+struct Scores<'a> {
+    approx: Vec<Ext>,
+    residue: Vec<u128>,
+    /// Ancestor bitsets (self included), `words` per vertex.
+    anc: Vec<u64>,
+    words: usize,
+    copies: &'a [Vec<u32>],
+    xpreds: &'a [Vec<u32>],
+    order: &'a [u32],
+    exact: std::cell::RefCell<Option<Vec<BigUint>>>,
+}
+
+impl<'a> Scores<'a> {
+    fn new(xpreds: &'a [Vec<u32>], order: &'a [u32], copies: &'a [Vec<u32>], reached: &[bool]) -> Scores<'a> {
+        let total = xpreds.len();
+        // A(v): paths from the virtual root, as Ext and modulo 2^128.
+        let mut a_ext = vec![Ext::ZERO; total];
+        let mut a_mod = vec![0u128; total];
         for &v in order {
             let v = v as usize;
-            a[v] = if xpreds[v].is_empty() {
-                C::one()
+            if xpreds[v].is_empty() {
+                a_ext[v] = Ext::from_f64(1.0);
+                a_mod[v] = 1;
             } else {
-                let mut s = C::zero();
                 for &p in &xpreds[v] {
-                    s = s.plus(&a[p as usize])?;
-                }
-                s
-            };
-        }
-        let mut stamp = vec![u32::MAX; xpreds.len()];
-        let mut stack = Vec::new();
-        let mut pop = Vec::with_capacity(copies.len());
-        for (s, cs) in copies.iter().enumerate() {
-            let mut total = C::zero();
-            if reached[s] {
-                for &c in cs {
-                    total = total.plus(&a[c as usize])?;
-                    stack.extend(xpreds[c as usize].iter().copied());
-                }
-                while let Some(v) = stack.pop() {
-                    if stamp[v as usize] != s as u32 {
-                        stamp[v as usize] = s as u32;
-                        total = total.plus(&a[v as usize])?;
-                        stack.extend(xpreds[v as usize].iter().copied().filter(|&p| stamp[p as usize] != s as u32));
-                    }
+                    a_ext[v] = a_ext[v].add(a_ext[p as usize]);
+                    a_mod[v] = a_mod[v].wrapping_add(a_mod[p as usize]);
                 }
             }
-            pop.push(total);
         }
-        Some(pop)
+        // Ancestor sets (self included) as bitsets, in topological order.
+        let words = total.div_ceil(64);
+        let mut anc = vec![0u64; total * words];
+        for &v in order {
+            let v = v as usize;
+            anc[v * words + v / 64] |= 1 << (v % 64);
+            for &p in &xpreds[v] {
+                let (src, dst) = (p as usize * words, v * words);
+                for w in 0..words {
+                    let bits = anc[src + w];
+                    anc[dst + w] |= bits;
+                }
+            }
+        }
+        let mut approx = Vec::with_capacity(copies.len());
+        let mut residue = Vec::with_capacity(copies.len());
+        let mut members = Vec::new();
+        for s in 0..copies.len() {
+            if !reached[s] {
+                approx.push(Ext::ZERO);
+                residue.push(0);
+                continue;
+            }
+            // A never decreases along an edge, so the largest term is a copy's.
+            let top = copies[s].iter().map(|&c| a_ext[c as usize].e).max().unwrap_or(0);
+            let (mut sum, mut r) = (0f64, 0u128);
+            let mut add = |x: usize| {
+                sum += a_ext[x].scaled(top);
+                r = r.wrapping_add(a_mod[x]);
+            };
+            if let [c] = copies[s].as_slice() {
+                // One copy (no cycle through it): exactly its ancestor row.
+                let row = &anc[*c as usize * words..(*c as usize + 1) * words];
+                for (w, &bits) in row.iter().enumerate() {
+                    let mut b = bits;
+                    while b != 0 {
+                        add(w * 64 + b.trailing_zeros() as usize);
+                        b &= b - 1;
+                    }
+                }
+            } else {
+                members_of(&anc, words, &copies[s], &mut members);
+                members.iter().for_each(|&x| add(x as usize));
+            }
+            let mut e = Ext::from_f64(sum);
+            e.e = e.e.saturating_add(top);
+            approx.push(e);
+            residue.push(r);
+        }
+        Scores { approx, residue, anc, words, copies, xpreds, order, exact: std::cell::RefCell::new(None) }
     }
-    let keys: Vec<String> = g.verts.iter().map(|&v| package_key(&u.names[v as usize])).collect();
-    fn sort<C: Ord>(pop: &[C], keys: &[String], reached: &[bool]) -> Vec<u32> {
-        let mut idx: Vec<u32> = (0..pop.len() as u32).collect();
-        idx.sort_by(|&a, &b| {
-            let (a, b) = (a as usize, b as usize);
-            reached[b].cmp(&reached[a]).then_with(|| pop[b].cmp(&pop[a])).then_with(|| keys[a].cmp(&keys[b]))
+
+    fn cmp(&self, a: usize, b: usize) -> std::cmp::Ordering {
+        let (x, y) = (self.approx[a], self.approx[b]);
+        let d = x.e.saturating_sub(y.e);
+        let near = d.abs() <= 2 && y.m > 0.0 && ((x.m * pow2(d) / y.m) - 1.0).abs() <= 1e-9;
+        if !near {
+            return (x.e, x.m).partial_cmp(&(y.e, y.m)).unwrap_or(std::cmp::Ordering::Equal);
+        }
+        if self.residue[a] == self.residue[b] {
+            // Within 1e-9 and equal modulo 2^128: equal.
+            return std::cmp::Ordering::Equal;
+        }
+        let mut cache = self.exact.borrow_mut();
+        let exact = cache.get_or_insert_with(|| {
+            let mut a = vec![BigUint::default(); self.xpreds.len()];
+            for &v in self.order {
+                let v = v as usize;
+                a[v] = if self.xpreds[v].is_empty() {
+                    BigUint::from(1u8)
+                } else {
+                    self.xpreds[v].iter().fold(BigUint::default(), |s, &p| s + &a[p as usize])
+                };
+            }
+            a
         });
-        idx
-    }
-    match scores::<u128>(&xpreds, &order, &copies, &reached) {
-        Some(pop) => sort(&pop, &keys, &reached),
-        None => sort(&scores::<BigUint>(&xpreds, &order, &copies, &reached).expect("no overflow"), &keys, &reached),
+        let sum = |s: usize| {
+            let mut m = Vec::new();
+            members_of(&self.anc, self.words, &self.copies[s], &mut m);
+            m.iter().fold(BigUint::default(), |acc, &x| acc + &exact[x as usize])
+        };
+        sum(a).cmp(&sum(b))
     }
 }
 
@@ -768,6 +910,84 @@ mod tests {
             plan_layers(&ClosureGraph { nodes }, &pipe(json!([["popularity_contest"]])), &HashSet::new()).unwrap();
         assert_eq!(layers[0], ["/s/140-top"], "the bottom of the chain is the most popular");
         assert_eq!(layers.last().unwrap(), &["/s/000-top"]);
+    }
+
+    /// The reference's algorithm, literally: expand the tree from the roots
+    /// (memoised, an edge back to an open path a leaf), count popularity with
+    /// a per-path cache, order by (popularity desc, package name).
+    fn naive_popularity(c: &ClosureGraph) -> Vec<String> {
+        use std::rc::Rc;
+        struct Tree(Vec<(usize, Rc<Tree>)>);
+        let (u, g) = Universe::build(c, &HashSet::new());
+        let n = g.len();
+        let roots: Vec<usize> = (0..n).filter(|&v| !g.succ.iter().any(|s| s.contains(&(v as u32)))).collect();
+        fn seg(v: usize, g: &Graph, cache: &mut HashMap<usize, Rc<Tree>>, open: &mut HashSet<usize>) -> Tree {
+            open.insert(v);
+            let mut ch = Vec::new();
+            for &r in &g.succ[v] {
+                let r = r as usize;
+                if open.contains(&r) && !cache.contains_key(&r) {
+                    ch.push((r, Rc::new(Tree(Vec::new()))));
+                    continue;
+                }
+                if !cache.contains_key(&r) {
+                    let t = seg(r, g, cache, open);
+                    cache.insert(r, Rc::new(t));
+                }
+                ch.push((r, cache[&r].clone()));
+            }
+            open.remove(&v);
+            Tree(ch)
+        }
+        fn contest(t: &Tree, pc: &mut HashMap<usize, HashMap<usize, u128>>) -> HashMap<usize, u128> {
+            let mut pop: HashMap<usize, u128> = HashMap::new();
+            for (path, sub) in &t.0 {
+                *pop.entry(*path).or_default() += 1;
+                if !pc.contains_key(path) {
+                    let r = contest(sub, pc);
+                    pc.insert(*path, r);
+                }
+                for (sp, sv) in pc[path].clone() {
+                    *pop.entry(sp).or_default() += sv + 1;
+                }
+            }
+            pop
+        }
+        let mut cache = HashMap::new();
+        let full = Tree(roots.iter().map(|&r| (r, Rc::new(seg(r, &g, &mut cache, &mut HashSet::new())))).collect());
+        let pop = contest(&full, &mut HashMap::new());
+        let name = |v: usize| u.names[v].clone();
+        let mut ordered: Vec<usize> = pop.keys().copied().collect();
+        ordered.sort_by(|&a, &b| pop[&b].cmp(&pop[&a]).then_with(|| package_key(&name(a)).cmp(&package_key(&name(b)))));
+        let mut missing: Vec<usize> = (0..n).filter(|v| !pop.contains_key(v)).collect();
+        missing.sort_by_key(|&v| package_key(&name(v)));
+        ordered.into_iter().chain(missing).map(name).collect()
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn popularity_equals_the_literal_algorithm(
+            sizes in proptest::collection::vec(0u64..4, 1..11),
+            edges in proptest::collection::vec((0usize..11, 0usize..11), 0..30),
+            names in proptest::collection::vec("[a-c]{1,2}", 11),
+        ) {
+            let n = sizes.len();
+            let nodes: Vec<Node> = (0..n)
+                .map(|i| Node {
+                    path: format!("/s/{i:02}-{}", names[i]),
+                    references: edges.iter().filter(|(a, _)| *a % n == i).map(|(_, b)| format!("/s/{:02}-{}", b % n, names[b % n])).collect(),
+                    nar_size: sizes[i],
+                    closure_size: None,
+                })
+                .collect();
+            let g = ClosureGraph { nodes };
+            let ours: Vec<String> = plan_layers(&g, &pipe(json!([["popularity_contest"]])), &HashSet::new())
+                .unwrap()
+                .into_iter()
+                .flatten()
+                .collect();
+            proptest::prop_assert_eq!(ours, naive_popularity(&g));
+        }
     }
 
     #[test]

@@ -1,0 +1,74 @@
+//! Times layer planning on a synthetic closure (default 20,000 store paths):
+//! a deterministic DAG shaped like a real one (a few hub libraries used by
+//! almost everything, most paths using a handful of lower paths), plus a
+//! reference cycle like Debian's libc6 <-> libgcc-s1.  Prints the time of
+//! each planner.  Usage: plan_bench [PATHS]
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use nixstream::autolayer::auto_layer;
+use nixstream::closure::{ClosureGraph, Node};
+use nixstream::pipeline::{parse, plan_layers};
+
+fn main() {
+    let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(20_000);
+    let mut seed: u64 = 0x9e3779b97f4a7c15;
+    let mut rand = move |m: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % m as u64) as usize
+    };
+    let path = |i: usize| format!("/nix/store/{:032x}-pkg-{i}", (i as u128).wrapping_mul(0x9e3779b97f4a7c15));
+    let mut nodes: Vec<Node> = (0..n)
+        .map(|i| {
+            let mut refs = vec![path(i)];
+            if i > 0 {
+                refs.push(path(0)); // the libc of this closure
+            }
+            if i > 10 {
+                for _ in 0..1 + rand(6) {
+                    // mostly recent paths, sometimes a hub
+                    let j = if rand(4) == 0 { rand(10) } else { i - 1 - rand(i.min(200)) };
+                    refs.push(path(j));
+                }
+            }
+            refs.sort();
+            refs.dedup();
+            Node {
+                path: path(i),
+                references: refs,
+                nar_size: 1000 + (rand(1 << 20) as u64) * (1 + rand(8) as u64),
+                closure_size: None,
+            }
+        })
+        .collect();
+    nodes[0].references.push(path(1)); // libc6 <-> libgcc-s1
+    nodes.sort_by(|a, b| a.path.cmp(&b.path));
+    let g = ClosureGraph { nodes };
+    let edges: usize = g.nodes.iter().map(|x| x.references.len()).sum();
+    println!("synthetic closure: {n} paths, {edges} references");
+    for (name, pipeline) in [
+        ("popularity_contest + limit_layers 99", r#"[["popularity_contest"], ["limit_layers", 99]]"#),
+        (
+            "split_paths + popularity",
+            r#"[["split_paths", ["/nix/store/0000000000000000000000000000000a-pkg-10"]], ["over", "rest", ["pipe", [["popularity_contest"], ["limit_layers", 50]]]]]"#,
+        ),
+    ] {
+        let steps = parse(&serde_json::from_str(pipeline).unwrap()).unwrap();
+        let t = Instant::now();
+        let layers = plan_layers(&g, &steps, &HashSet::new()).unwrap();
+        println!("{name:<40} {:>8.3} s  {} layers", t.elapsed().as_secs_f64(), layers.len());
+    }
+    for limit in [99, 1000] {
+        let t = Instant::now();
+        let layers = auto_layer(&g, &HashSet::new(), limit);
+        println!(
+            "{:<40} {:>8.3} s  {} layers",
+            format!("auto-layer, limit {limit}"),
+            t.elapsed().as_secs_f64(),
+            layers.len()
+        );
+    }
+}
