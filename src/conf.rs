@@ -67,7 +67,8 @@ pub struct Conf {
     pub config: Map<String, Value>,
 }
 
-fn type_name(v: &Value) -> &'static str {
+/// How a JSON value's type reads in an error message.
+pub(crate) fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

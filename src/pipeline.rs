@@ -25,6 +25,7 @@ use num_bigint::BigUint;
 use serde_json::Value;
 
 use crate::closure::ClosureGraph;
+use crate::conf::type_name as kind;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("layering pipeline, step {at}: {what}")]
@@ -105,17 +106,6 @@ const OPS: &str = "popularity_contest, limit_layers, split_every, subcomponent_i
 
 fn err(at: &str, what: impl Into<String>) -> PipelineError {
     PipelineError { at: at.to_string(), what: what.into() }
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
-    }
 }
 
 /// Parses a pipeline: a JSON list of steps.
