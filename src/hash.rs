@@ -104,11 +104,6 @@ impl<W: Write> VerifyingWriter<W> {
         VerifyingWriter { inner, sink: HashSink::new(), expected, hashing: false }
     }
 
-    /// Bytes written so far.
-    pub fn written(&self) -> u64 {
-        self.sink.len
-    }
-
     /// Checks size and digest; returns the inner writer on success.
     pub fn finish(self) -> Result<W, Box<Mismatch>> {
         let len = self.sink.len;

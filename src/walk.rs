@@ -83,7 +83,8 @@ impl Listing {
 
     fn push(&mut self, path: &[u8], md: &std::fs::Metadata) -> Result<Kind, WalkError> {
         let ft = md.file_type();
-        let p = PathBuf::from(OsStr::from_bytes(path));
+        // Borrowed: a PathBuf is made only for an error.
+        let p = Path::new(OsStr::from_bytes(path));
         let kind = if ft.is_dir() {
             Kind::Directory
         } else if ft.is_symlink() {
@@ -100,14 +101,14 @@ impl Listing {
             } else {
                 "block device"
             };
-            return Err(WalkError::Unsupported { path: p, kind });
+            return Err(WalkError::Unsupported { path: p.to_path_buf(), kind });
         };
         let start = self.arena.len();
         self.arena.extend_from_slice(path);
         let path_r = (start, self.arena.len());
         let mut link_r = (self.arena.len(), self.arena.len());
         if kind == Kind::Symlink {
-            let target = std::fs::read_link(&p).map_err(|source| WalkError::Io { path: p.clone(), source })?;
+            let target = std::fs::read_link(p).map_err(|source| WalkError::Io { path: p.to_path_buf(), source })?;
             let s = self.arena.len();
             self.arena.extend_from_slice(target.as_os_str().as_bytes());
             link_r = (s, self.arena.len());
