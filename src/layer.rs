@@ -71,7 +71,7 @@ pub struct Scratch {
 
 impl Default for Scratch {
     fn default() -> Self {
-        Scratch { header: Vec::with_capacity(4096), buf: vec![0; 1 << 20] }
+        Scratch { header: Vec::with_capacity(4096), buf: vec![0; 1 << 18] }
     }
 }
 
