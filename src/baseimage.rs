@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::hash::{hex, parse_sha256_hex, HashSink};
-use crate::tarheader::{self, typeflag, Header};
+use crate::tarread::{read_full, TarError, TarReader};
+pub use crate::tarread::{Compression, Member};
 
 /// Largest manifest.json or config we read (real ones are a few KiB).
 pub const MAX_JSON: u64 = 16 << 20;
@@ -38,60 +39,6 @@ pub enum BaseError {
     Invalid { path: PathBuf, what: String },
     #[error("base image {path}: layer {member} has sha256:{actual}, but its diff_id is sha256:{expected}")]
     DiffIdMismatch { path: PathBuf, member: String, expected: String, actual: String },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Compression {
-    None,
-    Gzip,
-    Bzip2,
-    Xz,
-    Zstd,
-}
-
-/// A member of the base archive as `tarfile` would read it back.
-#[derive(Debug, Clone)]
-pub struct Member {
-    pub name: Vec<u8>,
-    pub mode: u32,
-    pub uid: u64,
-    pub gid: u64,
-    pub size: u64,
-    pub mtime: i64,
-    pub typeflag: u8,
-    pub linkname: Vec<u8>,
-    pub uname: Vec<u8>,
-    pub gname: Vec<u8>,
-    pub devmajor: u64,
-    pub devminor: u64,
-    /// The member's pax records, in their order; `tarfile` writes them again.
-    pub pax: Vec<(Vec<u8>, Vec<u8>)>,
-    /// Offset of the member's data in the (decompressed) archive.
-    pub data_offset: u64,
-}
-
-impl Member {
-    pub fn header(&self) -> Header<'_> {
-        Header {
-            name: &self.name,
-            mode: self.mode,
-            uid: self.uid,
-            gid: self.gid,
-            size: self.size,
-            mtime: self.mtime,
-            typeflag: self.typeflag,
-            linkname: &self.linkname,
-            uname: &self.uname,
-            gname: &self.gname,
-            devmajor: self.devmajor,
-            devminor: self.devminor,
-            pax: &self.pax,
-        }
-    }
-
-    pub fn name_lossy(&self) -> String {
-        String::from_utf8_lossy(&self.name).into_owned()
-    }
 }
 
 /// One base layer: its member and its diff_id.
@@ -120,41 +67,18 @@ fn io_err(path: &Path) -> impl Fn(io::Error) -> BaseError + '_ {
 fn detect(path: &Path) -> Result<Compression, BaseError> {
     let mut f = File::open(path).map_err(io_err(path))?;
     let mut magic = [0u8; 6];
-    let mut n = 0;
-    while n < magic.len() {
-        match f.read(&mut magic[n..]).map_err(io_err(path))? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    let m = &magic[..n];
-    Ok(if m.starts_with(&[0x1f, 0x8b]) {
-        Compression::Gzip
-    } else if m.starts_with(b"BZh") {
-        Compression::Bzip2
-    } else if m.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
-        Compression::Xz
-    } else if m.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Compression::Zstd
-    } else {
-        Compression::None
-    })
+    let n = read_full(&mut f, &mut magic).map_err(io_err(path))?;
+    Ok(Compression::sniff(&magic[..n]))
 }
 
 /// Opens the decompressed stream of the archive, positioned at `offset`.
-fn open_at(path: &Path, compression: Compression, offset: u64) -> Result<Box<dyn Read + Send>, BaseError> {
-    let f = File::open(path).map_err(io_err(path))?;
-    let mut r: Box<dyn Read + Send> = match compression {
-        Compression::None => {
-            let mut f = f;
-            f.seek(SeekFrom::Start(offset)).map_err(io_err(path))?;
-            return Ok(Box::new(BufReader::with_capacity(1 << 20, f)));
-        }
-        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(f))),
-        Compression::Bzip2 => Box::new(bzip2::read::MultiBzDecoder::new(BufReader::new(f))),
-        Compression::Xz => Box::new(xz2::read::XzDecoder::new_multi_decoder(BufReader::new(f))),
-        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(f).map_err(io_err(path))?),
-    };
+fn open_at(path: &Path, compression: Compression, offset: u64) -> Result<Box<dyn Read>, BaseError> {
+    let mut f = File::open(path).map_err(io_err(path))?;
+    if compression == Compression::None {
+        f.seek(SeekFrom::Start(offset)).map_err(io_err(path))?;
+        return Ok(Box::new(BufReader::with_capacity(1 << 20, f)));
+    }
+    let mut r = compression.decoder(BufReader::with_capacity(1 << 20, f)).map_err(io_err(path))?;
     let skipped = io::copy(&mut (&mut r).take(offset), &mut io::sink()).map_err(io_err(path))?;
     if skipped != offset {
         return Err(BaseError::Truncated { path: path.to_path_buf(), member: String::new() });
@@ -162,212 +86,20 @@ fn open_at(path: &Path, compression: Compression, offset: u64) -> Result<Box<dyn
     Ok(r)
 }
 
-fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
-}
-
-fn field_str(b: &[u8]) -> Vec<u8> {
-    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-    b[..end].to_vec()
-}
-
-/// `nti`: octal (NUL/space terminated) or GNU base-256.
-fn field_num(b: &[u8]) -> Option<i64> {
-    if b[0] & 0x80 != 0 {
-        let mut n: i64 = 0;
-        for &c in &b[1..] {
-            n = n.checked_mul(256)?.checked_add(i64::from(c))?;
-        }
-        return Some(if b[0] == 0xff { -n } else { n });
-    }
-    let s = field_str(b);
-    let s = std::str::from_utf8(&s).ok()?.trim();
-    if s.is_empty() {
-        return Some(0);
-    }
-    i64::from_str_radix(s, 8).ok()
-}
-
-fn parse_pax(data: &[u8]) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
-    let mut out = Vec::new();
-    let mut rest = data;
-    while !rest.is_empty() && rest[0] != 0 {
-        let sp = rest.iter().position(|&c| c == b' ')?;
-        let len: usize = std::str::from_utf8(&rest[..sp]).ok()?.parse().ok()?;
-        if len <= sp + 1 || len > rest.len() || rest[len - 1] != b'\n' {
-            return None;
-        }
-        let rec = &rest[sp + 1..len - 1];
-        let eq = rec.iter().position(|&c| c == b'=')?;
-        out.push((rec[..eq].to_vec(), rec[eq + 1..].to_vec()));
-        rest = &rest[len..];
-    }
-    Some(out)
-}
-
 /// Reads every member header of the archive.
 fn index(path: &Path, compression: Compression) -> Result<Vec<Member>, BaseError> {
-    let mut r = open_at(path, compression, 0)?;
+    let mut t = TarReader::new(open_at(path, compression, 0)?);
     let mut members = Vec::new();
-    let mut offset: u64 = 0;
-    let mut block = [0u8; 512];
-    let mut pending_pax: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-    let mut global_pax: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-    let mut long_name: Option<Vec<u8>> = None;
-    let mut long_link: Option<Vec<u8>> = None;
-    let not_tar = |why: &str| BaseError::NotTar { path: path.to_path_buf(), why: why.to_string() };
-    loop {
-        let n = read_full(&mut r, &mut block).map_err(io_err(path))?;
-        if n == 0 && members.is_empty() && offset == 0 {
-            return Err(not_tar("it is empty"));
-        }
-        if n < 512 {
-            return Err(BaseError::Truncated {
-                path: path.to_path_buf(),
-                member: members.last().map(Member::name_lossy).unwrap_or_default(),
-            });
-        }
-        offset += 512;
-        if block.iter().all(|&b| b == 0) {
-            if members.is_empty() {
-                return Err(not_tar("it has no members"));
-            }
-            break;
-        }
-        let stored = field_num(&block[148..156]).ok_or_else(|| not_tar("bad header checksum field"))?;
-        let sum: i64 = block[..148].iter().chain(&[b' '; 8]).chain(&block[156..]).map(|&b| i64::from(b)).sum();
-        if stored != sum {
-            return Err(not_tar(&format!("header checksum mismatch at offset {}", offset - 512)));
-        }
-        let size = field_num(&block[124..136]).ok_or_else(|| not_tar("bad size field"))?;
-        if size < 0 {
-            return Err(not_tar("negative member size"));
-        }
-        let size = size as u64;
-        let flag = block[156];
-        let data_offset = offset;
-        let padded = size + tarheader::data_padding(size) as u64;
-        let read_data = |r: &mut Box<dyn Read + Send>| -> Result<Vec<u8>, BaseError> {
-            if size > MAX_JSON {
-                return Err(not_tar("an extended header is too large"));
-            }
-            let mut d = vec![0u8; padded as usize];
-            if read_full(r, &mut d).map_err(io_err(path))? < d.len() {
-                return Err(BaseError::Truncated { path: path.to_path_buf(), member: "extended header".into() });
-            }
-            d.truncate(size as usize);
-            Ok(d)
-        };
-        match flag {
-            b'x' | b'X' => {
-                let d = read_data(&mut r)?;
-                pending_pax = parse_pax(&d).ok_or_else(|| not_tar("malformed pax header"))?;
-                offset += padded;
-                continue;
-            }
-            b'g' => {
-                let d = read_data(&mut r)?;
-                global_pax = parse_pax(&d).ok_or_else(|| not_tar("malformed pax global header"))?;
-                offset += padded;
-                continue;
-            }
-            b'L' => {
-                long_name = Some(field_str(&read_data(&mut r)?));
-                offset += padded;
-                continue;
-            }
-            b'K' => {
-                long_link = Some(field_str(&read_data(&mut r)?));
-                offset += padded;
-                continue;
-            }
-            _ => {}
-        }
-        let is_ustar = &block[257..263] == b"ustar\0";
-        let mut name = field_str(&block[0..100]);
-        let prefix = if is_ustar { field_str(&block[345..500]) } else { Vec::new() };
-        let mut member = Member {
-            name: Vec::new(),
-            mode: field_num(&block[100..108]).unwrap_or(0) as u32,
-            uid: field_num(&block[108..116]).unwrap_or(0) as u64,
-            gid: field_num(&block[116..124]).unwrap_or(0) as u64,
-            size,
-            mtime: field_num(&block[136..148]).unwrap_or(0),
-            typeflag: flag,
-            linkname: field_str(&block[157..257]),
-            uname: field_str(&block[265..297]),
-            gname: field_str(&block[297..329]),
-            devmajor: field_num(&block[329..337]).unwrap_or(0) as u64,
-            devminor: field_num(&block[337..345]).unwrap_or(0) as u64,
-            pax: Vec::new(),
-            data_offset,
-        };
-        // tarfile.frombuf: old-style directories, trailing slashes, prefix.
-        if member.typeflag == 0 && name.ends_with(b"/") {
-            member.typeflag = typeflag::DIRECTORY;
-        }
-        if member.typeflag == typeflag::DIRECTORY {
-            while name.ends_with(b"/") {
-                name.pop();
-            }
-        }
-        if !prefix.is_empty() {
-            let mut full = prefix;
-            full.push(b'/');
-            full.extend_from_slice(&name);
-            name = full;
-        }
-        if let Some(n) = long_name.take() {
-            name = n;
-        }
-        if let Some(l) = long_link.take() {
-            member.linkname = l;
-        }
-        let mut pax = global_pax.clone();
-        for (k, v) in std::mem::take(&mut pending_pax) {
-            if let Some(slot) = pax.iter_mut().find(|(key, _)| *key == k) {
-                slot.1 = v;
-            } else {
-                pax.push((k, v));
-            }
-        }
-        for (k, v) in &pax {
-            let text = || std::str::from_utf8(v).ok().map(str::trim);
-            match k.as_slice() {
-                b"path" => name = v.clone(),
-                b"linkpath" => member.linkname = v.clone(),
-                b"uname" => member.uname = v.clone(),
-                b"gname" => member.gname = v.clone(),
-                b"uid" => member.uid = text().and_then(|t| t.parse().ok()).unwrap_or(member.uid),
-                b"gid" => member.gid = text().and_then(|t| t.parse().ok()).unwrap_or(member.gid),
-                b"size" => member.size = text().and_then(|t| t.parse().ok()).unwrap_or(member.size),
-                // A float in pax; tarfile puts round() (half to even) in the ustar field.
-                b"mtime" => {
-                    if let Some(f) = text().and_then(|t| t.parse::<f64>().ok()) {
-                        member.mtime = f.round_ties_even() as i64;
-                    }
-                }
-                _ => {}
-            }
-        }
-        member.name = name;
-        member.pax = pax;
-        let padded = member.size + tarheader::data_padding(member.size) as u64;
-        let skipped = io::copy(&mut (&mut r).take(padded), &mut io::sink()).map_err(io_err(path))?;
-        if skipped < member.size {
-            return Err(BaseError::Truncated { path: path.to_path_buf(), member: member.name_lossy() });
-        }
-        offset += padded;
-        members.push(member);
+    let err = |e: TarError| match e {
+        TarError::Io(source) => BaseError::Io { path: path.to_path_buf(), source },
+        TarError::NotTar(why) => BaseError::NotTar { path: path.to_path_buf(), why },
+        TarError::Truncated(member) => BaseError::Truncated { path: path.to_path_buf(), member },
+    };
+    while let Some(m) = t.next_member().map_err(err)? {
+        members.push(m);
+    }
+    if members.is_empty() {
+        return Err(BaseError::NotTar { path: path.to_path_buf(), why: "it has no members".into() });
     }
     Ok(members)
 }
@@ -456,7 +188,7 @@ impl BaseImage {
         let mut layers = Vec::with_capacity(layer_names.len());
         for (name, diff_id) in layer_names.iter().zip(&diff_ids) {
             let member = find(&members, name).ok_or_else(|| missing(name))?.clone();
-            if member.typeflag != typeflag::REGULAR && member.typeflag != 0 {
+            if !member.is_file() {
                 return Err(invalid(format!("layer {name} is not a regular file in the archive")));
             }
             let hexpart = diff_id.strip_prefix("sha256:").unwrap_or(diff_id);

@@ -2,7 +2,7 @@
 //! command, run, and mapped to an [`ExitCode`].
 
 use std::collections::{HashMap, HashSet};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -50,6 +50,18 @@ pub enum Command {
     Plan(PlanArgs),
     /// Build an image from a closure in one command: plan its layers and stream the docker-archive to stdout.
     Image(Box<ImageArgs>),
+    /// Check a docker-archive (a file, or - for stdin; plain or compressed): every layer's sha256 against its diff_id, the config against its name, manifest.json's shape. Exit 0 only when everything matches.
+    Verify(VerifyArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct VerifyArgs {
+    /// The archive, or - for standard input.
+    #[arg(value_name = "ARCHIVE|-")]
+    pub archive: PathBuf,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Where the closure comes from.
@@ -187,6 +199,7 @@ where
         Command::Layers(a) => report(layers(&a)),
         Command::Plan(a) => report(plan(&a)),
         Command::Image(a) => report(image(&a)),
+        Command::Verify(a) => report(verify(&a)),
     }
 }
 
@@ -195,10 +208,27 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
         Ok(()) => ExitCode::Success,
         Err(e) if is_broken_pipe(&e) => ExitCode::BrokenPipe,
         Err(e) => {
-            let _ = writeln!(io::stderr(), "nixstream: {e:#}");
+            let _ = writeln!(io::stderr(), "nixstream: {}", one_line(&e));
             ExitCode::Failure
         }
     }
+}
+
+/// The error and its causes on one line.  Our error types already write
+/// their source into their message, so a cause is added only when the text
+/// so far does not hold it (anyhow's `{:#}` would print it twice).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if msg.is_empty() {
+            msg = text;
+        } else if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+    }
+    msg.replace('\n', " ")
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
@@ -224,6 +254,11 @@ fn stream(a: &StreamArgs) -> anyhow::Result<()> {
 /// Plans and streams the image for `conf` to stdout.
 fn emit(conf: &Conf, o: &OutputArgs) -> anyhow::Result<()> {
     let jobs = o.jobs.unwrap_or_else(default_jobs).max(1);
+    // As `docker save` does: an archive on a terminal helps nobody.
+    anyhow::ensure!(
+        !io::stdout().is_terminal(),
+        "refusing to write an image archive to a terminal; pipe it into `docker load` or redirect it to a file"
+    );
     let plan = ImagePlan::from_conf(conf, jobs)?;
     let progress = Progress::new(Mode::detect(o.quiet), plan.layers.len());
     let stdout = stdout_file();
@@ -232,6 +267,28 @@ fn emit(conf: &Conf, o: &OutputArgs) -> anyhow::Result<()> {
     out.finish()?.flush()?;
     progress.finish();
     Ok(())
+}
+
+fn verify(a: &VerifyArgs) -> anyhow::Result<()> {
+    let report = if a.archive.as_os_str() == "-" {
+        crate::verify::verify(io::stdin().lock(), "standard input")?
+    } else {
+        let f = std::fs::File::open(&a.archive).with_context(|| format!("cannot open {}", a.archive.display()))?;
+        crate::verify::verify(f, &a.archive.display().to_string())?
+    };
+    let mut out = io::stdout().lock();
+    if a.json {
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+    } else {
+        out.write_all(crate::verify::render(&report).as_bytes())?;
+    }
+    out.flush()?;
+    match report.problems.as_slice() {
+        [] => Ok(()),
+        [one] => anyhow::bail!("{}: {one}", a.archive.display()),
+        [first, rest @ ..] => anyhow::bail!("{}: {first} (and {} more problems)", a.archive.display(), rest.len()),
+    }
 }
 
 /// JSON text, or the contents of @FILE.

@@ -55,6 +55,11 @@ impl HashSink {
         Self::default()
     }
 
+    /// Counts `n` bytes without hashing them (their digest comes from elsewhere).
+    pub fn skip(&mut self, n: u64) {
+        self.len += n;
+    }
+
     pub fn finish(self) -> LayerDigest {
         LayerDigest { size: self.len, sha256: self.hasher.finalize().into() }
     }

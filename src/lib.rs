@@ -25,4 +25,6 @@ pub mod plan;
 pub mod progress;
 pub mod pyjson;
 pub mod tarheader;
+pub mod tarread;
+pub mod verify;
 pub mod walk;
