@@ -15,6 +15,7 @@ pub mod cli;
 pub mod closure;
 pub mod compress;
 pub mod conf;
+pub mod fsat;
 pub mod hash;
 pub mod image;
 pub mod isotime;

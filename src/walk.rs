@@ -10,10 +10,12 @@
 //! mtime are recorded so a pass can tell when a file changed underneath us.
 
 use std::cmp::Ordering;
-use std::ffi::OsStr;
+use std::ffi::{CStr, OsStr};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+
+use crate::fsat::{self, CName, Stat};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WalkError {
@@ -34,11 +36,21 @@ pub enum Kind {
     File,
 }
 
+/// `Entry::parent` of an entry reached by its absolute path (a store path,
+/// or a top-level entry of a contents directory).
+pub const NO_PARENT: u32 = u32::MAX;
+
 /// One archive member of a store layer.
 #[derive(Debug, Clone)]
 pub struct Entry {
     path: (usize, usize),
     link: (usize, usize),
+    /// Index of the directory entry this one is in ([`NO_PARENT`] for one
+    /// opened by absolute path); the passes open it relative to that
+    /// directory's descriptor, by its base name.
+    pub parent: u32,
+    /// Where the base name starts in the path.
+    base: u32,
     pub kind: Kind,
     /// `st_mode & 0o7777`.
     pub mode: u32,
@@ -71,6 +83,15 @@ impl Listing {
         &self.arena[e.path.0..e.path.1]
     }
 
+    /// What opens `e`: its base name when it has a parent, else its path.
+    pub fn open_name(&self, e: &Entry) -> &[u8] {
+        if e.parent == NO_PARENT {
+            self.path(e)
+        } else {
+            &self.arena[e.path.0 + e.base as usize..e.path.1]
+        }
+    }
+
     /// The member name of `e`.
     pub fn name(&self, e: &Entry) -> &[u8] {
         &self.arena[e.path.0 + self.name_offset..e.path.1]
@@ -81,51 +102,58 @@ impl Listing {
         &self.arena[e.link.0..e.link.1]
     }
 
-    fn push(&mut self, path: &[u8], md: &std::fs::Metadata) -> Result<Kind, WalkError> {
-        let ft = md.file_type();
+    /// Appends the entry at `path` (base name from `base`), reached through
+    /// `dir` (None: by absolute path); returns its index and kind.
+    fn push(
+        &mut self,
+        path: &[u8],
+        base: usize,
+        dir: Option<BorrowedFd<'_>>,
+        parent: u32,
+        st: &Stat,
+        c: &CStr,
+    ) -> Result<(u32, Kind), WalkError> {
         // Borrowed: a PathBuf is made only for an error.
-        let p = Path::new(OsStr::from_bytes(path));
-        let kind = if ft.is_dir() {
-            Kind::Directory
-        } else if ft.is_symlink() {
-            Kind::Symlink
-        } else if ft.is_file() {
-            Kind::File
-        } else {
-            let kind = if ft.is_fifo() {
-                "fifo"
-            } else if ft.is_socket() {
-                "socket"
-            } else if ft.is_char_device() {
-                "character device"
-            } else {
-                "block device"
-            };
-            return Err(WalkError::Unsupported { path: p.to_path_buf(), kind });
+        let p = || PathBuf::from(OsStr::from_bytes(path));
+        let kind = match st.file_type() {
+            libc::S_IFDIR => Kind::Directory,
+            libc::S_IFLNK => Kind::Symlink,
+            libc::S_IFREG => Kind::File,
+            t => {
+                let kind = match t {
+                    libc::S_IFIFO => "fifo",
+                    libc::S_IFSOCK => "socket",
+                    libc::S_IFCHR => "character device",
+                    _ => "block device",
+                };
+                return Err(WalkError::Unsupported { path: p(), kind });
+            }
         };
         let start = self.arena.len();
         self.arena.extend_from_slice(path);
         let path_r = (start, self.arena.len());
         let mut link_r = (self.arena.len(), self.arena.len());
         if kind == Kind::Symlink {
-            let target = std::fs::read_link(p).map_err(|source| WalkError::Io { path: p.to_path_buf(), source })?;
             let s = self.arena.len();
-            self.arena.extend_from_slice(target.as_os_str().as_bytes());
+            fsat::readlink(dir, c, &mut self.arena).map_err(|source| WalkError::Io { path: p(), source })?;
             link_r = (s, self.arena.len());
         }
-        let size = if kind == Kind::File { md.size() } else { 0 };
+        let size = if kind == Kind::File { st.size } else { 0 };
         self.file_bytes += size;
+        let index = u32::try_from(self.entries.len()).expect("fewer than 4 billion entries in a layer");
         self.entries.push(Entry {
             path: path_r,
             link: link_r,
+            parent,
+            base: base as u32,
             kind,
-            mode: md.mode() & 0o7777,
+            mode: st.mode & 0o7777,
             size,
-            dev: md.dev(),
-            ino: md.ino(),
-            mtime_ns: i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec()),
+            dev: st.dev,
+            ino: st.ino,
+            mtime_ns: st.mtime_ns,
         });
-        Ok(kind)
+        Ok((index, kind))
     }
 }
 
@@ -133,17 +161,23 @@ impl Listing {
 /// the paths in the given order.
 pub fn list_layer(paths: &[PathBuf]) -> Result<Listing, WalkError> {
     let mut listing = Listing { nix_dirs: true, ..Listing::default() };
+    let mut c = CName::default();
     for path in paths {
-        let md = std::fs::symlink_metadata(path).map_err(|source| {
+        let bytes = path.as_os_str().as_bytes();
+        let name = c.set(bytes).map_err(|source| WalkError::Io { path: path.clone(), source })?;
+        let st = fsat::lstat(None, name).map_err(|source| {
             if source.kind() == std::io::ErrorKind::NotFound {
                 WalkError::Missing { path: path.clone() }
             } else {
                 WalkError::Io { path: path.clone(), source }
             }
         })?;
-        let mut buf = path.as_os_str().as_bytes().to_vec();
-        if listing.push(&buf, &md)? == Kind::Directory {
-            walk_dir(&mut buf, &mut listing)?;
+        let base = bytes.iter().rposition(|&b| b == b'/').map_or(0, |i| i + 1);
+        let (index, kind) = listing.push(bytes, base, None, NO_PARENT, &st, name)?;
+        if kind == Kind::Directory {
+            let fd = fsat::open_dir(None, name).map_err(|source| WalkError::Io { path: path.clone(), source })?;
+            let mut buf = bytes.to_vec();
+            walk_dir(fd.as_fd(), index, &mut buf, &mut listing, &mut c)?;
         }
     }
     Ok(listing)
@@ -161,40 +195,48 @@ pub fn list_contents(dir: &Path) -> Result<Listing, WalkError> {
     while buf.len() > 1 && buf.ends_with(b"/") {
         buf.pop();
     }
+    let mut c = CName::default();
+    let io = |source| WalkError::Io { path: dir.to_path_buf(), source };
+    let fd = fsat::open_dir(None, c.set(&buf).map_err(io)?).map_err(io)?;
     let mut listing = Listing { name_offset: buf.len() + 1, nix_dirs: false, ..Listing::default() };
-    walk_dir(&mut buf, &mut listing)?;
+    // Its children are opened by absolute path: there is no root entry.
+    walk_dir(fd.as_fd(), NO_PARENT, &mut buf, &mut listing, &mut c)?;
     Ok(listing)
 }
 
-/// Appends the sorted subtree of the directory at `dir` (reused as the path
-/// buffer).
-fn walk_dir(dir: &mut Vec<u8>, listing: &mut Listing) -> Result<(), WalkError> {
-    let dir_path = PathBuf::from(OsStr::from_bytes(dir));
-    let rd = std::fs::read_dir(&dir_path).map_err(|source| WalkError::Io { path: dir_path.clone(), source })?;
-    let mut children: Vec<Vec<u8>> = Vec::new();
-    for ent in rd {
-        let ent = ent.map_err(|source| WalkError::Io { path: dir_path.clone(), source })?;
-        children.push(ent.file_name().as_bytes().to_vec());
-    }
+/// Appends the sorted subtree of the directory open as `fd`, entry `index`,
+/// whose path is in `path` (reused as the path buffer).
+fn walk_dir(
+    fd: BorrowedFd<'_>,
+    index: u32,
+    path: &mut Vec<u8>,
+    listing: &mut Listing,
+    c: &mut CName,
+) -> Result<(), WalkError> {
+    let err = |path: &[u8], source| WalkError::Io { path: PathBuf::from(OsStr::from_bytes(path)), source };
+    let mut children = fsat::read_dir(fd).map_err(|e| err(path, e))?;
     children.sort_unstable_by(|a, b| compare_names(a, b));
-    let base_len = dir.len();
+    let base_len = path.len();
     for name in children {
-        dir.truncate(base_len);
-        dir.push(b'/');
-        dir.extend_from_slice(&name);
-        let p = Path::new(OsStr::from_bytes(dir));
-        let md = std::fs::symlink_metadata(p).map_err(|source| {
+        path.truncate(base_len);
+        path.push(b'/');
+        path.extend_from_slice(&name);
+        let cname = c.set(&name).map_err(|e| err(path, e))?;
+        let st = fsat::lstat(Some(fd), cname).map_err(|source| {
             if source.kind() == std::io::ErrorKind::NotFound {
-                WalkError::Io { path: p.to_path_buf(), source: std::io::Error::other("vanished while being listed") }
+                err(path, std::io::Error::other("vanished while being listed"))
             } else {
-                WalkError::Io { path: p.to_path_buf(), source }
+                err(path, source)
             }
         })?;
-        if listing.push(dir, &md)? == Kind::Directory {
-            walk_dir(dir, listing)?;
+        let (child, kind) = listing.push(path, base_len + 1, Some(fd), index, &st, cname)?;
+        if kind == Kind::Directory {
+            let cfd = fsat::open_dir(Some(fd), cname).map_err(|e| err(path, e))?;
+            // Entries of a contents root are opened by path; below it, by parent.
+            walk_dir(cfd.as_fd(), child, path, listing, c)?;
         }
     }
-    dir.truncate(base_len);
+    path.truncate(base_len);
     Ok(())
 }
 

@@ -1,0 +1,193 @@
+//! File-system calls relative to an open directory (`openat`, `fstatat`,
+//! `readlinkat`, reading a directory from its descriptor).
+//!
+//! The walker and both passes reach every entry through its parent
+//! directory's descriptor and its own name, never through its absolute path:
+//! the kernel then resolves one component per call instead of the whole path
+//! (which was about a tenth of the run time on 50,000-file closures), and
+//! paths longer than `PATH_MAX` (4096 bytes), which no absolute-path call can
+//! reach, are archived like any other.  Nothing is followed: every call uses
+//! `O_NOFOLLOW` or `AT_SYMLINK_NOFOLLOW`.
+
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+/// What `lstat` tells about an entry, as the walker keeps it.
+#[derive(Debug, Clone, Copy)]
+pub struct Stat {
+    pub mode: u32,
+    pub size: u64,
+    pub dev: u64,
+    pub ino: u64,
+    pub mtime_ns: i128,
+}
+
+impl Stat {
+    fn from_raw(st: &libc::stat) -> Stat {
+        Stat {
+            mode: st.st_mode,
+            size: st.st_size as u64,
+            dev: st.st_dev,
+            ino: st.st_ino,
+            mtime_ns: i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec),
+        }
+    }
+
+    pub fn file_type(&self) -> u32 {
+        self.mode & libc::S_IFMT
+    }
+}
+
+/// A NUL-terminated copy of a name or path, in a buffer reused per caller.
+pub struct CName {
+    buf: Vec<u8>,
+}
+
+impl Default for CName {
+    fn default() -> Self {
+        CName { buf: Vec::with_capacity(256) }
+    }
+}
+
+impl CName {
+    pub fn set(&mut self, name: &[u8]) -> io::Result<&CStr> {
+        self.buf.clear();
+        self.buf.extend_from_slice(name);
+        self.buf.push(0);
+        CStr::from_bytes_with_nul(&self.buf)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a file name holds a NUL byte"))
+    }
+}
+
+fn dirfd(dir: Option<BorrowedFd<'_>>) -> RawFd {
+    dir.map_or(libc::AT_FDCWD, |d| d.as_raw_fd())
+}
+
+/// `openat(dir, name, flags | O_NOFOLLOW | O_CLOEXEC)`; `dir` None means
+/// the working directory (for absolute paths).
+pub fn open(dir: Option<BorrowedFd<'_>>, name: &CStr, flags: i32) -> io::Result<OwnedFd> {
+    loop {
+        // SAFETY: `name` is NUL-terminated; the result is checked.
+        let fd = unsafe { libc::openat(dirfd(dir), name.as_ptr(), flags | libc::O_NOFOLLOW | libc::O_CLOEXEC) };
+        if fd >= 0 {
+            // SAFETY: a fresh descriptor that nothing else owns.
+            return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Opens a directory for reading its entries and reaching its children.
+pub fn open_dir(dir: Option<BorrowedFd<'_>>, name: &CStr) -> io::Result<OwnedFd> {
+    open(dir, name, libc::O_RDONLY | libc::O_DIRECTORY)
+}
+
+/// `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`.
+pub fn lstat(dir: Option<BorrowedFd<'_>>, name: &CStr) -> io::Result<Stat> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: `st` is written by the call when it returns 0.
+    let r = unsafe { libc::fstatat(dirfd(dir), name.as_ptr(), st.as_mut_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: initialised by the successful call.
+    Ok(Stat::from_raw(unsafe { &st.assume_init() }))
+}
+
+/// `fstat` of an open descriptor.
+pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<Stat> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: as in `lstat`.
+    let r = unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: initialised by the successful call.
+    Ok(Stat::from_raw(unsafe { &st.assume_init() }))
+}
+
+/// The target of the symlink `name` in `dir`, appended to `out`.
+pub fn readlink(dir: Option<BorrowedFd<'_>>, name: &CStr, out: &mut Vec<u8>) -> io::Result<()> {
+    let mut buf = vec![0u8; 256];
+    loop {
+        // SAFETY: `buf` has `buf.len()` writable bytes.
+        let n = unsafe { libc::readlinkat(dirfd(dir), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        if n < buf.len() {
+            out.extend_from_slice(&buf[..n]);
+            return Ok(());
+        }
+        buf.resize(buf.len() * 2, 0);
+    }
+}
+
+/// The names in the open directory `dir` (without `.` and `..`), unsorted.
+pub fn read_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
+    // fdopendir takes ownership of its descriptor: give it a duplicate.
+    let dup = dir.try_clone_to_owned()?;
+    // SAFETY: `dup` is a valid descriptor whose ownership passes to the DIR.
+    let d = unsafe { libc::fdopendir(dup.as_raw_fd()) };
+    if d.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    std::mem::forget(dup);
+    // SAFETY (whole block): `d` is a valid DIR until closedir below.
+    unsafe { libc::rewinddir(d) };
+    let mut names = Vec::new();
+    let result = loop {
+        // readdir signals errors only through errno.
+        unsafe { *libc::__errno_location() = 0 };
+        let ent = unsafe { libc::readdir(d) };
+        if ent.is_null() {
+            let e = io::Error::last_os_error();
+            break if e.raw_os_error() == Some(0) { Ok(()) } else { Err(e) };
+        }
+        let name = unsafe { CStr::from_ptr((*ent).d_name.as_ptr()) }.to_bytes();
+        if name != b"." && name != b".." {
+            names.push(name.to_vec());
+        }
+    };
+    unsafe { libc::closedir(d) };
+    result.map(|()| names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn relative_calls_reach_paths_longer_than_path_max() {
+        let d = tempfile::tempdir().unwrap();
+        let mut c = CName::default();
+        let mut fd = open_dir(None, c.set(d.path().as_os_str().as_encoded_bytes()).unwrap()).unwrap();
+        let seg = "d".repeat(200);
+        for _ in 0..25 {
+            let name = c.set(seg.as_bytes()).unwrap();
+            // SAFETY: a plain mkdirat on a NUL-terminated name.
+            assert_eq!(unsafe { libc::mkdirat(fd.as_raw_fd(), name.as_ptr(), 0o755) }, 0);
+            fd = open_dir(Some(fd.as_fd()), name).unwrap();
+        }
+        // 25 x 201 bytes: beyond PATH_MAX.
+        let f = c.set(b"file").unwrap();
+        let file = open(Some(fd.as_fd()), f, libc::O_WRONLY | libc::O_CREAT).unwrap();
+        drop(file);
+        assert_eq!(read_dir(fd.as_fd()).unwrap(), vec![b"file".to_vec()]);
+        assert_eq!(lstat(Some(fd.as_fd()), f).unwrap().file_type(), libc::S_IFREG);
+        // A symlink is never followed.
+        std::os::unix::fs::symlink("/etc/hostname", d.path().join("l")).unwrap();
+        let top = open_dir(None, c.set(d.path().as_os_str().as_encoded_bytes()).unwrap()).unwrap();
+        let e = open(Some(top.as_fd()), c.set(b"l").unwrap(), libc::O_RDONLY).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ELOOP));
+        let mut target = Vec::new();
+        readlink(Some(top.as_fd()), c.set(b"l").unwrap(), &mut target).unwrap();
+        assert_eq!(target, b"/etc/hostname");
+    }
+}
