@@ -40,10 +40,12 @@ impl DateTime {
     pub fn parse_iso(s: &str) -> Result<DateTime, TimeError> {
         let err = || TimeError(s.to_string());
         let b = s.as_bytes();
+        // `get`, not indexing: a multi-byte character may sit at the cut
+        // (found by fuzzing: "2024-05-0\u{1ab}12:34:56Z" panicked).
         let (year, month, day, rest) = if b.len() >= 10 && b[4] == b'-' && b[7] == b'-' {
-            (num(&b[0..4]), num(&b[5..7]), num(&b[8..10]), &s[10..])
+            (num(&b[0..4]), num(&b[5..7]), num(&b[8..10]), s.get(10..).ok_or_else(err)?)
         } else if b.len() >= 8 && b[..8].iter().all(u8::is_ascii_digit) {
-            (num(&b[0..4]), num(&b[4..6]), num(&b[6..8]), &s[8..])
+            (num(&b[0..4]), num(&b[4..6]), num(&b[6..8]), s.get(8..).ok_or_else(err)?)
         } else {
             return Err(err());
         };
@@ -270,6 +272,17 @@ mod tests {
         {
             assert!(DateTime::parse_iso(s).is_err(), "{s}");
         }
+    }
+
+    #[test]
+    fn multibyte_characters_at_the_cut_are_errors_not_panics() {
+        // Fuzzing found the first: a two-byte character across byte 10.
+        for s in
+            ["2024-05-0\u{1ab}12:34:56Z", "2024050\u{1ab}T1234", "2024-05-01\u{e9}12:00", "2024-05-01T12:00\u{1ab}"]
+        {
+            let _ = DateTime::parse_iso(s);
+        }
+        assert!(DateTime::parse_iso("2024-05-0\u{1ab}12:34:56Z").is_err());
     }
 
     #[test]
