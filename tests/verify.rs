@@ -7,7 +7,7 @@ mod common;
 use std::io::Write;
 use std::process::{Output, Stdio};
 
-use common::{bin, golden_dir, golden_tree, sha256_hex};
+use common::{bin, golden_dir, golden_tree, sha256_hex, tar_of as archive};
 
 fn verify_bytes(bytes: &[u8], args: &[&str]) -> Output {
     let mut child = bin()
@@ -47,20 +47,6 @@ fn fails(bytes: &[u8], needles: &[&str]) {
     for n in needles {
         assert!(err.contains(n), "expected {n:?} in {err:?}");
     }
-}
-
-/// A docker-archive from members, written with the `tar` crate.
-fn archive(members: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    for (name, data) in members {
-        let mut h = tar::Header::new_ustar();
-        h.set_path(name).unwrap();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        b.append(&h, *data).unwrap();
-    }
-    b.into_inner().unwrap()
 }
 
 fn layer_tar(files: &[(&str, &[u8])]) -> Vec<u8> {

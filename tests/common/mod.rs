@@ -120,3 +120,17 @@ pub fn conf_json(store_dir: &Path, layers: &[Vec<PathBuf>], cust: &Path) -> serd
         "store_layers": layers,
     })
 }
+
+/// A tar of `(name, data)` regular-file members, written with the `tar` crate.
+pub fn tar_of(members: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in members {
+        let mut h = tar::Header::new_ustar();
+        h.set_path(name).unwrap();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append(&h, *data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
