@@ -41,6 +41,7 @@ fn main() {
                 references: refs,
                 nar_size: 1000 + (rand(1 << 20) as u64) * (1 + rand(8) as u64),
                 closure_size: None,
+                nar_hash: None,
             }
         })
         .collect();

@@ -70,14 +70,19 @@ pub struct Summary {
     pub meta: ImageMeta,
     pub digests: Vec<LayerDigest>,
     pub bytes: u64,
+    /// For each store layer (by plan index), each file's xxh3-128 as the
+    /// streaming pass confirmed them: what the digest cache keeps.
+    pub files: Vec<Option<Vec<u128>>>,
 }
 
-/// A store layer after the hashing pass.
-struct Hashed {
-    digest: LayerDigest,
-    /// Each file's xxh3-128, when this run hashed the layer; `None` for a
-    /// digest known in advance, which is then verified with sha256 instead.
-    files: Option<Vec<u128>>,
+/// A store layer's digest, from the hashing pass or known in advance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hashed {
+    pub digest: LayerDigest,
+    /// Each file's xxh3-128, which the streaming pass checks file by file;
+    /// `None` for a digest known without them, which the streaming pass then
+    /// verifies by hashing the whole layer with sha256 again.
+    pub files: Option<Vec<u128>>,
 }
 
 /// Hashing-pass results, published by workers, awaited by the writer.
@@ -173,7 +178,7 @@ pub struct ArchiveOptions {
     /// from a cache: those layers skip the hashing pass.  The streaming pass
     /// still verifies them, so a stale digest stops the archive before
     /// manifest.json instead of producing a lying one.
-    pub known: Vec<Option<LayerDigest>>,
+    pub known: Vec<Option<Hashed>>,
 }
 
 /// Hashes and streams the image described by `plan` into `out`.
@@ -183,7 +188,7 @@ pub fn write_archive<W: Write>(
     opts: &ArchiveOptions,
     progress: &Progress,
 ) -> Result<Summary, ArchiveError> {
-    let known = |i: usize| opts.known.get(i).copied().flatten();
+    let known = |i: usize| opts.known.get(i).cloned().flatten();
     let store: Vec<usize> = plan
         .layers
         .iter()
@@ -192,9 +197,7 @@ pub fn write_archive<W: Write>(
         .map(|(i, _)| i)
         .collect();
     let slots = Slots {
-        results: Mutex::new(
-            (0..plan.layers.len()).map(|i| known(i).map(|digest| Ok(Hashed { digest, files: None }))).collect(),
-        ),
+        results: Mutex::new((0..plan.layers.len()).map(|i| known(i).map(Ok)).collect()),
         ready: Condvar::new(),
         abort: AtomicBool::new(false),
     };
@@ -308,6 +311,7 @@ fn stream<W: Write>(plan: &ImagePlan, out: W, slots: &Slots, progress: &Progress
     let mut outer = Outer { out, offset: 0, progress, header: Vec::with_capacity(2048) };
     let mut scratch = Scratch::default();
     let mut digests = Vec::with_capacity(plan.layers.len());
+    let mut confirmed = vec![None; plan.layers.len()];
     let total = plan.layers.len();
     if plan.base.is_none() {
         progress.line(|| "No 'fromImage' provided".into());
@@ -350,6 +354,7 @@ fn stream<W: Write>(plan: &ImagePlan, out: W, slots: &Slots, progress: &Progress
                     return Err(mismatch(num, paths_text, d, Some(m.actual)));
                 }
                 outer.pad(d.size)?;
+                confirmed[i] = files;
                 d
             }
             PlannedLayer::Customisation(c) => {
@@ -372,7 +377,7 @@ fn stream<W: Write>(plan: &ImagePlan, out: W, slots: &Slots, progress: &Progress
     outer.write_all(&vec![0u8; end]).map_err(ArchiveError::Output)?;
     outer.flush().map_err(ArchiveError::Output)?;
     progress.line(|| "Done.".into());
-    Ok(Summary { meta, digests, bytes: outer.offset })
+    Ok(Summary { meta, digests, bytes: outer.offset, files: confirmed })
 }
 
 fn mismatch(layer: usize, paths: &[String], expected: LayerDigest, actual: Option<LayerDigest>) -> ArchiveError {

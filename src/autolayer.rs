@@ -152,6 +152,7 @@ mod tests {
             references: r.iter().map(|x| format!("/s/{x}")).collect(),
             nar_size: s,
             closure_size: None,
+            nar_hash: None,
         }
     }
 

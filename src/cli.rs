@@ -8,14 +8,16 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use crate::archive::{write_archive, ArchiveOptions};
+use crate::archive::{write_archive, ArchiveOptions, Hashed};
 use crate::autolayer::auto_layer;
+use crate::cache::{CachedLayer, DigestCache};
 use crate::closure::ClosureGraph;
 use crate::compress::{Compress, Compressed};
 use crate::conf::{Conf, CustomisationSource};
 use crate::pipeline;
-use crate::plan::ImagePlan;
+use crate::plan::{ImagePlan, PlannedLayer};
 use crate::progress::{Mode, Progress};
+use crate::walk::Kind;
 
 /// Exit statuses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,6 +170,9 @@ pub struct OutputArgs {
     /// No progress output on stderr.
     #[arg(short, long)]
     pub quiet: bool,
+    /// Keep layer digests in DIR, so a later run skips the hashing pass for layers whose files are unchanged (keyed by narHash when the closure gives one, else by every file's identity; every file is still checked while streaming). Safe to share between runs.
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -248,11 +253,13 @@ pub fn default_jobs() -> usize {
 
 fn stream(a: &StreamArgs) -> anyhow::Result<()> {
     let conf = Conf::load(&a.conf, a.repo_tag.as_deref())?;
-    emit(&conf, &a.output)
+    emit(&conf, &a.output, &HashMap::new())
 }
 
-/// Plans and streams the image for `conf` to stdout.
-fn emit(conf: &Conf, o: &OutputArgs) -> anyhow::Result<()> {
+/// Plans and streams the image for `conf` to stdout.  `nar_hashes` (store
+/// path to narHash, possibly empty) keys the digest cache where it covers a
+/// whole layer.
+fn emit(conf: &Conf, o: &OutputArgs, nar_hashes: &HashMap<String, String>) -> anyhow::Result<()> {
     let jobs = o.jobs.unwrap_or_else(default_jobs).max(1);
     // As `docker save` does: an archive on a terminal helps nobody.
     anyhow::ensure!(
@@ -260,13 +267,59 @@ fn emit(conf: &Conf, o: &OutputArgs) -> anyhow::Result<()> {
         "refusing to write an image archive to a terminal; pipe it into `docker load` or redirect it to a file"
     );
     let plan = ImagePlan::from_conf(conf, jobs)?;
+    let cache = o.cache.as_deref().map(DigestCache::open).transpose()?;
+    let keys = match &cache {
+        Some(_) => cache_keys(&plan, nar_hashes),
+        None => vec![None; plan.layers.len()],
+    };
+    let known: Vec<Option<Hashed>> = keys
+        .iter()
+        .zip(&plan.layers)
+        .map(|(key, layer)| {
+            let (c, key) = (cache.as_ref()?, key.as_ref()?);
+            let PlannedLayer::Store { listing, .. } = layer else { return None };
+            let files = listing.entries.iter().filter(|e| e.kind == Kind::File).count();
+            let hit = c.get(key, files)?;
+            Some(Hashed { digest: hit.digest, files: Some(hit.files) })
+        })
+        .collect();
     let progress = Progress::new(Mode::detect(o.quiet), plan.layers.len());
     let stdout = stdout_file();
     let mut out = Compressed::new(BufWriter::with_capacity(1 << 20, &*stdout), o.compress, jobs)?;
-    write_archive(&plan, &mut out, &ArchiveOptions { jobs, known: Vec::new() }, &progress)?;
+    let summary = write_archive(&plan, &mut out, &ArchiveOptions { jobs, known: known.clone() }, &progress)?;
     out.finish()?.flush()?;
     progress.finish();
+    // Only now, with every file confirmed by the streaming pass, are new
+    // entries stored.  A cache that cannot be written costs speed, not the image.
+    if let Some(c) = &cache {
+        for (i, key) in keys.iter().enumerate() {
+            if let (Some(key), None, Some(files)) = (key, &known[i], &summary.files[i]) {
+                let entry = CachedLayer { digest: summary.digests[i], files: files.clone() };
+                if let Err(e) = c.put(key, &entry) {
+                    let _ = writeln!(
+                        io::stderr(),
+                        "nixstream: warning: {e} (the image is complete; the next run hashes again)"
+                    );
+                    break;
+                }
+            }
+        }
+    }
     Ok(())
+}
+
+/// The digest-cache key of every store layer of `plan`.
+fn cache_keys(plan: &ImagePlan, nar_hashes: &HashMap<String, String>) -> Vec<Option<[u8; 32]>> {
+    plan.layers
+        .iter()
+        .map(|layer| {
+            let PlannedLayer::Store { paths_text, listing, owner } = layer else { return None };
+            let owner = owner.as_ref().unwrap_or(&plan.owner);
+            let nar: Option<Vec<(&str, &str)>> =
+                paths_text.iter().map(|p| nar_hashes.get(p).map(|h| (p.as_str(), h.as_str()))).collect();
+            Some(crate::cache::layer_key(listing, owner, nar.as_deref()))
+        })
+        .collect()
 }
 
 fn verify(a: &VerifyArgs) -> anyhow::Result<()> {
@@ -463,7 +516,9 @@ fn image(a: &ImageArgs) -> anyhow::Result<()> {
     });
     let mut conf = Conf::from_value(v, None, crate::isotime::DateTime::now_utc())?;
     conf.customisation = CustomisationSource::Contents(a.contents.clone());
-    emit(&conf, &a.output)
+    let nar_hashes: HashMap<String, String> =
+        closure.nodes.iter().filter_map(|n| Some((n.path.clone(), n.nar_hash.clone()?))).collect();
+    emit(&conf, &a.output, &nar_hashes)
 }
 
 /// Standard output as a `File`, unbuffered (Rust's stdout is line-buffered,

@@ -34,6 +34,8 @@ pub struct Node {
     pub references: Vec<String>,
     pub nar_size: u64,
     pub closure_size: Option<u64>,
+    /// `narHash`, when the graph gives it: the digest cache keys by it.
+    pub nar_hash: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -91,7 +93,8 @@ impl ClosureGraph {
                 .and_then(Value::as_u64)
                 .ok_or_else(|| format!("{path}: \"narSize\" missing or not a non-negative integer"))?;
             let closure_size = o.get("closureSize").and_then(Value::as_u64);
-            nodes.push(Node { path: path.to_string(), references: refs, nar_size, closure_size });
+            let nar_hash = o.get("narHash").and_then(Value::as_str).map(str::to_string);
+            nodes.push(Node { path: path.to_string(), references: refs, nar_size, closure_size, nar_hash });
         }
         if sort {
             nodes.sort_by(|a, b| a.path.cmp(&b.path));

@@ -21,6 +21,8 @@ pub struct Stat {
     pub dev: u64,
     pub ino: u64,
     pub mtime_ns: i128,
+    /// Changes with any write or metadata change, and cannot be set back.
+    pub ctime_ns: i128,
 }
 
 impl Stat {
@@ -31,6 +33,7 @@ impl Stat {
             dev: st.st_dev,
             ino: st.st_ino,
             mtime_ns: i128::from(st.st_mtime) * 1_000_000_000 + i128::from(st.st_mtime_nsec),
+            ctime_ns: i128::from(st.st_ctime) * 1_000_000_000 + i128::from(st.st_ctime_nsec),
         }
     }
 

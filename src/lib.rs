@@ -11,6 +11,7 @@
 pub mod archive;
 pub mod autolayer;
 pub mod baseimage;
+pub mod cache;
 pub mod cli;
 pub mod closure;
 pub mod compress;

@@ -849,6 +849,7 @@ mod tests {
             references: r.iter().map(|x| format!("/s/{x}")).collect(),
             nar_size: s,
             closure_size: None,
+            nar_hash: None,
         };
         ClosureGraph {
             nodes: vec![
@@ -886,16 +887,30 @@ mod tests {
                 references: vec![format!("/s/{i:03}-l"), format!("/s/{i:03}-r")],
                 nar_size: 1,
                 closure_size: None,
+                nar_hash: None,
             });
             nodes.push(Node {
                 path: format!("/s/{i:03}-l"),
                 references: vec![next.clone()],
                 nar_size: 1,
                 closure_size: None,
+                nar_hash: None,
             });
-            nodes.push(Node { path: format!("/s/{i:03}-r"), references: vec![next], nar_size: 1, closure_size: None });
+            nodes.push(Node {
+                path: format!("/s/{i:03}-r"),
+                references: vec![next],
+                nar_size: 1,
+                closure_size: None,
+                nar_hash: None,
+            });
         }
-        nodes.push(Node { path: "/s/140-top".into(), references: vec![], nar_size: 1, closure_size: None });
+        nodes.push(Node {
+            path: "/s/140-top".into(),
+            references: vec![],
+            nar_size: 1,
+            closure_size: None,
+            nar_hash: None,
+        });
         let layers =
             plan_layers(&ClosureGraph { nodes }, &pipe(json!([["popularity_contest"]])), &HashSet::new()).unwrap();
         assert_eq!(layers[0], ["/s/140-top"], "the bottom of the chain is the most popular");
@@ -968,6 +983,7 @@ mod tests {
                     references: edges.iter().filter(|(a, _)| *a % n == i).map(|(_, b)| format!("/s/{:02}-{}", b % n, names[b % n])).collect(),
                     nar_size: sizes[i],
                     closure_size: None,
+            nar_hash: None,
                 })
                 .collect();
             let g = ClosureGraph { nodes };

@@ -60,6 +60,8 @@ pub struct Entry {
     pub dev: u64,
     pub ino: u64,
     pub mtime_ns: i128,
+    /// Part of the digest cache's key (see [`crate::cache`]).
+    pub ctime_ns: i128,
 }
 
 /// The entries of one layer, in archive order.
@@ -152,6 +154,7 @@ impl Listing {
             dev: st.dev,
             ino: st.ino,
             mtime_ns: st.mtime_ns,
+            ctime_ns: st.ctime_ns,
         });
         Ok((index, kind))
     }

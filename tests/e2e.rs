@@ -280,3 +280,46 @@ fn nixstream_image_from_a_store_path() {
     }
     let _ = Command::new("docker").args(["rmi", "-f", tag]).output();
 }
+
+#[test]
+#[ignore = "needs docker, skopeo, umoci, podman and nix: run scripts/test"]
+fn what_a_failed_run_leaves_is_refused_by_every_client() {
+    use nixstream::archive::{write_archive, ArchiveError, ArchiveOptions};
+    use nixstream::hash::LayerDigest;
+    use nixstream::progress::{Mode, Progress};
+    let tmp = tempfile::tempdir().unwrap();
+    let tag = "nixstream-e2e/failed:latest";
+    let conf = nixstream::conf::Conf::load(&conf(tmp.path(), tag), None).unwrap();
+    let plan = nixstream::plan::ImagePlan::from_conf(&conf, 2).unwrap();
+    // The third store layer's digest is stale (as if its files changed
+    // after the hashing pass): the run must fail, and what it wrote must not
+    // load anywhere.
+    let stale = LayerDigest { size: 10240, sha256: [0x22; 32] };
+    let mut known = vec![None; plan.layers.len()];
+    known[2] = Some(nixstream::archive::Hashed { digest: stale, files: None });
+    let mut out = Vec::new();
+    let e =
+        write_archive(&plan, &mut out, &ArchiveOptions { jobs: 2, known }, &Progress::new(Mode::Quiet, 0)).unwrap_err();
+    assert!(matches!(e, ArchiveError::DigestMismatch { layer: 3, .. }), "{e}");
+    assert!(out.len() > 100_000, "the failed run wrote its first layers ({} bytes)", out.len());
+    let partial = tmp.path().join("partial.tar");
+    std::fs::write(&partial, &out).unwrap();
+
+    let refused = |what: &str, cmd: &mut Command| {
+        let o = cmd.output().unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+        assert!(!o.status.success(), "{what} accepted a failed run's output: {}", stdout(&o));
+    };
+    let _ = Command::new("docker").args(["rmi", "-f", tag]).output();
+    refused("docker load", Command::new("docker").args(["load", "-i"]).arg(&partial));
+    let images = run(Command::new("docker").args(["images", "-q", tag]));
+    assert_eq!(stdout(&images).trim(), "", "docker has no such image");
+    refused(
+        "skopeo copy",
+        Command::new("skopeo")
+            .arg("copy")
+            .arg(format!("docker-archive:{}", partial.display()))
+            .arg(format!("oci:{}:x", tmp.path().join("oci").display())),
+    );
+    refused("podman load", Command::new("podman").args(["--storage-driver", "vfs", "load", "-i"]).arg(&partial));
+    refused("nixstream verify", common::bin().arg("verify").arg(&partial));
+}

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use common::{bin, conf_json, golden_dir, golden_tree, make_customisation};
-use nixstream::archive::{write_archive, ArchiveError, ArchiveOptions};
+use nixstream::archive::{write_archive, ArchiveError, ArchiveOptions, Hashed};
 use nixstream::conf::Conf;
 use nixstream::hash::LayerDigest;
 use nixstream::isotime::DateTime;
@@ -211,7 +211,7 @@ fn content_changed_between_passes_stops_before_manifest() {
     let plan = plan_of(&f);
     let stale = LayerDigest { size: 10240 * 31, sha256: [0x11; 32] };
     let mut out = Vec::new();
-    let opts = ArchiveOptions { jobs: 2, known: vec![Some(stale), None] };
+    let opts = ArchiveOptions { jobs: 2, known: vec![Some(Hashed { digest: stale, files: None }), None] };
     let e = write_archive(&plan, &mut out, &opts, &Progress::new(Mode::Quiet, 0)).unwrap_err();
     assert!(matches!(e, ArchiveError::DigestMismatch { layer: 1, .. }), "{e}");
     assert!(e.to_string().contains("aaaa-pkg"), "{e}");

@@ -1,0 +1,237 @@
+//! The digest cache (`--cache DIR`): a store layer's size, sha256 and
+//! per-file xxh3-128s, kept between runs so a second run skips the hashing
+//! pass.
+//!
+//! An entry is keyed by everything that decides the layer's bytes: this
+//! program's version, the owner and time settings, and every entry's name,
+//! link target, type, mode and size; plus, for content, the store paths'
+//! `narHash`es when the closure gives one for every path of the layer (such
+//! keys hold across machines), else each file's device, inode, mtime and
+//! ctime (ctime changes with any write and cannot be set back, so a file
+//! rewritten in place gets a new key).  An entry ends with the sha256 of its
+//! own bytes: a torn or corrupt entry is a miss, never a digest.  And a hit
+//! is still checked: the streaming pass compares every file's xxh3 with the
+//! entry's, so content that differs from what was hashed stops the archive
+//! before manifest.json.  Entries are written to a temporary file and renamed
+//! into place, so runs sharing the directory never see half an entry.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::hash::{hex, LayerDigest};
+use crate::layer::Owner;
+use crate::walk::{Kind, Listing};
+
+const MAGIC: &[u8; 8] = b"NXSCACH1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("digest cache {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+/// A layer's digest and the xxh3-128 of each of its files, in entry order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedLayer {
+    pub digest: LayerDigest,
+    pub files: Vec<u128>,
+}
+
+/// A cache directory.
+#[derive(Debug, Clone)]
+pub struct DigestCache {
+    dir: PathBuf,
+}
+
+/// Feeds length-prefixed fields into a sha256, so no two field lists
+/// serialise alike.
+struct KeyHasher(Sha256);
+
+impl KeyHasher {
+    fn bytes(&mut self, b: &[u8]) {
+        self.0.update((b.len() as u64).to_le_bytes());
+        self.0.update(b);
+    }
+    fn num(&mut self, n: i128) {
+        self.0.update(n.to_le_bytes());
+    }
+}
+
+/// The cache key of a store layer.  `nar_hashes` holds the `narHash` of
+/// each store path of the layer, in order, when every one is known.
+pub fn layer_key(listing: &Listing, owner: &Owner, nar_hashes: Option<&[(&str, &str)]>) -> [u8; 32] {
+    let mut k = KeyHasher(Sha256::new());
+    k.bytes(b"nixstream digest cache, layer format 1");
+    k.bytes(env!("CARGO_PKG_VERSION").as_bytes());
+    k.num(i128::from(owner.uid));
+    k.num(i128::from(owner.gid));
+    k.bytes(&owner.uname);
+    k.bytes(&owner.gname);
+    k.num(i128::from(owner.mtime));
+    k.num(i128::from(listing.nix_dirs));
+    k.num(listing.name_offset as i128);
+    if let Some(nar) = nar_hashes {
+        k.bytes(b"narHash");
+        for (path, hash) in nar {
+            k.bytes(path.as_bytes());
+            k.bytes(hash.as_bytes());
+        }
+    }
+    for e in &listing.entries {
+        k.bytes(listing.name(e));
+        k.bytes(listing.link(e));
+        k.num(match e.kind {
+            Kind::Directory => 1,
+            Kind::Symlink => 2,
+            Kind::File => 3,
+        });
+        k.num(i128::from(e.mode));
+        k.num(i128::from(e.size));
+        if nar_hashes.is_none() && e.kind == Kind::File {
+            k.num(i128::from(e.dev));
+            k.num(i128::from(e.ino));
+            k.num(e.mtime_ns);
+            k.num(e.ctime_ns);
+        }
+    }
+    k.0.finalize().into()
+}
+
+impl DigestCache {
+    /// Opens (creating it if need be) the cache directory.
+    pub fn open(dir: &Path) -> Result<DigestCache, CacheError> {
+        std::fs::create_dir_all(dir).map_err(|source| CacheError::Io { path: dir.to_path_buf(), source })?;
+        Ok(DigestCache { dir: dir.to_path_buf() })
+    }
+
+    fn path(&self, key: &[u8; 32]) -> PathBuf {
+        let h = hex(key);
+        self.dir.join(&h[..2]).join(&h)
+    }
+
+    /// The entry for `key`, if there is a sound one for a layer of `files`
+    /// files.  Anything else (absent, unreadable, torn, corrupt, another
+    /// file count) is a miss.
+    pub fn get(&self, key: &[u8; 32], files: usize) -> Option<CachedLayer> {
+        let data = std::fs::read(self.path(key)).ok()?;
+        decode(&data, key).filter(|c| c.files.len() == files)
+    }
+
+    /// Stores an entry.
+    pub fn put(&self, key: &[u8; 32], layer: &CachedLayer) -> Result<(), CacheError> {
+        let path = self.path(key);
+        let parent = path.parent().expect("entry paths have a parent");
+        let err = |source| CacheError::Io { path: parent.to_path_buf(), source };
+        std::fs::create_dir_all(parent).map_err(err)?;
+        let mut tmp = tempfile::NamedTempFile::new_in(parent).map_err(err)?;
+        tmp.write_all(&encode(key, layer)).map_err(err)?;
+        tmp.persist(&path).map_err(|e| err(e.error))?;
+        Ok(())
+    }
+}
+
+fn encode(key: &[u8; 32], c: &CachedLayer) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + 32 + 8 + 32 + 8 + 16 * c.files.len() + 32);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(key);
+    out.extend_from_slice(&c.digest.size.to_le_bytes());
+    out.extend_from_slice(&c.digest.sha256);
+    out.extend_from_slice(&(c.files.len() as u64).to_le_bytes());
+    for f in &c.files {
+        out.extend_from_slice(&f.to_le_bytes());
+    }
+    let check: [u8; 32] = Sha256::digest(&out).into();
+    out.extend_from_slice(&check);
+    out
+}
+
+fn decode(data: &[u8], key: &[u8; 32]) -> Option<CachedLayer> {
+    let body_len = data.len().checked_sub(32)?;
+    let (body, check) = data.split_at(body_len);
+    if Sha256::digest(body).as_slice() != check {
+        return None;
+    }
+    let rest = body.strip_prefix(MAGIC)?;
+    let (stored_key, rest) = rest.split_at_checked(32)?;
+    if stored_key != key {
+        return None;
+    }
+    let (size, rest) = rest.split_at_checked(8)?;
+    let (sha256, rest) = rest.split_at_checked(32)?;
+    let (count, rest) = rest.split_at_checked(8)?;
+    let count = usize::try_from(u64::from_le_bytes(count.try_into().ok()?)).ok()?;
+    if rest.len() != count.checked_mul(16)? {
+        return None;
+    }
+    let files = rest.chunks_exact(16).map(|c| u128::from_le_bytes(c.try_into().expect("16 bytes"))).collect();
+    Some(CachedLayer {
+        digest: LayerDigest { size: u64::from_le_bytes(size.try_into().ok()?), sha256: sha256.try_into().ok()? },
+        files,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::walk::list_layer;
+
+    fn owner() -> Owner {
+        Owner { uid: 0, gid: 0, uname: b"root".to_vec(), gname: b"root".to_vec(), mtime: 1 }
+    }
+
+    #[test]
+    fn entries_round_trip_and_damage_is_a_miss() {
+        let d = tempfile::tempdir().unwrap();
+        let c = DigestCache::open(&d.path().join("cache")).unwrap();
+        let key = [7u8; 32];
+        let layer = CachedLayer { digest: LayerDigest { size: 10240, sha256: [9; 32] }, files: vec![1, 2, 3] };
+        assert_eq!(c.get(&key, 3), None);
+        c.put(&key, &layer).unwrap();
+        assert_eq!(c.get(&key, 3), Some(layer.clone()));
+        assert_eq!(c.get(&key, 4), None, "another file count is a miss");
+        // Every single flipped byte and every truncation is a miss.
+        let p = c.path(&key);
+        let good = std::fs::read(&p).unwrap();
+        for i in 0..good.len() {
+            let mut bad = good.clone();
+            bad[i] ^= 0x40;
+            std::fs::write(&p, &bad).unwrap();
+            assert_eq!(c.get(&key, 3), None, "flipped byte {i}");
+            std::fs::write(&p, &good[..i]).unwrap();
+            assert_eq!(c.get(&key, 3), None, "truncated at {i}");
+        }
+        // An entry stored under another key's name is a miss.
+        std::fs::write(&p, encode(&[8u8; 32], &layer)).unwrap();
+        assert_eq!(c.get(&key, 3), None);
+    }
+
+    #[test]
+    fn keys_change_with_everything_that_changes_the_bytes() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("pkg");
+        std::fs::create_dir(&p).unwrap();
+        let f = p.join("data");
+        std::fs::write(&f, b"one").unwrap();
+        let key = |o: &Owner| layer_key(&list_layer(std::slice::from_ref(&p)).unwrap(), o, None);
+        let k0 = key(&owner());
+        assert_eq!(k0, key(&owner()), "stable");
+        assert_ne!(k0, key(&Owner { uid: 1, ..owner() }));
+        assert_ne!(k0, key(&Owner { mtime: 2, ..owner() }));
+        assert_ne!(k0, key(&Owner { gname: b"wheel".to_vec(), ..owner() }));
+        // Same size, same mtime put back: the ctime still moves.
+        let mtime = std::fs::metadata(&f).unwrap().modified().unwrap();
+        std::fs::write(&f, b"two").unwrap();
+        std::fs::File::options().write(true).open(&f).unwrap().set_modified(mtime).unwrap();
+        let k1 = key(&owner());
+        assert_ne!(k0, k1, "content rewritten in place");
+        std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        assert_ne!(k1, key(&owner()), "mode");
+        // With narHashes the key ignores file identity but not the hashes.
+        let l = list_layer(std::slice::from_ref(&p)).unwrap();
+        let a = layer_key(&l, &owner(), Some(&[("/nix/store/x", "sha256-A")]));
+        assert_ne!(a, layer_key(&l, &owner(), Some(&[("/nix/store/x", "sha256-B")])));
+        assert_ne!(a, layer_key(&l, &owner(), None));
+    }
+}
