@@ -188,6 +188,45 @@ pub fn write_archive<W: Write>(
     opts: &ArchiveOptions,
     progress: &Progress,
 ) -> Result<Summary, ArchiveError> {
+    with_hashers(plan, opts, progress, |slots| stream(plan, out, slots, progress))
+}
+
+/// The hashing pass alone (`nixstream digest`): every layer's digest and the
+/// image's config and manifest, with nothing written.  Base layers count at
+/// their declared diff_id and the customisation layer at its checksum file;
+/// the streaming pass is what verifies those.
+pub fn hash_only(plan: &ImagePlan, opts: &ArchiveOptions, progress: &Progress) -> Result<Summary, ArchiveError> {
+    with_hashers(plan, opts, progress, |slots| {
+        let mut digests = Vec::with_capacity(plan.layers.len());
+        let mut files = vec![None; plan.layers.len()];
+        for (i, layer) in plan.layers.iter().enumerate() {
+            digests.push(match layer {
+                PlannedLayer::Base { index } => {
+                    let bl = &plan.base.as_ref().expect("base layer without base").layers[*index];
+                    LayerDigest { size: bl.member.size, sha256: bl.diff_id }
+                }
+                PlannedLayer::Store { .. } => {
+                    let h = slots.wait(i)?;
+                    files[i] = h.files;
+                    h.digest
+                }
+                PlannedLayer::Customisation(c) => LayerDigest { size: c.size, sha256: c.digest },
+            });
+            progress.layer_done(i + 1, plan.layers.len());
+        }
+        let diff_ids: Vec<[u8; 32]> = digests.iter().map(|d| d.sha256).collect();
+        Ok(Summary { meta: image_meta(plan, &diff_ids), digests, bytes: 0, files })
+    })
+}
+
+/// Runs the hashing workers over the store layers not in `opts.known`
+/// while `f` (on this thread) consumes their results from the slots.
+fn with_hashers<T>(
+    plan: &ImagePlan,
+    opts: &ArchiveOptions,
+    progress: &Progress,
+    f: impl FnOnce(&Slots) -> Result<T, ArchiveError>,
+) -> Result<T, ArchiveError> {
     let known = |i: usize| opts.known.get(i).cloned().flatten();
     let store: Vec<usize> = plan
         .layers
@@ -201,9 +240,8 @@ pub fn write_archive<W: Write>(
         ready: Condvar::new(),
         abort: AtomicBool::new(false),
     };
-    let jobs = opts.jobs;
     let queue = Queue::new(plan, &store);
-    let workers = jobs.clamp(1, store.len().max(1));
+    let workers = opts.jobs.clamp(1, store.len().max(1));
 
     std::thread::scope(|s| {
         for w in 0..workers {
@@ -211,7 +249,7 @@ pub fn write_archive<W: Write>(
             let slots = &slots;
             s.spawn(move || hash_worker(plan, queue, w, slots, progress));
         }
-        let r = stream(plan, out, &slots, progress);
+        let r = f(&slots);
         if r.is_err() {
             slots.abort.store(true, Ordering::Relaxed);
         }

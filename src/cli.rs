@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use crate::archive::{write_archive, ArchiveOptions, Hashed};
+use crate::archive::{hash_only, write_archive, ArchiveOptions, Hashed, Summary};
 use crate::autolayer::auto_layer;
 use crate::cache::{CachedLayer, DigestCache};
 use crate::closure::ClosureGraph;
@@ -52,8 +52,31 @@ pub enum Command {
     Plan(PlanArgs),
     /// Build an image from a closure in one command: plan its layers and stream the docker-archive to stdout.
     Image(Box<ImageArgs>),
+    /// Print the image ID and every layer's diff_id for CONF without writing the archive (the hashing pass alone).
+    Digest(DigestArgs),
     /// Check a docker-archive (a file, or - for stdin; plain or compressed): every layer's sha256 against its diff_id, the config against its name, manifest.json's shape. Exit 0 only when everything matches.
     Verify(VerifyArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct DigestArgs {
+    /// The configuration JSON nixpkgs' streamLayeredImage writes.
+    pub conf: PathBuf,
+    /// Override the configuration's repo_tag (NAME:TAG).
+    #[arg(short = 't', long = "repo-tag", visible_alias = "repo_tag", value_name = "NAME:TAG")]
+    pub repo_tag: Option<String>,
+    /// Hashing threads (default: all cores).
+    #[arg(short = 'j', long)]
+    pub jobs: Option<usize>,
+    /// No progress output on stderr.
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// Use and fill the digest cache in DIR (as `stream --cache`).
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+    /// Print JSON: {"id", "config", "layers": [{"path", "diff_id", "size"}]}.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -205,6 +228,7 @@ where
         Command::Plan(a) => report(plan(&a)),
         Command::Image(a) => report(image(&a)),
         Command::Verify(a) => report(verify(&a)),
+        Command::Digest(a) => report(digest(&a)),
     }
 }
 
@@ -267,42 +291,92 @@ fn emit(conf: &Conf, o: &OutputArgs, nar_hashes: &HashMap<String, String>) -> an
         "refusing to write an image archive to a terminal; pipe it into `docker load` or redirect it to a file"
     );
     let plan = ImagePlan::from_conf(conf, jobs)?;
-    let cache = o.cache.as_deref().map(DigestCache::open).transpose()?;
-    let keys = match &cache {
-        Some(_) => cache_keys(&plan, nar_hashes),
-        None => vec![None; plan.layers.len()],
-    };
-    let known: Vec<Option<Hashed>> = keys
-        .iter()
-        .zip(&plan.layers)
-        .map(|(key, layer)| {
-            let (c, key) = (cache.as_ref()?, key.as_ref()?);
-            let PlannedLayer::Store { listing, .. } = layer else { return None };
-            let files = listing.entries.iter().filter(|e| e.kind == Kind::File).count();
-            let hit = c.get(key, files)?;
-            Some(Hashed { digest: hit.digest, files: Some(hit.files) })
-        })
-        .collect();
+    let cache = CacheUse::new(&plan, o.cache.as_deref(), nar_hashes)?;
     let progress = Progress::new(Mode::detect(o.quiet), plan.layers.len());
     let stdout = stdout_file();
+    grow_pipe(&stdout);
     let mut out = Compressed::new(BufWriter::with_capacity(1 << 20, &*stdout), o.compress, jobs)?;
-    let summary = write_archive(&plan, &mut out, &ArchiveOptions { jobs, known: known.clone() }, &progress)?;
+    let summary = write_archive(&plan, &mut out, &ArchiveOptions { jobs, known: cache.known.clone() }, &progress)?;
     out.finish()?.flush()?;
     progress.finish();
-    // Only now, with every file confirmed by the streaming pass, are new
-    // entries stored.  A cache that cannot be written costs speed, not the image.
-    if let Some(c) = &cache {
-        for (i, key) in keys.iter().enumerate() {
-            if let (Some(key), None, Some(files)) = (key, &known[i], &summary.files[i]) {
+    cache.store(&summary);
+    Ok(())
+}
+
+/// The digest cache for one run: keys, hits, and storing what was hashed.
+struct CacheUse {
+    cache: Option<DigestCache>,
+    keys: Vec<Option<[u8; 32]>>,
+    known: Vec<Option<Hashed>>,
+}
+
+impl CacheUse {
+    fn new(plan: &ImagePlan, dir: Option<&Path>, nar_hashes: &HashMap<String, String>) -> anyhow::Result<CacheUse> {
+        let cache = dir.map(DigestCache::open).transpose()?;
+        let keys = match &cache {
+            Some(_) => cache_keys(plan, nar_hashes),
+            None => vec![None; plan.layers.len()],
+        };
+        let known = keys
+            .iter()
+            .zip(&plan.layers)
+            .map(|(key, layer)| {
+                let (c, key) = (cache.as_ref()?, key.as_ref()?);
+                let PlannedLayer::Store { listing, .. } = layer else { return None };
+                let files = listing.entries.iter().filter(|e| e.kind == Kind::File).count();
+                let hit = c.get(key, files)?;
+                Some(Hashed { digest: hit.digest, files: Some(hit.files) })
+            })
+            .collect();
+        Ok(CacheUse { cache, keys, known })
+    }
+
+    /// Stores the layers this run hashed.  A cache that cannot be written
+    /// costs speed, not the image: a warning.
+    fn store(&self, summary: &Summary) {
+        let Some(c) = &self.cache else { return };
+        for (i, key) in self.keys.iter().enumerate() {
+            if let (Some(key), None, Some(files)) = (key, &self.known[i], &summary.files[i]) {
                 let entry = CachedLayer { digest: summary.digests[i], files: files.clone() };
                 if let Err(e) = c.put(key, &entry) {
                     let _ = writeln!(
                         io::stderr(),
                         "nixstream: warning: {e} (the image is complete; the next run hashes again)"
                     );
-                    break;
+                    return;
                 }
             }
+        }
+    }
+}
+
+fn digest(a: &DigestArgs) -> anyhow::Result<()> {
+    let conf = Conf::load(&a.conf, a.repo_tag.as_deref())?;
+    let jobs = a.jobs.unwrap_or_else(default_jobs).max(1);
+    let plan = ImagePlan::from_conf(&conf, jobs)?;
+    let cache = CacheUse::new(&plan, a.cache.as_deref(), &HashMap::new())?;
+    let progress = Progress::new(Mode::detect(a.quiet), plan.layers.len());
+    let summary = hash_only(&plan, &ArchiveOptions { jobs, known: cache.known.clone() }, &progress)?;
+    progress.finish();
+    cache.store(&summary);
+    let id = summary.meta.config_name.trim_end_matches(".json");
+    let mut out = io::stdout().lock();
+    if a.json {
+        let layers: Vec<serde_json::Value> = summary
+            .meta
+            .layer_paths
+            .iter()
+            .zip(&summary.digests)
+            .map(|(p, d)| serde_json::json!({"path": p, "diff_id": format!("sha256:{}", d.hex()), "size": d.size}))
+            .collect();
+        let v = serde_json::json!({"id": format!("sha256:{id}"), "config": summary.meta.config_name, "layers": layers});
+        serde_json::to_writer_pretty(&mut out, &v)?;
+        writeln!(out)?;
+    } else {
+        // The lines of nixpkgs' golden expected.txt, less the archive's own digest.
+        writeln!(out, "config {}", summary.meta.config_name)?;
+        for (p, d) in summary.meta.layer_paths.iter().zip(&summary.digests) {
+            writeln!(out, "layer {p} sha256:{}", d.hex())?;
         }
     }
     Ok(())
@@ -519,6 +593,18 @@ fn image(a: &ImageArgs) -> anyhow::Result<()> {
     let nar_hashes: HashMap<String, String> =
         closure.nodes.iter().filter_map(|n| Some((n.path.clone(), n.nar_hash.clone()?))).collect();
     emit(&conf, &a.output, &nar_hashes)
+}
+
+/// When `out` is a pipe, asks for a 1 MiB pipe buffer (the default 64 KiB
+/// means a context switch per 64 KiB between us and the reader).  A refusal
+/// (an unprivileged user over /proc/sys/fs/pipe-max-size) changes nothing.
+fn grow_pipe(out: &std::fs::File) {
+    use std::os::unix::fs::FileTypeExt;
+    use std::os::unix::io::AsRawFd;
+    if out.metadata().is_ok_and(|m| m.file_type().is_fifo()) {
+        // SAFETY: fcntl on a descriptor we hold; the result is ignored.
+        unsafe { libc::fcntl(out.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
+    }
 }
 
 /// Standard output as a `File`, unbuffered (Rust's stdout is line-buffered,

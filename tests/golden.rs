@@ -26,6 +26,16 @@ fn check(case: &str) {
     // expected.txt lists the config name and every layer diff_id.
     let txt = std::fs::read_to_string(dir.join("expected.txt")).unwrap();
     assert!(txt.contains(&a.config_name), "{case}: config name");
+
+    // `nixstream digest` prints expected.txt's lines but the archive's own
+    // digest, with no archive written, with and without a digest cache.
+    let cache = tempfile::tempdir().unwrap();
+    for pass in ["cold", "warm"] {
+        let d = bin().args(["digest", "-q", "--cache"]).arg(cache.path()).arg(dir.join("conf.json")).output().unwrap();
+        assert!(d.status.success(), "{case}: {}", String::from_utf8_lossy(&d.stderr));
+        let want: String = txt.lines().skip(1).map(|l| format!("{l}\n")).collect();
+        assert_eq!(String::from_utf8_lossy(&d.stdout), want, "{case}: digest ({pass} cache)");
+    }
 }
 
 #[test]
