@@ -386,11 +386,6 @@ impl<R: Read> TarReader<R> {
         if member.typeflag == 0 && name.ends_with(b"/") {
             member.typeflag = typeflag::DIRECTORY;
         }
-        if member.typeflag == typeflag::DIRECTORY {
-            while name.ends_with(b"/") {
-                name.pop();
-            }
-        }
         if !prefix.is_empty() {
             let mut full = prefix;
             full.push(b'/');
@@ -428,6 +423,14 @@ impl<R: Read> TarReader<R> {
                     }
                 }
                 _ => {}
+            }
+        }
+        // A directory's name loses its trailing slash whichever field it
+        // came from (the ustar name, a GNU long name or a pax path; found by
+        // fuzzing: a non-UTF-8 directory name travels in a pax record).
+        if member.typeflag == typeflag::DIRECTORY {
+            while name.len() > 1 && name.ends_with(b"/") {
+                name.pop();
             }
         }
         member.name = name;
@@ -529,6 +532,20 @@ mod tests {
         assert!(matches!(TarReader::new(&bad[..]).next_member(), Err(TarError::NotTar(_))));
         assert!(matches!(TarReader::new(&b""[..]).next_member(), Err(TarError::NotTar(_))));
         assert!(matches!(TarReader::new(&[1u8; 100][..]).next_member(), Err(TarError::Truncated(_))));
+    }
+
+    #[test]
+    fn directory_names_lose_their_slash_from_pax_paths_too() {
+        // The fuzzer's case: a non-UTF-8 directory name, written by our
+        // encoder with a trailing slash inside a pax path record.
+        let name = [91u8, 243, 22, 157];
+        let h = Header { typeflag: typeflag::DIRECTORY, size: 0, ..Header::plain_file(&name, 0, 1) };
+        let mut out = Vec::new();
+        tarheader::encode(&h, &mut out);
+        out.resize(out.len() + 1024, 0);
+        let m = TarReader::new(&out[..]).next_member().unwrap().unwrap();
+        assert_eq!(m.name, name);
+        assert!(out.windows(6).any(|w| w == b"path=["), "the name is in a pax record");
     }
 
     #[test]
