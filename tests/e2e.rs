@@ -323,3 +323,30 @@ fn what_a_failed_run_leaves_is_refused_by_every_client() {
     refused("podman load", Command::new("podman").args(["--storage-driver", "vfs", "load", "-i"]).arg(&partial));
     refused("nixstream verify", common::bin().arg("verify").arg(&partial));
 }
+
+#[test]
+#[ignore = "needs docker, skopeo, umoci, podman and nix: run scripts/test"]
+fn image_with_a_digest_cache_keyed_by_nar_hash() {
+    let (app, _) = closure();
+    // The local Nix gives every path's narHash: the cache keys by it.
+    std::env::set_var("NIX_REMOTE", "local");
+    let g = nixstream::closure::ClosureGraph::from_store(&[app.display().to_string()]).unwrap();
+    assert!(g.nodes.iter().all(|n| n.nar_hash.as_deref().is_some_and(|h| h.starts_with("sha256"))), "{g:?}");
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let image = |cache: Option<&Path>| {
+        let mut c = common::bin();
+        c.env("NIX_REMOTE", "local").args(["image", "-q", "--tag", "nixstream-e2e/cached:1"]).arg(app);
+        if let Some(dir) = cache {
+            c.arg("--cache").arg(dir);
+        }
+        run(&mut c).stdout
+    };
+    let plain = image(None);
+    assert_eq!(image(Some(&cache)), plain, "cold cache");
+    let entries = std::fs::read_dir(&cache).unwrap().count();
+    assert!(entries > 0);
+    assert_eq!(image(Some(&cache)), plain, "warm cache");
+    let r = nixstream::verify::verify(&plain[..], "image").unwrap();
+    assert!(r.ok(), "{:?}", r.problems);
+}
