@@ -26,6 +26,7 @@ use crate::plan::{Customisation, ImagePlan, PlannedLayer};
 use crate::progress::Progress;
 use crate::pyjson::repr_str_list;
 use crate::tarheader::{self, Header};
+use crate::writer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
@@ -99,6 +100,12 @@ impl Slots {
         }
         self.results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
         self.ready.notify_all();
+    }
+
+    /// Whether layer `i`'s result (or any error) is in.
+    fn ready(&self, i: usize) -> bool {
+        let g = self.results.lock().unwrap_or_else(|p| p.into_inner());
+        g[i].is_some() || g.iter().any(|r| matches!(r, Some(Err(_))))
     }
 
     /// Waits for layer `i`; returns early with any other layer's error.
@@ -181,14 +188,26 @@ pub struct ArchiveOptions {
     pub known: Vec<Option<Hashed>>,
 }
 
-/// Hashes and streams the image described by `plan` into `out`.
-pub fn write_archive<W: Write>(
+/// Hashes and streams the image described by `plan` into `out`, which a
+/// writer thread of its own owns (see [`crate::writer`]).
+pub fn write_archive<W: Write + Send>(
     plan: &ImagePlan,
     out: W,
     opts: &ArchiveOptions,
     progress: &Progress,
 ) -> Result<Summary, ArchiveError> {
-    with_hashers(plan, opts, progress, |slots| stream(plan, out, slots, progress))
+    let (chunks, full, empty) = writer::channel();
+    std::thread::scope(|s| {
+        let w = s.spawn(move || writer::run(out, full, empty));
+        let streamed = with_hashers(plan, opts, progress, |slots| stream(plan, chunks, slots, progress));
+        let written = w.join().unwrap_or_else(|_| Err(io::Error::other("the output writer panicked")));
+        match (streamed, written) {
+            // The writer's own error (a closed pipe, a full disk) is the
+            // cause; the streaming pass only saw the writer go.
+            (_, Err(e)) => Err(ArchiveError::Output(e)),
+            (streamed, Ok(_)) => streamed,
+        }
+    })
 }
 
 /// The hashing pass alone (`nixstream digest`): every layer's digest and the
@@ -370,6 +389,10 @@ fn stream<W: Write>(plan: &ImagePlan, out: W, slots: &Slots, progress: &Progress
             PlannedLayer::Store { paths_text, listing, owner } => {
                 let owner = owner.as_ref().unwrap_or(&plan.owner);
                 progress.line(|| format!("Creating layer {num} from paths: {}", repr_str_list(paths_text)));
+                if !slots.ready(i) {
+                    // Let the consumer have everything so far while we wait.
+                    outer.flush().map_err(ArchiveError::Output)?;
+                }
                 let Hashed { digest: d, files } = slots.wait(i)?;
                 let name = format!("{}/layer.tar", d.hex());
                 outer.header(&Header::plain_file(name.as_bytes(), d.size, mtime))?;

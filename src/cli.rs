@@ -295,7 +295,10 @@ fn emit(conf: &Conf, o: &OutputArgs, nar_hashes: &HashMap<String, String>) -> an
     let progress = Progress::new(Mode::detect(o.quiet), plan.layers.len());
     let stdout = stdout_file();
     grow_pipe(&stdout);
-    let mut out = Compressed::new(BufWriter::with_capacity(1 << 20, &*stdout), o.compress, jobs)?;
+    // The archive writer hands over 1 MiB chunks, and smaller ones only
+    // when it must wait: plain output goes straight to the fd, unbuffered.
+    let buffer = if o.compress == Compress::None { 0 } else { 1 << 20 };
+    let mut out = Compressed::new(BufWriter::with_capacity(buffer, &*stdout), o.compress, jobs)?;
     let summary = write_archive(&plan, &mut out, &ArchiveOptions { jobs, known: cache.known.clone() }, &progress)?;
     out.finish()?.flush()?;
     progress.finish();

@@ -30,3 +30,4 @@ pub mod tarheader;
 pub mod tarread;
 pub mod verify;
 pub mod walk;
+pub mod writer;

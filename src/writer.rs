@@ -1,0 +1,145 @@
+//! The one ordered writer that owns the output.
+//!
+//! The streaming pass (opening files, reading them, checking each file's
+//! xxh3, encoding headers) fills fixed-size chunks through a [`Chunks`]
+//! writer; a dedicated thread ([`run`]) takes them in order and writes them
+//! to the output (a pipe, a file, or a compressor), so the `write` system
+//! calls and the compressor overlap with the reading.  Memory stays bounded:
+//! [`POOL`] chunks of [`CHUNK`] bytes circulate between the two.
+//! [`Chunks::hand_over`] passes on a partly filled chunk, which the streaming
+//! pass does whenever it is about to wait for a digest, so the consumer gets
+//! every byte that is ready (the first bytes of the archive do not wait for
+//! later layers).  The chunk boundaries never change the bytes written.
+
+use std::io::{self, Write};
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+
+/// Bytes per chunk.
+pub const CHUNK: usize = 1 << 20;
+/// Chunks in circulation (the bound on buffered output).
+pub const POOL: usize = 8;
+
+/// The streaming pass's side: a `Write` that fills chunks and sends them on.
+pub struct Chunks {
+    full: Sender<Vec<u8>>,
+    empty: Receiver<Vec<u8>>,
+    current: Vec<u8>,
+}
+
+/// Why a chunk could not be sent: the writer stopped (its own error says why).
+#[derive(Debug, thiserror::Error)]
+#[error("the output writer stopped")]
+pub struct WriterGone;
+
+impl Chunks {
+    /// Sends the current chunk, however full, to the writer.
+    pub fn hand_over(&mut self) -> io::Result<()> {
+        if self.current.is_empty() {
+            return Ok(());
+        }
+        let next = match self.empty.try_recv() {
+            Ok(b) => b,
+            Err(_) => self.empty.recv().map_err(|_| io::Error::other(WriterGone))?,
+        };
+        let full = std::mem::replace(&mut self.current, next);
+        self.full.send(full).map_err(|_| io::Error::other(WriterGone))
+    }
+}
+
+impl Write for Chunks {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_all(buf).map(|()| buf.len())
+    }
+
+    fn write_all(&mut self, mut buf: &[u8]) -> io::Result<()> {
+        while !buf.is_empty() {
+            let room = CHUNK - self.current.len();
+            let take = room.min(buf.len());
+            self.current.extend_from_slice(&buf[..take]);
+            buf = &buf[take..];
+            if self.current.len() == CHUNK {
+                self.hand_over()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands over what is buffered; the writer thread writes it.
+    fn flush(&mut self) -> io::Result<()> {
+        self.hand_over()
+    }
+}
+
+/// A connected pair: the [`Chunks`] writer and the receiving end for [`run`].
+pub fn channel() -> (Chunks, Receiver<Vec<u8>>, Sender<Vec<u8>>) {
+    let (full_tx, full_rx) = bounded(POOL);
+    let (empty_tx, empty_rx) = bounded(POOL);
+    for _ in 0..POOL - 1 {
+        empty_tx.send(Vec::with_capacity(CHUNK)).expect("room for the pool");
+    }
+    (Chunks { full: full_tx, empty: empty_rx, current: Vec::with_capacity(CHUNK) }, full_rx, empty_tx)
+}
+
+/// The writer thread: writes every chunk, in order, to `out` and returns the
+/// buffers; ends when the [`Chunks`] side is dropped, then flushes `out`.  On
+/// an output error it stops at once (dropping its ends, so the streaming pass
+/// stops too) and returns the error.
+pub fn run<W: Write>(mut out: W, full: Receiver<Vec<u8>>, empty: Sender<Vec<u8>>) -> io::Result<W> {
+    for mut chunk in full.iter() {
+        out.write_all(&chunk)?;
+        chunk.clear();
+        // The streaming pass may have finished: a closed pool is fine.
+        let _ = empty.send(chunk);
+    }
+    out.flush()?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_arrive_in_order_whatever_the_chunking() {
+        let (mut chunks, full, empty) = channel();
+        let writer = std::thread::spawn(move || run(Vec::new(), full, empty));
+        let mut want = Vec::new();
+        for i in 0..5000u32 {
+            let piece: Vec<u8> = (0..(i % 3000)).map(|j| (i ^ j) as u8).collect();
+            chunks.write_all(&piece).unwrap();
+            want.extend_from_slice(&piece);
+            if i % 7 == 0 {
+                chunks.hand_over().unwrap();
+            }
+        }
+        chunks.flush().unwrap();
+        drop(chunks);
+        assert_eq!(writer.join().unwrap().unwrap(), want);
+    }
+
+    #[test]
+    fn an_output_error_stops_the_producer() {
+        #[derive(Debug)]
+        struct Full;
+        impl Write for Full {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                Err(io::Error::new(io::ErrorKind::BrokenPipe, "closed"))
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let (mut chunks, full, empty) = channel();
+        let writer = std::thread::spawn(move || run(Full, full, empty));
+        let mut failed = false;
+        for _ in 0..100 {
+            if chunks.write_all(&vec![1u8; CHUNK]).is_err() {
+                failed = true;
+                break;
+            }
+        }
+        assert!(failed, "the producer notices within the pool's bound");
+        assert_eq!(writer.join().unwrap().unwrap_err().kind(), io::ErrorKind::BrokenPipe);
+    }
+}
