@@ -60,11 +60,8 @@ pub enum Command {
 
 #[derive(clap::Args, Debug)]
 pub struct DigestArgs {
-    /// The configuration JSON nixpkgs' streamLayeredImage writes.
-    pub conf: PathBuf,
-    /// Override the configuration's repo_tag (NAME:TAG).
-    #[arg(short = 't', long = "repo-tag", visible_alias = "repo_tag", value_name = "NAME:TAG")]
-    pub repo_tag: Option<String>,
+    #[command(flatten)]
+    pub conf: ConfArgs,
     /// Hashing threads (default: all cores).
     #[arg(short = 'j', long)]
     pub jobs: Option<usize>,
@@ -198,13 +195,26 @@ pub struct OutputArgs {
     pub cache: Option<PathBuf>,
 }
 
+/// The configuration, as `stream` and `digest` take it.
 #[derive(clap::Args, Debug)]
-pub struct StreamArgs {
+pub struct ConfArgs {
     /// The configuration JSON nixpkgs' streamLayeredImage writes.
     pub conf: PathBuf,
     /// Override the configuration's repo_tag (NAME:TAG).
     #[arg(short = 't', long = "repo-tag", visible_alias = "repo_tag", value_name = "NAME:TAG")]
     pub repo_tag: Option<String>,
+}
+
+impl ConfArgs {
+    fn load(&self) -> anyhow::Result<Conf> {
+        Ok(Conf::load(&self.conf, self.repo_tag.as_deref())?)
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct StreamArgs {
+    #[command(flatten)]
+    pub conf: ConfArgs,
     #[command(flatten)]
     pub output: OutputArgs,
 }
@@ -276,8 +286,7 @@ pub fn default_jobs() -> usize {
 }
 
 fn stream(a: &StreamArgs) -> anyhow::Result<()> {
-    let conf = Conf::load(&a.conf, a.repo_tag.as_deref())?;
-    emit(&conf, &a.output, &HashMap::new())
+    emit(&a.conf.load()?, &a.output, &HashMap::new())
 }
 
 /// Plans and streams the image for `conf` to stdout.  `nar_hashes` (store
@@ -354,7 +363,7 @@ impl CacheUse {
 }
 
 fn digest(a: &DigestArgs) -> anyhow::Result<()> {
-    let conf = Conf::load(&a.conf, a.repo_tag.as_deref())?;
+    let conf = a.conf.load()?;
     let jobs = a.jobs.unwrap_or_else(default_jobs).max(1);
     let plan = ImagePlan::from_conf(&conf, jobs)?;
     let cache = CacheUse::new(&plan, a.cache.as_deref(), &HashMap::new())?;

@@ -108,15 +108,10 @@ fn store_path_outside_store_dir() {
     fails_with(&f.conf(&c), &["elsewhere", "not a path inside store_dir"]);
 }
 
-#[test]
-fn unreadable_file_is_named() {
-    let f = fixture();
-    let secret = f.pkg.join("secret");
-    std::fs::write(&secret, b"x").unwrap();
-    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o000)).unwrap();
-    let conf = f.conf(&f.good());
-    std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o644)).unwrap();
-    // root reads anything: run as nobody when we are root.
+/// `nixstream stream -q CONF` without root's right to read anything: as
+/// nobody when we are root.
+fn stream_as_nobody(conf: &Path) -> std::process::Output {
+    std::fs::set_permissions(conf, std::fs::Permissions::from_mode(0o644)).unwrap();
     let is_root = unsafe { libc::geteuid() } == 0;
     let mut cmd = if is_root {
         let mut c = Command::new("setpriv");
@@ -125,7 +120,16 @@ fn unreadable_file_is_named() {
     } else {
         bin()
     };
-    let out = cmd.args(["stream", "-q"]).arg(&conf).output().unwrap();
+    cmd.args(["stream", "-q"]).arg(conf).output().unwrap()
+}
+
+#[test]
+fn unreadable_file_is_named() {
+    let f = fixture();
+    let secret = f.pkg.join("secret");
+    std::fs::write(&secret, b"x").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let out = stream_as_nobody(&f.conf(&f.good()));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("secret") && err.contains("Permission denied"), "{err}");
@@ -336,17 +340,7 @@ fn unreadable_directory_is_named() {
     std::fs::create_dir(&locked).unwrap();
     std::fs::write(locked.join("inside"), b"x").unwrap();
     std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o000)).unwrap();
-    let conf = f.conf(&f.good());
-    std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let is_root = unsafe { libc::geteuid() } == 0;
-    let mut cmd = if is_root {
-        let mut c = Command::new("setpriv");
-        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(env!("CARGO_BIN_EXE_nixstream"));
-        c
-    } else {
-        bin()
-    };
-    let out = cmd.args(["stream", "-q"]).arg(&conf).output().unwrap();
+    let out = stream_as_nobody(&f.conf(&f.good()));
     let err = String::from_utf8_lossy(&out.stderr);
     std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o755)).unwrap();
     assert_eq!(out.status.code(), Some(1), "{err}");
