@@ -237,6 +237,22 @@ fn file_growing_after_listing_is_named() {
 }
 
 #[test]
+fn file_shrinking_after_listing_is_named() {
+    let f = fixture();
+    let plan = plan_of(&f);
+    let tool = std::fs::OpenOptions::new().write(true).open(f.pkg.join("bin/tool")).unwrap();
+    tool.set_len(1000).unwrap();
+    drop(tool);
+    let mut out = Vec::new();
+    let e =
+        write_archive(&plan, &mut out, &ArchiveOptions { jobs: 2, known: Vec::new() }, &Progress::new(Mode::Quiet, 0))
+            .unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("bin/tool") && msg.contains("size 300000 became 1000"), "{msg}");
+    assert!(!loadable(&out));
+}
+
+#[test]
 fn file_vanishing_after_listing_is_named() {
     let f = fixture();
     let plan = plan_of(&f);
