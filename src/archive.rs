@@ -21,11 +21,12 @@ use std::sync::{Condvar, Mutex};
 use crate::baseimage::BaseError;
 use crate::hash::{hex, HashSink, LayerDigest, OverrunError, VerifyingWriter};
 use crate::image::{image_meta, ImageMeta};
-use crate::layer::{write_store_layer, FileCheck, LayerError, Scratch};
+use crate::layer::{write_store_layer, FileCheck, LayerError, Owner, Scratch};
 use crate::plan::{Customisation, ImagePlan, PlannedLayer};
 use crate::progress::Progress;
 use crate::pyjson::repr_str_list;
 use crate::tarheader::{self, Header};
+use crate::walk::Listing;
 use crate::writer;
 
 #[derive(Debug, thiserror::Error)]
@@ -331,18 +332,8 @@ fn hash_worker(plan: &ImagePlan, queue: &Queue, worker: usize, slots: &Slots, pr
         let PlannedLayer::Store { listing, owner, .. } = &plan.layers[i] else { unreachable!("store index") };
         let owner = owner.as_ref().unwrap_or(&plan.owner);
         let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            let mut sink = HashSink::new();
-            let mut files = Vec::new();
-            write_store_layer(
-                listing,
-                owner,
-                &mut sink,
-                &mut scratch,
-                FileCheck::Record(&mut files),
-                Some(&slots.abort),
-            )
-            .map(|_| Hashed { digest: sink.finish(), files: Some(files) })
-            .map_err(|source| ArchiveError::Layer { layer: i + 1, source })
+            hash_layer(listing, owner, &mut scratch, &slots.abort)
+                .map_err(|source| ArchiveError::Layer { layer: i + 1, source })
         }))
         .unwrap_or_else(|panic| {
             let msg = panic
@@ -361,6 +352,31 @@ fn hash_worker(plan: &ImagePlan, queue: &Queue, worker: usize, slots: &Slots, pr
             return;
         }
     }
+}
+
+/// Hashes one store layer: the producer (opening, reading, xxh3, headers)
+/// runs on a thread of its own and hands 256 KiB chunks to this thread's
+/// sha256, so a layer takes the longer of the two rather than their sum
+/// (what bounds an image dominated by one big store path).
+fn hash_layer(
+    listing: &Listing,
+    owner: &Owner,
+    scratch: &mut Scratch,
+    abort: &AtomicBool,
+) -> Result<Hashed, LayerError> {
+    let (mut chunks, full, empty) = writer::channel_sized(1 << 18, 4);
+    std::thread::scope(|s| {
+        let producer = s.spawn(move || {
+            let mut files = Vec::new();
+            write_store_layer(listing, owner, &mut chunks, scratch, FileCheck::Record(&mut files), Some(abort))?;
+            chunks.flush().map_err(LayerError::Output)?;
+            Ok(files)
+        });
+        let sink = writer::run(HashSink::new(), full, empty);
+        let files = producer.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?;
+        let sink = sink.map_err(LayerError::Output)?;
+        Ok(Hashed { digest: sink.finish(), files: Some(files) })
+    })
 }
 
 fn stream<W: Write>(plan: &ImagePlan, out: W, slots: &Slots, progress: &Progress) -> Result<Summary, ArchiveError> {

@@ -25,6 +25,7 @@ pub struct Chunks {
     full: Sender<Vec<u8>>,
     empty: Receiver<Vec<u8>>,
     current: Vec<u8>,
+    size: usize,
 }
 
 /// Why a chunk could not be sent: the writer stopped (its own error says why).
@@ -54,11 +55,11 @@ impl Write for Chunks {
 
     fn write_all(&mut self, mut buf: &[u8]) -> io::Result<()> {
         while !buf.is_empty() {
-            let room = CHUNK - self.current.len();
+            let room = self.size - self.current.len();
             let take = room.min(buf.len());
             self.current.extend_from_slice(&buf[..take]);
             buf = &buf[take..];
-            if self.current.len() == CHUNK {
+            if self.current.len() == self.size {
                 self.hand_over()?;
             }
         }
@@ -71,14 +72,21 @@ impl Write for Chunks {
     }
 }
 
-/// A connected pair: the [`Chunks`] writer and the receiving end for [`run`].
+/// A connected pair for the output: the [`Chunks`] writer and the receiving
+/// end for [`run`], with [`POOL`] chunks of [`CHUNK`] bytes.
 pub fn channel() -> (Chunks, Receiver<Vec<u8>>, Sender<Vec<u8>>) {
-    let (full_tx, full_rx) = bounded(POOL);
-    let (empty_tx, empty_rx) = bounded(POOL);
-    for _ in 0..POOL - 1 {
-        empty_tx.send(Vec::with_capacity(CHUNK)).expect("room for the pool");
+    channel_sized(CHUNK, POOL)
+}
+
+/// The same with `pool` chunks of `size` bytes (at least two chunks).
+pub fn channel_sized(size: usize, pool: usize) -> (Chunks, Receiver<Vec<u8>>, Sender<Vec<u8>>) {
+    let pool = pool.max(2);
+    let (full_tx, full_rx) = bounded(pool);
+    let (empty_tx, empty_rx) = bounded(pool);
+    for _ in 0..pool - 1 {
+        empty_tx.send(Vec::with_capacity(size)).expect("room for the pool");
     }
-    (Chunks { full: full_tx, empty: empty_rx, current: Vec::with_capacity(CHUNK) }, full_rx, empty_tx)
+    (Chunks { full: full_tx, empty: empty_rx, current: Vec::with_capacity(size), size }, full_rx, empty_tx)
 }
 
 /// The writer thread: writes every chunk, in order, to `out` and returns the
