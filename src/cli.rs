@@ -62,15 +62,8 @@ pub enum Command {
 pub struct DigestArgs {
     #[command(flatten)]
     pub conf: ConfArgs,
-    /// Hashing threads (default: all cores).
-    #[arg(short = 'j', long)]
-    pub jobs: Option<usize>,
-    /// No progress output on stderr.
-    #[arg(short, long)]
-    pub quiet: bool,
-    /// Use and fill the digest cache in DIR (as `stream --cache`).
-    #[arg(long, value_name = "DIR")]
-    pub cache: Option<PathBuf>,
+    #[command(flatten)]
+    pub run: RunArgs,
     /// Print JSON: {"id", "config", "layers": [{"path", "diff_id", "size"}]}.
     #[arg(long)]
     pub json: bool,
@@ -184,6 +177,13 @@ pub struct OutputArgs {
     /// Compress the whole output stream. `zstd` lets `skopeo copy docker-archive:/dev/stdin` read from a pipe; `docker load` reads `gzip`.
     #[arg(long, value_enum, default_value = "none")]
     pub compress: Compress,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// How a hashing pass runs: `stream`, `image` and `digest` take these.
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
     /// Hashing threads (default: all cores).
     #[arg(short = 'j', long)]
     pub jobs: Option<usize>,
@@ -293,15 +293,15 @@ fn stream(a: &StreamArgs) -> anyhow::Result<()> {
 /// path to narHash, possibly empty) keys the digest cache where it covers a
 /// whole layer.
 fn emit(conf: &Conf, o: &OutputArgs, nar_hashes: &HashMap<String, String>) -> anyhow::Result<()> {
-    let jobs = o.jobs.unwrap_or_else(default_jobs).max(1);
+    let jobs = o.run.jobs.unwrap_or_else(default_jobs).max(1);
     // As `docker save` does: an archive on a terminal helps nobody.
     anyhow::ensure!(
         !io::stdout().is_terminal(),
         "refusing to write an image archive to a terminal; pipe it into `docker load` or redirect it to a file"
     );
     let plan = ImagePlan::from_conf(conf, jobs)?;
-    let cache = CacheUse::new(&plan, o.cache.as_deref(), nar_hashes)?;
-    let progress = Progress::new(Mode::detect(o.quiet), plan.layers.len());
+    let cache = CacheUse::new(&plan, o.run.cache.as_deref(), nar_hashes)?;
+    let progress = Progress::new(Mode::detect(o.run.quiet), plan.layers.len());
     let stdout = stdout_file();
     grow_pipe(&stdout);
     // The archive writer hands over 1 MiB chunks, and smaller ones only
@@ -364,10 +364,10 @@ impl CacheUse {
 
 fn digest(a: &DigestArgs) -> anyhow::Result<()> {
     let conf = a.conf.load()?;
-    let jobs = a.jobs.unwrap_or_else(default_jobs).max(1);
+    let jobs = a.run.jobs.unwrap_or_else(default_jobs).max(1);
     let plan = ImagePlan::from_conf(&conf, jobs)?;
-    let cache = CacheUse::new(&plan, a.cache.as_deref(), &HashMap::new())?;
-    let progress = Progress::new(Mode::detect(a.quiet), plan.layers.len());
+    let cache = CacheUse::new(&plan, a.run.cache.as_deref(), &HashMap::new())?;
+    let progress = Progress::new(Mode::detect(a.run.quiet), plan.layers.len());
     let summary = hash_only(&plan, &ArchiveOptions { jobs, known: cache.known.clone() }, &progress)?;
     progress.finish();
     cache.store(&summary);
