@@ -7,7 +7,11 @@
 //! Symlinks are never followed; a store path that is itself a symlink is one
 //! entry.  The listing is kept (in one byte arena per layer, not one
 //! allocation per file) and reused by both passes; each file's size, inode and
-//! mtime are recorded so a pass can tell when a file changed underneath us.
+//! mtime are recorded so a pass can tell when a file changed underneath us
+//! (and its ctime, for the digest cache's key).  Each entry also records its
+//! parent directory's index: the walk and both passes reach an entry through
+//! its parent's descriptor and its base name ([`crate::fsat`]), never through
+//! its absolute path.
 
 use std::cmp::Ordering;
 use std::ffi::{CStr, OsStr};
