@@ -329,7 +329,7 @@ fn what_a_failed_run_leaves_is_refused_by_every_client() {
 fn image_with_a_digest_cache_keyed_by_nar_hash() {
     let (app, _) = closure();
     // The local Nix gives every path's narHash: the cache keys by it.
-    std::env::set_var("NIX_REMOTE", "local");
+    // (NIX_REMOTE=local comes from scripts/nix-env.sh, as for every e2e test.)
     let g = nixstream::closure::ClosureGraph::from_store(&[app.display().to_string()]).unwrap();
     assert!(g.nodes.iter().all(|n| n.nar_hash.as_deref().is_some_and(|h| h.starts_with("sha256"))), "{g:?}");
     let tmp = tempfile::tempdir().unwrap();
