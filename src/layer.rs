@@ -211,9 +211,13 @@ fn open_entry(
         Err(source) => return Err(LayerError::Read { path: p(), source }),
     };
     let st = fsat::fstat(fd.as_fd()).map_err(|source| LayerError::Read { path: p(), source })?;
-    let want = if e.kind == Kind::Directory { libc::S_IFDIR } else { libc::S_IFREG };
+    let (want, what) = if e.kind == Kind::Directory {
+        (libc::S_IFDIR, "it is no longer a directory")
+    } else {
+        (libc::S_IFREG, "it is no longer a regular file")
+    };
     if st.file_type() != want {
-        return Err(changed("it is no longer a regular file".into()));
+        return Err(changed(what.into()));
     }
     if st.ino != e.ino || st.dev != e.dev {
         return Err(changed("it was replaced by another file".into()));
