@@ -300,7 +300,7 @@ fn emit(conf: &Conf, o: &OutputArgs, nar_hashes: &HashMap<String, String>) -> an
         "refusing to write an image archive to a terminal; pipe it into `docker load` or redirect it to a file"
     );
     let plan = ImagePlan::from_conf(conf, jobs)?;
-    let cache = CacheUse::new(&plan, o.run.cache.as_deref(), nar_hashes)?;
+    let (cache, known) = CacheUse::new(&plan, o.run.cache.as_deref(), nar_hashes)?;
     let progress = Progress::new(Mode::detect(o.run.quiet), plan.layers.len());
     let stdout = stdout_file();
     grow_pipe(&stdout);
@@ -308,22 +308,29 @@ fn emit(conf: &Conf, o: &OutputArgs, nar_hashes: &HashMap<String, String>) -> an
     // when it must wait: plain output goes straight to the fd, unbuffered.
     let buffer = if o.compress == Compress::None { 0 } else { 1 << 20 };
     let mut out = Compressed::new(BufWriter::with_capacity(buffer, &*stdout), o.compress, jobs)?;
-    let summary = write_archive(&plan, &mut out, &ArchiveOptions { jobs, known: cache.known.clone() }, &progress)?;
+    let summary = write_archive(&plan, &mut out, &ArchiveOptions { jobs, known }, &progress)?;
     out.finish()?.flush()?;
     progress.finish();
     cache.store(&summary);
     Ok(())
 }
 
-/// The digest cache for one run: keys, hits, and storing what was hashed.
+/// The digest cache for one run: keys, which layers hit, and storing what
+/// was hashed.
 struct CacheUse {
     cache: Option<DigestCache>,
     keys: Vec<Option<[u8; 32]>>,
-    known: Vec<Option<Hashed>>,
+    hit: Vec<bool>,
 }
 
 impl CacheUse {
-    fn new(plan: &ImagePlan, dir: Option<&Path>, nar_hashes: &HashMap<String, String>) -> anyhow::Result<CacheUse> {
+    /// Opens the cache and looks every store layer up; returns the hits as
+    /// the archive stage's known digests.
+    fn new(
+        plan: &ImagePlan,
+        dir: Option<&Path>,
+        nar_hashes: &HashMap<String, String>,
+    ) -> anyhow::Result<(CacheUse, Vec<Option<Hashed>>)> {
         let cache = dir.map(DigestCache::open).transpose()?;
         let keys = match &cache {
             Some(_) => cache_keys(plan, nar_hashes),
@@ -339,8 +346,9 @@ impl CacheUse {
                 let hit = c.get(key, files)?;
                 Some(Hashed { digest: hit.digest, files: Some(hit.files) })
             })
-            .collect();
-        Ok(CacheUse { cache, keys, known })
+            .collect::<Vec<Option<Hashed>>>();
+        let hit = known.iter().map(Option::is_some).collect();
+        Ok((CacheUse { cache, keys, hit }, known))
     }
 
     /// Stores the layers this run hashed.  A cache that cannot be written
@@ -348,7 +356,7 @@ impl CacheUse {
     fn store(&self, summary: &Summary) {
         let Some(c) = &self.cache else { return };
         for (i, key) in self.keys.iter().enumerate() {
-            if let (Some(key), None, Some(files)) = (key, &self.known[i], &summary.files[i]) {
+            if let (Some(key), false, Some(files)) = (key, self.hit[i], &summary.files[i]) {
                 let entry = CachedLayer { digest: summary.digests[i], files: files.clone() };
                 if let Err(e) = c.put(key, &entry) {
                     let _ = writeln!(
@@ -366,9 +374,9 @@ fn digest(a: &DigestArgs) -> anyhow::Result<()> {
     let conf = a.conf.load()?;
     let jobs = a.run.jobs.unwrap_or_else(default_jobs).max(1);
     let plan = ImagePlan::from_conf(&conf, jobs)?;
-    let cache = CacheUse::new(&plan, a.run.cache.as_deref(), &HashMap::new())?;
+    let (cache, known) = CacheUse::new(&plan, a.run.cache.as_deref(), &HashMap::new())?;
     let progress = Progress::new(Mode::detect(a.run.quiet), plan.layers.len());
-    let summary = hash_only(&plan, &ArchiveOptions { jobs, known: cache.known.clone() }, &progress)?;
+    let summary = hash_only(&plan, &ArchiveOptions { jobs, known }, &progress)?;
     progress.finish();
     cache.store(&summary);
     let id = summary.meta.config_name.trim_end_matches(".json");
