@@ -24,8 +24,18 @@ pub enum TarError {
     Io(#[from] io::Error),
     #[error("not a tar archive ({0})")]
     NotTar(String),
-    #[error("truncated (in member {0:?})")]
+    /// The archive ends early: in or after the named member (empty: before
+    /// its first member).
+    #[error("truncated ({})", in_member(.0))]
     Truncated(String),
+}
+
+fn in_member(m: &str) -> String {
+    if m.is_empty() {
+        "before its first member".into()
+    } else {
+        format!("in member {m:?}")
+    }
 }
 
 /// How a stream is compressed, told by its first bytes.
@@ -251,8 +261,18 @@ impl<R: Read> TarReader<R> {
         TarError::Truncated(self.current.clone())
     }
 
+    /// A read error of the underlying stream; a decompressor's early end
+    /// (`UnexpectedEof`) is a truncation at the current member.
+    fn io(&self, e: io::Error) -> TarError {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            self.truncated()
+        } else {
+            TarError::Io(e)
+        }
+    }
+
     fn skip(&mut self, n: u64) -> Result<(), TarError> {
-        let skipped = discard(&mut (&mut self.r).take(n))?;
+        let skipped = discard(&mut (&mut self.r).take(n)).map_err(|e| self.io(e))?;
         self.offset += skipped;
         if skipped < n {
             return Err(self.truncated());
@@ -261,7 +281,7 @@ impl<R: Read> TarReader<R> {
     }
 
     fn read_block(&mut self, block: &mut [u8; tarheader::BLOCK]) -> Result<usize, TarError> {
-        let n = read_full(&mut self.r, block)?;
+        let n = read_full(&mut self.r, block).map_err(|e| self.io(e))?;
         self.offset += n as u64;
         Ok(n)
     }
@@ -273,7 +293,7 @@ impl<R: Read> TarReader<R> {
         }
         let padded = size + tarheader::data_padding(size) as u64;
         let mut d = vec![0u8; padded as usize];
-        let n = read_full(&mut self.r, &mut d)?;
+        let n = read_full(&mut self.r, &mut d).map_err(|e| self.io(e))?;
         self.offset += n as u64;
         if n < d.len() {
             return Err(TarError::Truncated("an extended header".into()));
@@ -441,7 +461,7 @@ impl<R: Read> TarReader<R> {
     /// Reads to the end of the archive's data (the zero blocks and any record
     /// padding after them), so a checksum over the whole stream is complete.
     pub fn drain(&mut self) -> Result<u64, TarError> {
-        let n = discard(&mut self.r)?;
+        let n = discard(&mut self.r).map_err(|e| self.io(e))?;
         self.offset += n;
         Ok(n)
     }
@@ -532,6 +552,22 @@ mod tests {
         assert!(matches!(TarReader::new(&bad[..]).next_member(), Err(TarError::NotTar(_))));
         assert!(matches!(TarReader::new(&b""[..]).next_member(), Err(TarError::NotTar(_))));
         assert!(matches!(TarReader::new(&[1u8; 100][..]).next_member(), Err(TarError::Truncated(_))));
+        let e = TarReader::new(&[1u8; 100][..]).next_member().unwrap_err();
+        assert_eq!(e.to_string(), "truncated (before its first member)");
+        // A decompressor's early end is a truncation too, not an I/O error.
+        let z = zstd::encode_all(&a[..], 3).unwrap();
+        let mut t = TarReader::new(Compression::Zstd.decoder(&z[..z.len() - 8]).unwrap());
+        let e = loop {
+            match t.next_member() {
+                Ok(Some(_)) => {}
+                Ok(None) => match t.drain() {
+                    Ok(_) => panic!("a cut zstd stream read to its end"),
+                    Err(e) => break e,
+                },
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(e, TarError::Truncated(_)), "{e}");
     }
 
     #[test]

@@ -194,12 +194,7 @@ fn unsafe_name(name: &str) -> bool {
 pub fn verify<R: Read>(input: R, source_name: &str) -> Result<Report, VerifyError> {
     let io_err = |err: io::Error| VerifyError::Io { source_name: source_name.to_string(), err };
     let tar_err = |err: TarError| match err {
-        TarError::Io(err) if err.kind() != io::ErrorKind::UnexpectedEof => {
-            VerifyError::Io { source_name: source_name.to_string(), err }
-        }
-        TarError::Io(_) => {
-            VerifyError::Tar { source_name: source_name.to_string(), err: TarError::Truncated(String::new()) }
-        }
+        TarError::Io(err) => VerifyError::Io { source_name: source_name.to_string(), err },
         err => VerifyError::Tar { source_name: source_name.to_string(), err },
     };
     let mut outer = BufReader::with_capacity(1 << 20, input);
