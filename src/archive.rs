@@ -16,7 +16,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use crate::baseimage::BaseError;
 use crate::hash::{hex, HashSink, LayerDigest, OverrunError, VerifyingWriter};
@@ -26,13 +26,15 @@ use crate::plan::{Customisation, ImagePlan, PlannedLayer};
 use crate::progress::Progress;
 use crate::pyjson::repr_str_list;
 use crate::tarheader::{self, Header};
-use crate::walk::Listing;
+use crate::walk::{Listing, WalkError};
 use crate::writer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
     #[error("layer {layer}: {source}")]
     Layer { layer: usize, source: LayerError },
+    #[error("layer {layer}: {source}")]
+    Walk { layer: usize, source: Arc<WalkError> },
     #[error(transparent)]
     Base(#[from] BaseError),
     #[error("customisation layer {path}: {what}")]
@@ -277,41 +279,58 @@ fn with_hashers<T>(
     })
 }
 
-/// Which store layer a hashing worker takes next.  Worker 0 takes them in
-/// archive order, so the writer can start as soon as the bottom layer is
-/// hashed; the others take the largest layer left first, so a huge layer
-/// near the top is not started last (its sha256 cannot be split, and the
-/// writer must wait for it).
+/// Which store layer a hashing worker lists and hashes next.  Worker 0
+/// takes them in archive order, listing each just before hashing it, so the
+/// writer can start as soon as the bottom layer is listed and hashed.  The
+/// others first list every layer (in archive order, ahead of worker 0), then
+/// hash the largest layer left first, so a huge layer near the top is not
+/// started last (its sha256 cannot be split, and the writer must wait for
+/// it).
 struct Queue {
-    /// Plan indices of the layers left, in archive order.
+    /// Plan indices of the layers to hash, in archive order.
     in_order: Vec<usize>,
-    /// The same layers, largest first.
-    by_size: Vec<usize>,
+    /// The same layers, largest first: sorted once they are all listed.
+    by_size: OnceLock<Vec<usize>>,
     taken: Vec<AtomicBool>,
     next_in_order: AtomicUsize,
+    next_to_list: AtomicUsize,
     next_by_size: AtomicUsize,
 }
 
 impl Queue {
     fn new(plan: &ImagePlan, store: &[usize]) -> Queue {
-        let size = |i: usize| match &plan.layers[i] {
-            PlannedLayer::Store { listing, .. } => listing.file_bytes,
-            _ => 0,
-        };
-        let mut by_size = store.to_vec();
-        by_size.sort_by_key(|&i| std::cmp::Reverse(size(i)));
         Queue {
             in_order: store.to_vec(),
-            by_size,
+            by_size: OnceLock::new(),
             taken: (0..plan.layers.len()).map(|_| AtomicBool::new(false)).collect(),
             next_in_order: AtomicUsize::new(0),
+            next_to_list: AtomicUsize::new(0),
             next_by_size: AtomicUsize::new(0),
         }
     }
 
-    fn take(&self, worker: usize) -> Option<usize> {
-        let (list, cursor) =
-            if worker == 0 { (&self.in_order, &self.next_in_order) } else { (&self.by_size, &self.next_by_size) };
+    /// A layer for a helper worker to list, while any is left.
+    fn to_list(&self) -> Option<usize> {
+        self.in_order.get(self.next_to_list.fetch_add(1, Ordering::Relaxed)).copied()
+    }
+
+    fn take(&self, plan: &ImagePlan, worker: usize) -> Option<usize> {
+        let (list, cursor) = if worker == 0 {
+            (&self.in_order, &self.next_in_order)
+        } else {
+            // Every helper lists until none is left, so all are listed here
+            // (a layer worker 0 is listing is waited for by `get`).
+            let by_size = self.by_size.get_or_init(|| {
+                let size = |i: usize| match &plan.layers[i] {
+                    PlannedLayer::Store { listing, .. } => listing.peek().map_or(0, |l| l.file_bytes),
+                    _ => 0,
+                };
+                let mut v = self.in_order.clone();
+                v.sort_by_key(|&i| std::cmp::Reverse(size(i)));
+                v
+            });
+            (by_size, &self.next_by_size)
+        };
         loop {
             let k = cursor.fetch_add(1, Ordering::Relaxed);
             let &i = list.get(k)?;
@@ -323,16 +342,33 @@ impl Queue {
 }
 
 fn hash_worker(plan: &ImagePlan, queue: &Queue, worker: usize, slots: &Slots, progress: &Progress) {
+    let listing = |i: usize| match &plan.layers[i] {
+        PlannedLayer::Store { listing, .. } => {
+            listing.get().map_err(|source| ArchiveError::Walk { layer: i + 1, source })
+        }
+        _ => unreachable!("store index"),
+    };
+    if worker > 0 {
+        while let Some(i) = queue.to_list() {
+            if slots.abort.load(Ordering::Relaxed) {
+                return;
+            }
+            if let Err(e) = listing(i) {
+                slots.put(i, Err(e));
+                return;
+            }
+        }
+    }
     let mut scratch = Scratch::default();
     loop {
         if slots.abort.load(Ordering::Relaxed) {
             return;
         }
-        let Some(i) = queue.take(worker) else { return };
-        let PlannedLayer::Store { listing, owner, .. } = &plan.layers[i] else { unreachable!("store index") };
+        let Some(i) = queue.take(plan, worker) else { return };
+        let PlannedLayer::Store { owner, .. } = &plan.layers[i] else { unreachable!("store index") };
         let owner = owner.as_ref().unwrap_or(&plan.owner);
         let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            hash_layer(listing, owner, &mut scratch, &slots.abort)
+            hash_layer(listing(i)?, owner, &mut scratch, &slots.abort)
                 .map_err(|source| ArchiveError::Layer { layer: i + 1, source })
         }))
         .unwrap_or_else(|panic| {
@@ -410,6 +446,8 @@ fn stream<W: Write>(plan: &ImagePlan, out: W, slots: &Slots, progress: &Progress
                     outer.flush().map_err(ArchiveError::Output)?;
                 }
                 let Hashed { digest: d, files } = slots.wait(i)?;
+                // Listed by the worker that hashed it, or (a known digest) here.
+                let listing = listing.get().map_err(|source| ArchiveError::Walk { layer: num, source })?;
                 let name = format!("{}/layer.tar", d.hex());
                 outer.header(&Header::plain_file(name.as_bytes(), d.size, mtime))?;
                 // Per-file xxh3 when this run hashed the layer, else sha256.

@@ -299,8 +299,8 @@ fn emit(conf: &Conf, o: &OutputArgs, nar_hashes: &HashMap<String, String>) -> an
         !io::stdout().is_terminal(),
         "refusing to write an image archive to a terminal; pipe it into `docker load` or redirect it to a file"
     );
-    let plan = ImagePlan::from_conf(conf, jobs)?;
-    let (cache, known) = CacheUse::new(&plan, o.run.cache.as_deref(), nar_hashes)?;
+    let plan = ImagePlan::from_conf(conf)?;
+    let (cache, known) = CacheUse::new(&plan, o.run.cache.as_deref(), nar_hashes, jobs)?;
     let progress = Progress::new(Mode::detect(o.run.quiet), plan.layers.len());
     let stdout = stdout_file();
     grow_pipe(&stdout);
@@ -325,15 +325,20 @@ struct CacheUse {
 
 impl CacheUse {
     /// Opens the cache and looks every store layer up; returns the hits as
-    /// the archive stage's known digests.
+    /// the archive stage's known digests.  With a cache, every layer is
+    /// listed first (`jobs` at a time): the keys are made from the listings.
     fn new(
         plan: &ImagePlan,
         dir: Option<&Path>,
         nar_hashes: &HashMap<String, String>,
+        jobs: usize,
     ) -> anyhow::Result<(CacheUse, Vec<Option<Hashed>>)> {
         let cache = dir.map(DigestCache::open).transpose()?;
         let keys = match &cache {
-            Some(_) => cache_keys(plan, nar_hashes),
+            Some(_) => {
+                plan.list_all(jobs)?;
+                cache_keys(plan, nar_hashes)
+            }
             None => vec![None; plan.layers.len()],
         };
         let known = keys
@@ -342,7 +347,7 @@ impl CacheUse {
             .map(|(key, layer)| {
                 let (c, key) = (cache.as_ref()?, key.as_ref()?);
                 let PlannedLayer::Store { listing, .. } = layer else { return None };
-                let files = listing.entries.iter().filter(|e| e.kind == Kind::File).count();
+                let files = listing.peek()?.entries.iter().filter(|e| e.kind == Kind::File).count();
                 let hit = c.get(key, files)?;
                 Some(Hashed { digest: hit.digest, files: Some(hit.files) })
             })
@@ -373,8 +378,8 @@ impl CacheUse {
 fn digest(a: &DigestArgs) -> anyhow::Result<()> {
     let conf = a.conf.load()?;
     let jobs = a.run.jobs.unwrap_or_else(default_jobs).max(1);
-    let plan = ImagePlan::from_conf(&conf, jobs)?;
-    let (cache, known) = CacheUse::new(&plan, a.run.cache.as_deref(), &HashMap::new())?;
+    let plan = ImagePlan::from_conf(&conf)?;
+    let (cache, known) = CacheUse::new(&plan, a.run.cache.as_deref(), &HashMap::new(), jobs)?;
     let progress = Progress::new(Mode::detect(a.run.quiet), plan.layers.len());
     let summary = hash_only(&plan, &ArchiveOptions { jobs, known }, &progress)?;
     progress.finish();
@@ -411,7 +416,7 @@ fn cache_keys(plan: &ImagePlan, nar_hashes: &HashMap<String, String>) -> Vec<Opt
             let owner = owner.as_ref().unwrap_or(&plan.owner);
             let nar: Option<Vec<(&str, &str)>> =
                 paths_text.iter().map(|p| nar_hashes.get(p).map(|h| (p.as_str(), h.as_str()))).collect();
-            Some(crate::cache::layer_key(listing, owner, nar.as_deref()))
+            Some(crate::cache::layer_key(listing.peek()?, owner, nar.as_deref()))
         })
         .collect()
 }

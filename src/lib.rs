@@ -2,7 +2,7 @@
 //!
 //! The stages, each a module and each testable alone:
 //! [`conf`] (the configuration) → [`plan`] (an [`plan::ImagePlan`]: base
-//! image indexed, store layers listed by [`walk`]) → [`archive`] (layers
+//! image indexed, store layers to be listed by [`walk`] on first use) → [`archive`] (layers
 //! hashed in parallel by [`layer`] into [`hash`] sinks, then streamed in
 //! order through verifying writers, with [`image`] building config and
 //! manifest).  [`tarheader`] and [`pyjson`] own the bytes that must equal

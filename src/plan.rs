@@ -2,15 +2,21 @@
 //! and checked before the first byte is written.
 //!
 //! It is built from a [`Conf`]: the base image indexed and validated, every
-//! store layer listed (in parallel, one walk per layer), the customisation
-//! layer's checksum read and its tar stat'ed, and the image config merged with
-//! the base image's `Env` as the reference does.  Nothing is hashed here; the
-//! next stage ([`crate::archive`]) hashes and streams from this value.
+//! store path checked to exist, the customisation layer's checksum read and
+//! its tar stat'ed, and the image config merged with the base image's `Env`
+//! as the reference does.  Each store layer's listing (every entry with every
+//! field that decides its bytes) is a [`LayerListing`]: made once, by the
+//! first thread that needs it.  The hashing workers list a layer just before
+//! hashing it, so the bottom layer is hashed (and the archive's first byte
+//! written) without waiting for the walk of every other layer; callers that
+//! want every listing up front (the digest cache, `plan`) call
+//! [`ImagePlan::list_all`].  Nothing is hashed here; the next stage
+//! ([`crate::archive`]) hashes and streams from this value.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, OnceLock};
 
 use serde_json::{Map, Value};
 
@@ -25,7 +31,7 @@ pub enum PlanError {
     #[error(transparent)]
     Base(#[from] BaseError),
     #[error("store layer {layer}: {source}")]
-    Walk { layer: usize, source: WalkError },
+    Walk { layer: usize, source: Arc<WalkError> },
     #[error("customisation layer {path}: {what}")]
     Customisation { path: PathBuf, what: String },
 }
@@ -47,7 +53,7 @@ pub struct Customisation {
     pub mtime_ns: i128,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum PlannedLayer {
     /// Layer `index` of the base image, copied through.
     Base {
@@ -58,13 +64,43 @@ pub enum PlannedLayer {
     /// owner settings (numeric 0:0 for `--contents`).
     Store {
         paths_text: Vec<String>,
-        listing: Listing,
+        listing: LayerListing,
         owner: Option<Owner>,
     },
     Customisation(Customisation),
 }
 
-#[derive(Debug, Clone)]
+/// A store layer's listing, walked once, by whichever thread asks first
+/// (others asking meanwhile wait for that walk).
+#[derive(Debug)]
+pub struct LayerListing {
+    paths: Vec<PathBuf>,
+    cell: OnceLock<Result<Listing, Arc<WalkError>>>,
+}
+
+impl LayerListing {
+    /// A layer of these store paths, not walked yet.
+    pub fn new(paths: Vec<PathBuf>) -> LayerListing {
+        LayerListing { paths, cell: OnceLock::new() }
+    }
+
+    /// A layer already listed.
+    pub fn ready(listing: Listing) -> LayerListing {
+        LayerListing { paths: Vec::new(), cell: OnceLock::from(Ok(listing)) }
+    }
+
+    /// The listing, walking the paths now if nobody has.
+    pub fn get(&self) -> Result<&Listing, Arc<WalkError>> {
+        self.cell.get_or_init(|| list_layer(&self.paths).map_err(Arc::new)).as_ref().map_err(Arc::clone)
+    }
+
+    /// The listing if it is made already (never walks, never waits).
+    pub fn peek(&self) -> Option<&Listing> {
+        self.cell.get().and_then(|r| r.as_ref().ok())
+    }
+}
+
+#[derive(Debug)]
 pub struct ImagePlan {
     pub owner: Owner,
     /// `datetime.isoformat(created)`.
@@ -78,27 +114,31 @@ pub struct ImagePlan {
 }
 
 impl ImagePlan {
-    pub fn from_conf(conf: &Conf, jobs: usize) -> Result<ImagePlan, PlanError> {
+    pub fn from_conf(conf: &Conf) -> Result<ImagePlan, PlanError> {
         let base = conf.from_image.as_deref().map(BaseImage::open).transpose()?;
         let top = match &conf.customisation {
             CustomisationSource::Prebuilt { dir, text } => PlannedLayer::Customisation(customisation(dir, text)?),
             CustomisationSource::Contents(dir) => {
                 let listing = match dir {
-                    Some(d) => list_contents(d).map_err(|source| PlanError::Walk { layer: 0, source })?,
+                    Some(d) => {
+                        list_contents(d).map_err(|source| PlanError::Walk { layer: 0, source: Arc::new(source) })?
+                    }
                     None => Listing::default(),
                 };
+                let listing = LayerListing::ready(listing);
                 let owner = Owner { uid: 0, gid: 0, uname: Vec::new(), gname: Vec::new(), mtime: conf.mtime };
                 let paths_text = dir.iter().map(|d| d.display().to_string()).collect();
                 PlannedLayer::Store { paths_text, listing, owner: Some(owner) }
             }
         };
-        let listings = list_layers(&conf.store_layers, jobs)?;
+        check_paths(&conf.store_layers)?;
 
         let mut layers: Vec<PlannedLayer> = Vec::new();
         if let Some(b) = &base {
             layers.extend((0..b.layers.len()).map(|index| PlannedLayer::Base { index }));
         }
-        for (paths_text, listing) in conf.store_layers_text.iter().zip(listings) {
+        for (paths_text, paths) in conf.store_layers_text.iter().zip(&conf.store_layers) {
+            let listing = LayerListing::new(paths.clone());
             layers.push(PlannedLayer::Store { paths_text: paths_text.clone(), listing, owner: None });
         }
         layers.push(top);
@@ -136,29 +176,54 @@ impl ImagePlan {
     }
 }
 
-/// Lists every store layer, `jobs` layers at a time.
-fn list_layers(layers: &[Vec<PathBuf>], jobs: usize) -> Result<Vec<Listing>, PlanError> {
-    let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<Result<Listing, WalkError>>>> = Mutex::new((0..layers.len()).map(|_| None).collect());
-    std::thread::scope(|s| {
-        for _ in 0..jobs.clamp(1, layers.len().max(1)) {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= layers.len() {
-                    break;
-                }
-                let r = list_layer(&layers[i]);
-                results.lock().expect("lister panicked")[i] = Some(r);
-            });
+impl ImagePlan {
+    /// Lists every store layer not listed yet, `jobs` layers at a time; the
+    /// first error (by layer) is returned.
+    pub fn list_all(&self, jobs: usize) -> Result<(), PlanError> {
+        // Numbered as in `store_layers`, like `check_paths`.
+        let store: Vec<(usize, &LayerListing)> = self
+            .layers
+            .iter()
+            .filter_map(|l| match l {
+                PlannedLayer::Store { listing, owner: None, .. } => Some(listing),
+                _ => None,
+            })
+            .enumerate()
+            .collect();
+        let next = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..jobs.clamp(1, store.len().max(1)) {
+                s.spawn(|| {
+                    while let Some((_, l)) = store.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        let _ = l.get();
+                    }
+                });
+            }
+        });
+        for (i, l) in store {
+            l.get().map_err(|source| PlanError::Walk { layer: i + 1, source })?;
         }
-    });
-    results
-        .into_inner()
-        .expect("lister panicked")
-        .into_iter()
-        .enumerate()
-        .map(|(i, r)| r.expect("every layer listed").map_err(|source| PlanError::Walk { layer: i + 1, source }))
-        .collect()
+        Ok(())
+    }
+}
+
+/// Every store path must exist before a byte is written: the one check of
+/// the walk that is cheap enough to make for every layer up front (the
+/// walks themselves run in the hashing workers).
+fn check_paths(layers: &[Vec<PathBuf>]) -> Result<(), PlanError> {
+    for (i, paths) in layers.iter().enumerate() {
+        for p in paths {
+            if let Err(e) = std::fs::symlink_metadata(p) {
+                let source = if e.kind() == std::io::ErrorKind::NotFound {
+                    WalkError::Missing { path: p.clone() }
+                } else {
+                    WalkError::Io { path: p.clone(), source: e }
+                };
+                return Err(PlanError::Walk { layer: i + 1, source: Arc::new(source) });
+            }
+        }
+    }
+    Ok(())
 }
 
 fn customisation(dir: &std::path::Path, text: &str) -> Result<Customisation, PlanError> {

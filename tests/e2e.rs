@@ -290,7 +290,7 @@ fn what_a_failed_run_leaves_is_refused_by_every_client() {
     let tmp = tempfile::tempdir().unwrap();
     let tag = "nixstream-e2e/failed:latest";
     let conf = nixstream::conf::Conf::load(&conf(tmp.path(), tag), None).unwrap();
-    let plan = nixstream::plan::ImagePlan::from_conf(&conf, 2).unwrap();
+    let plan = nixstream::plan::ImagePlan::from_conf(&conf).unwrap();
     // The third store layer's digest is stale (as if its files changed
     // after the hashing pass): the run must fail, and what it wrote must not
     // load anywhere.

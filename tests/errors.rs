@@ -101,6 +101,19 @@ fn store_path_missing() {
     fails_with(&f.conf(&c), &["zzzz-not-built", "does not exist"]);
 }
 
+/// Layers are listed by the hashing workers, while earlier layers stream;
+/// a store path that does not exist is still caught before any output.
+#[test]
+fn store_path_missing_in_a_top_layer_stops_before_any_output() {
+    let f = fixture();
+    let c = conf_json(&f.store, &[vec![f.pkg.clone()], vec![f.store.join("zzzz-not-built")]], &f.cust);
+    let out = bin().args(["stream", "-q"]).arg(f.conf(&c)).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("store layer 2") && err.contains("zzzz-not-built"), "{err}");
+    assert!(out.stdout.is_empty(), "{} bytes written before the error", out.stdout.len());
+}
+
 #[test]
 fn store_path_outside_store_dir() {
     let f = fixture();
@@ -202,9 +215,13 @@ fn full_disk_is_an_error() {
     assert!(err.contains("No space left on device"), "{err}");
 }
 
+/// The fixture's plan with every layer listed: what a test changes next
+/// happens after the listing.
 fn plan_of(f: &Fixture) -> ImagePlan {
     let conf = Conf::from_value(f.good(), None, DateTime::now_utc()).unwrap();
-    ImagePlan::from_conf(&conf, 2).unwrap()
+    let plan = ImagePlan::from_conf(&conf).unwrap();
+    plan.list_all(2).unwrap();
+    plan
 }
 
 #[test]
