@@ -21,10 +21,11 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use crate::baseimage::BaseError;
 use crate::hash::{hex, HashSink, LayerDigest, OverrunError, VerifyingWriter};
 use crate::image::{image_meta, ImageMeta};
-use crate::layer::{write_store_layer, FileCheck, LayerError, Owner, Scratch};
+use crate::layer::{FileCheck, LayerError, Owner};
 use crate::plan::{Customisation, ImagePlan, PlannedLayer};
 use crate::progress::Progress;
 use crate::pyjson::repr_str_list;
+use crate::segment::render_layer;
 use crate::tarheader::{self, Header};
 use crate::walk::{Listing, WalkError};
 use crate::writer;
@@ -202,7 +203,8 @@ pub fn write_archive<W: Write + Send>(
     let (chunks, full, empty) = writer::channel();
     std::thread::scope(|s| {
         let w = s.spawn(move || writer::run(out, full, empty));
-        let streamed = with_hashers(plan, opts, progress, |slots| stream(plan, chunks, slots, progress));
+        let streamed =
+            with_hashers(plan, opts, progress, |slots| stream(plan, chunks, slots, readers(opts.jobs), progress));
         let written = w.join().unwrap_or_else(|_| Err(io::Error::other("the output writer panicked")));
         match (streamed, written) {
             // The writer's own error (a closed pipe, a full disk) is the
@@ -269,7 +271,7 @@ fn with_hashers<T>(
         for w in 0..workers {
             let queue = &queue;
             let slots = &slots;
-            s.spawn(move || hash_worker(plan, queue, w, slots, progress));
+            s.spawn(move || hash_worker(plan, queue, w, readers(opts.jobs), slots, progress));
         }
         let r = f(&slots);
         if r.is_err() {
@@ -281,11 +283,11 @@ fn with_hashers<T>(
 
 /// Which store layer a hashing worker lists and hashes next.  Worker 0
 /// takes them in archive order, listing each just before hashing it, so the
-/// writer can start as soon as the bottom layer is listed and hashed.  The
-/// others first list every layer (in archive order, ahead of worker 0), then
-/// hash the largest layer left first, so a huge layer near the top is not
-/// started last (its sha256 cannot be split, and the writer must wait for
-/// it).
+/// writer can start as soon as the bottom layer is listed and hashed; the
+/// others wait for that first layer (whose readers then have every core),
+/// then list every layer (in archive order, ahead of worker 0), then hash
+/// the largest layer left first, so a huge layer near the top is not started
+/// last (its sha256 cannot be split, and the writer must wait for it).
 struct Queue {
     /// Plan indices of the layers to hash, in archive order.
     in_order: Vec<usize>,
@@ -295,6 +297,19 @@ struct Queue {
     next_in_order: AtomicUsize,
     next_to_list: AtomicUsize,
     next_by_size: AtomicUsize,
+    /// Set once worker 0 is done with its first layer (or has none).
+    first_done: Mutex<bool>,
+    first_cv: Condvar,
+}
+
+/// Marks worker 0's first layer done when dropped, whatever happened to it.
+struct FirstDone<'q>(&'q Queue);
+
+impl Drop for FirstDone<'_> {
+    fn drop(&mut self) {
+        *self.0.first_done.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.0.first_cv.notify_all();
+    }
 }
 
 impl Queue {
@@ -306,6 +321,15 @@ impl Queue {
             next_in_order: AtomicUsize::new(0),
             next_to_list: AtomicUsize::new(0),
             next_by_size: AtomicUsize::new(0),
+            first_done: Mutex::new(false),
+            first_cv: Condvar::new(),
+        }
+    }
+
+    fn wait_first(&self) {
+        let mut g = self.first_done.lock().unwrap_or_else(|p| p.into_inner());
+        while !*g {
+            g = self.first_cv.wait(g).unwrap_or_else(|p| p.into_inner());
         }
     }
 
@@ -341,14 +365,16 @@ impl Queue {
     }
 }
 
-fn hash_worker(plan: &ImagePlan, queue: &Queue, worker: usize, slots: &Slots, progress: &Progress) {
+fn hash_worker(plan: &ImagePlan, queue: &Queue, worker: usize, readers: usize, slots: &Slots, progress: &Progress) {
     let listing = |i: usize| match &plan.layers[i] {
         PlannedLayer::Store { listing, .. } => {
             listing.get().map_err(|source| ArchiveError::Walk { layer: i + 1, source })
         }
         _ => unreachable!("store index"),
     };
+    let mut first = (worker == 0).then(|| FirstDone(queue));
     if worker > 0 {
+        queue.wait_first();
         while let Some(i) = queue.to_list() {
             if slots.abort.load(Ordering::Relaxed) {
                 return;
@@ -359,7 +385,6 @@ fn hash_worker(plan: &ImagePlan, queue: &Queue, worker: usize, slots: &Slots, pr
             }
         }
     }
-    let mut scratch = Scratch::default();
     loop {
         if slots.abort.load(Ordering::Relaxed) {
             return;
@@ -368,7 +393,7 @@ fn hash_worker(plan: &ImagePlan, queue: &Queue, worker: usize, slots: &Slots, pr
         let PlannedLayer::Store { owner, .. } = &plan.layers[i] else { unreachable!("store index") };
         let owner = owner.as_ref().unwrap_or(&plan.owner);
         let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            hash_layer(listing(i)?, owner, &mut scratch, &slots.abort)
+            hash_layer(listing(i)?, owner, readers, &slots.abort)
                 .map_err(|source| ArchiveError::Layer { layer: i + 1, source })
         }))
         .unwrap_or_else(|panic| {
@@ -384,41 +409,38 @@ fn hash_worker(plan: &ImagePlan, queue: &Queue, worker: usize, slots: &Slots, pr
         }
         let failed = r.is_err();
         slots.put(i, r);
+        first.take();
         if failed {
             return;
         }
     }
 }
 
-/// Hashes one store layer: the producer (opening, reading, xxh3, headers)
-/// runs on a thread of its own and hands 256 KiB chunks to this thread's
-/// sha256, so a layer takes the longer of the two rather than their sum
+/// Hashes one store layer: `readers` threads open, read and check its files
+/// ([`render_layer`]) while this thread runs sha256 over their output in
+/// order, so a layer takes the longer of the two rather than their sum
 /// (what bounds an image dominated by one big store path).
-fn hash_layer(
-    listing: &Listing,
-    owner: &Owner,
-    scratch: &mut Scratch,
-    abort: &AtomicBool,
-) -> Result<Hashed, LayerError> {
-    let (mut chunks, full, empty) = writer::channel_sized(1 << 18, 4);
-    std::thread::scope(|s| {
-        let producer = s.spawn(move || {
-            let mut files = Vec::new();
-            write_store_layer(listing, owner, &mut chunks, scratch, FileCheck::Record(&mut files), Some(abort))?;
-            chunks.flush().map_err(LayerError::Output)?;
-            Ok(files)
-        });
-        let sink = writer::run(HashSink::new(), full, empty);
-        let files = producer.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?;
-        let sink = sink.map_err(LayerError::Output)?;
-        Ok(Hashed { digest: sink.finish(), files: Some(files) })
-    })
+fn hash_layer(listing: &Listing, owner: &Owner, readers: usize, abort: &AtomicBool) -> Result<Hashed, LayerError> {
+    let mut files = Vec::new();
+    let mut sink = HashSink::new();
+    render_layer(listing, owner, &mut sink, FileCheck::Record(&mut files), Some(abort), readers)?;
+    Ok(Hashed { digest: sink.finish(), files: Some(files) })
 }
 
-fn stream<W: Write>(plan: &ImagePlan, out: W, slots: &Slots, progress: &Progress) -> Result<Summary, ArchiveError> {
+/// Reader threads per layer ([`crate::segment`]): one per core.
+fn readers(jobs: usize) -> usize {
+    jobs.clamp(1, 8)
+}
+
+fn stream<W: Write>(
+    plan: &ImagePlan,
+    out: W,
+    slots: &Slots,
+    readers: usize,
+    progress: &Progress,
+) -> Result<Summary, ArchiveError> {
     let mtime = plan.owner.mtime;
     let mut outer = Outer { out, offset: 0, progress, header: Vec::with_capacity(2048) };
-    let mut scratch = Scratch::default();
     let mut digests = Vec::with_capacity(plan.layers.len());
     let mut confirmed = vec![None; plan.layers.len()];
     let total = plan.layers.len();
@@ -449,13 +471,20 @@ fn stream<W: Write>(plan: &ImagePlan, out: W, slots: &Slots, progress: &Progress
                 // Listed by the worker that hashed it, or (a known digest) here.
                 let listing = listing.get().map_err(|source| ArchiveError::Walk { layer: num, source })?;
                 let name = format!("{}/layer.tar", d.hex());
+                let first = outer.offset == 0;
                 outer.header(&Header::plain_file(name.as_bytes(), d.size, mtime))?;
+                if first {
+                    // The consumer has the archive's first bytes now, not
+                    // once the first chunk is full (while the readers share
+                    // the cores with the next layers' hashing).
+                    outer.flush().map_err(ArchiveError::Output)?;
+                }
                 // Per-file xxh3 when this run hashed the layer, else sha256.
                 let (mut v, check) = match &files {
                     Some(f) => (VerifyingWriter::size_only(&mut outer, d), FileCheck::Verify(f)),
                     None => (VerifyingWriter::new(&mut outer, d), FileCheck::Off),
                 };
-                match write_store_layer(listing, owner, &mut v, &mut scratch, check, Some(&slots.abort)) {
+                match render_layer(listing, owner, &mut v, check, Some(&slots.abort), readers) {
                     Ok(_) => {}
                     Err(LayerError::Aborted) => {
                         return Err(slots.first_error().unwrap_or(ArchiveError::Worker("aborted".into())))

@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::fsat::{self, CName};
 use crate::tarheader::{self, typeflag, Header};
-use crate::walk::{Entry, Kind, Listing};
+use crate::walk::{Entry, Kind, Listing, NO_PARENT};
 
 /// Owner and time applied to every store-layer entry (`apply_filters`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -88,26 +88,68 @@ pub fn write_store_layer<W: Write>(
     owner: &Owner,
     out: &mut W,
     scratch: &mut Scratch,
-    mut check: FileCheck<'_>,
+    check: FileCheck<'_>,
     abort: Option<&AtomicBool>,
 ) -> Result<u64, LayerError> {
-    let mut file_no = 0usize;
     let mut out = Counting { out, written: 0 };
+    write_prologue(listing, owner, &mut out, scratch)?;
+    write_entries(listing, 0..listing.entries.len(), owner, &mut out, scratch, check, abort)?;
+    write_epilogue(&mut out)?;
+    Ok(out.written)
+}
 
-    // "To be consistent with the docker utilities": /nix and /nix/store
-    // first, literally, whatever store_dir is.
+/// The layer's first members: "to be consistent with the docker
+/// utilities", `/nix` and `/nix/store`, literally, whatever store_dir is
+/// (not in a contents layer).
+pub fn write_prologue<W: Write>(
+    listing: &Listing,
+    owner: &Owner,
+    out: &mut W,
+    scratch: &mut Scratch,
+) -> Result<(), LayerError> {
     if listing.nix_dirs {
         scratch.header.clear();
         for dir in [&b"/nix"[..], b"/nix/store"] {
             tarheader::encode(&entry_header(dir, b"", Kind::Directory, 0o755, 0, owner), &mut scratch.header);
         }
-        out.emit(&scratch.header)?;
+        out.write_all(&scratch.header).map_err(LayerError::Output)?;
     }
+    Ok(())
+}
+
+/// `tarfile`'s end of archive for a layer `written` bytes long so far: two
+/// zero blocks, then zeros to the end of a 10240-byte record.
+pub fn write_epilogue<W: Write>(out: &mut Counting<'_, W>) -> Result<(), LayerError> {
+    let end = tarheader::end_of_archive_len(out.written);
+    out.emit(&ZEROS[..end])
+}
+
+/// Writes the members of `listing.entries[range]`: each header, and each
+/// file's content and padding.  A range may start anywhere: the directories
+/// above its first entry are opened first (from its store path down, each
+/// checked like any entry), so a layer can be rendered in independent runs
+/// whose outputs, concatenated in order, are the layer's middle.  With
+/// [`FileCheck`], file numbers count from the range's first file.
+pub fn write_entries<W: Write>(
+    listing: &Listing,
+    range: std::ops::Range<usize>,
+    owner: &Owner,
+    out: &mut W,
+    scratch: &mut Scratch,
+    mut check: FileCheck<'_>,
+    abort: Option<&AtomicBool>,
+) -> Result<(), LayerError> {
+    let mut file_no = 0usize;
+    let mut out = Counting { out, written: 0 };
 
     // Open directories from the current entry up: each entry is opened
     // relative to its parent's descriptor (see `crate::fsat`).
     let mut dirs: Vec<(u32, OwnedFd)> = Vec::new();
-    for (index, e) in listing.entries.iter().enumerate() {
+    if let Some(first) = listing.entries.get(range.start) {
+        open_ancestors(listing, first.parent, &mut dirs, &mut scratch.name)?;
+    }
+    for index in range {
+        let e = &listing.entries[index];
         if abort.is_some_and(|a| a.load(Ordering::Relaxed)) {
             return Err(LayerError::Aborted);
         }
@@ -146,22 +188,59 @@ pub fn write_store_layer<W: Write>(
         file_no += 1;
         out.emit(&ZEROS[..tarheader::data_padding(e.size)])?;
     }
-    let end = tarheader::end_of_archive_len(out.written);
-    out.emit(&ZEROS[..end])?;
-    Ok(out.written)
+    Ok(())
 }
 
-/// The layer's output, counting bytes; output errors become `LayerError::Output`.
-struct Counting<'a, W> {
-    out: &'a mut W,
-    written: u64,
+/// Pushes onto `dirs` the directory `index` and those above it, outermost
+/// first, each opened through the one above (the outermost by its path).
+fn open_ancestors(
+    listing: &Listing,
+    index: u32,
+    dirs: &mut Vec<(u32, OwnedFd)>,
+    name: &mut CName,
+) -> Result<(), LayerError> {
+    let mut chain = Vec::new();
+    let mut i = index;
+    while i != NO_PARENT {
+        chain.push(i);
+        i = listing.entries[i as usize].parent;
+    }
+    for &i in chain.iter().rev() {
+        let e = &listing.entries[i as usize];
+        let parent = dirs.last().map(|(_, fd)| fd.as_fd());
+        let path = listing.path(e);
+        let open_name = if parent.is_some() { listing.open_name(e) } else { path };
+        let fd = open_entry(e, path, parent, open_name, name)?;
+        dirs.push((i, fd));
+    }
+    Ok(())
+}
+
+/// A layer's output, counting bytes; output errors become `LayerError::Output`.
+pub struct Counting<'a, W> {
+    pub out: &'a mut W,
+    pub written: u64,
 }
 
 impl<W: Write> Counting<'_, W> {
     fn emit(&mut self, bytes: &[u8]) -> Result<(), LayerError> {
-        self.out.write_all(bytes).map_err(LayerError::Output)?;
-        self.written += bytes.len() as u64;
+        self.write_all(bytes).map_err(LayerError::Output)
+    }
+}
+
+impl<W: Write> Write for Counting<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_all(buf).map(|()| buf.len())
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.out.write_all(buf)?;
+        self.written += buf.len() as u64;
         Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
     }
 }
 

@@ -26,6 +26,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod progress;
 pub mod pyjson;
+pub mod segment;
 pub mod tarheader;
 pub mod tarread;
 pub mod verify;

@@ -48,6 +48,15 @@ impl Chunks {
     }
 }
 
+impl Chunks {
+    /// Hands over the current chunk, then an empty one: a marker that ends
+    /// one part of the stream (a segment, see [`crate::segment`]).
+    pub fn end_part(&mut self) -> io::Result<()> {
+        self.hand_over()?;
+        self.full.send(Vec::new()).map_err(|_| io::Error::other(WriterGone))
+    }
+}
+
 impl Write for Chunks {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.write_all(buf).map(|()| buf.len())
