@@ -8,9 +8,12 @@
 //! first, then every listed entry with the configured owner and mtime, hard
 //! links as regular files, then `tarfile`'s end-of-archive padding.
 //!
-//! Every file is opened without following symlinks and checked against the
-//! listing (type, size, inode, mtime) before a byte of it is used, and must
-//! yield exactly the listed size.  The hashing pass also records each file's
+//! Every file is opened without following symlinks and must yield exactly
+//! the listed size.  The streaming pass checks each entry against the
+//! listing (type, size, inode, mtime) before a byte of it is used; the
+//! hashing pass spares itself that `fstat` per entry, since a file that
+//! changed before or while it was hashed no longer matches the listing when
+//! the streaming pass opens it.  The hashing pass also records each file's
 //! xxh3-128 ([`FileCheck::Record`]) and the streaming pass compares it
 //! ([`FileCheck::Verify`]): the header bytes come from the same listing in
 //! both passes, so equal contents mean an equal layer, and a file whose bytes
@@ -167,7 +170,11 @@ pub fn write_entries<W: Write>(
         }
         let parent = dirs.last().map(|(_, fd)| fd.as_fd());
         let open_name = if parent.is_some() { listing.open_name(e) } else { path };
-        let fd = open_entry(e, path, parent, open_name, &mut scratch.name)?;
+        // The hashing pass opens without checking: the streaming pass checks
+        // every entry against the listing (a file that changed before or
+        // during the hashing pass has another mtime, size or inode by then).
+        let identity = if matches!(check, FileCheck::Record(_)) { Identity::Unchecked } else { Identity::Checked };
+        let fd = open_entry(e, path, parent, open_name, &mut scratch.name, identity)?;
         if e.kind == Kind::Directory {
             dirs.push((index as u32, fd));
             continue;
@@ -210,7 +217,7 @@ fn open_ancestors(
         let parent = dirs.last().map(|(_, fd)| fd.as_fd());
         let path = listing.path(e);
         let open_name = if parent.is_some() { listing.open_name(e) } else { path };
-        let fd = open_entry(e, path, parent, open_name, name)?;
+        let fd = open_entry(e, path, parent, open_name, name, Identity::Checked)?;
         dirs.push((i, fd));
     }
     Ok(())
@@ -266,7 +273,15 @@ fn entry_header<'a>(name: &'a [u8], link: &'a [u8], kind: Kind, mode: u32, size:
     }
 }
 
-/// Opens a directory or file entry (never following a symlink) and checks
+/// Whether [`open_entry`] compares what it opened with the listing.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Identity {
+    Checked,
+    Unchecked,
+}
+
+/// Opens a directory or file entry (never following a symlink, never
+/// blocking on a fifo put in its place) and, when `identity` says so, checks
 /// it is still what the listing saw: same type, device, inode, size and
 /// mtime.
 fn open_entry(
@@ -275,11 +290,13 @@ fn open_entry(
     parent: Option<BorrowedFd<'_>>,
     open_name: &[u8],
     name: &mut CName,
+    identity: Identity,
 ) -> Result<OwnedFd, LayerError> {
     let p = || PathBuf::from(std::ffi::OsStr::from_bytes(path));
     let changed = |what: String| LayerError::Changed { path: p(), what };
     let c = name.set(open_name).map_err(|source| LayerError::Read { path: p(), source })?;
-    let flags = if e.kind == Kind::Directory { libc::O_RDONLY | libc::O_DIRECTORY } else { libc::O_RDONLY };
+    let flags =
+        if e.kind == Kind::Directory { libc::O_RDONLY | libc::O_DIRECTORY } else { libc::O_RDONLY | libc::O_NONBLOCK };
     let fd = match fsat::open(parent, c, flags) {
         Ok(fd) => fd,
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Err(changed("it was removed".into())),
@@ -289,6 +306,9 @@ fn open_entry(
         }
         Err(source) => return Err(LayerError::Read { path: p(), source }),
     };
+    if identity == Identity::Unchecked {
+        return Ok(fd);
+    }
     let st = fsat::fstat(fd.as_fd()).map_err(|source| LayerError::Read { path: p(), source })?;
     let (want, what) = if e.kind == Kind::Directory {
         (libc::S_IFDIR, "it is no longer a directory")
@@ -328,9 +348,17 @@ fn copy_file<W: Write>(
     while left > 0 {
         let want = buf.len().min(left as usize);
         let n = match f.read(&mut buf[..want]) {
-            Ok(0) => return Err(changed(format!("it ended {left} bytes early"))),
+            Ok(0) => {
+                return Err(changed(match fsat::fstat(f.as_fd()) {
+                    Ok(st) if st.size != e.size => format!("size {} became {}", e.size, st.size),
+                    _ => format!("it ended {left} bytes early"),
+                }))
+            }
             Ok(n) => n,
             Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(err) if err.raw_os_error() == Some(libc::EISDIR) => {
+                return Err(changed("it is no longer a regular file".into()))
+            }
             Err(source) => return Err(LayerError::Read { path: p(), source }),
         };
         if let Some(x) = xxh.as_mut() {
