@@ -21,7 +21,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use crate::baseimage::BaseError;
 use crate::hash::{hex, HashSink, LayerDigest, OverrunError, VerifyingWriter};
 use crate::image::{image_meta, ImageMeta};
-use crate::layer::{FileCheck, LayerError, Owner};
+use crate::layer::{FileCheck, Identity, LayerError, Owner};
 use crate::plan::{Customisation, ImagePlan, PlannedLayer};
 use crate::progress::Progress;
 use crate::pyjson::repr_str_list;
@@ -203,8 +203,9 @@ pub fn write_archive<W: Write + Send>(
     let (chunks, full, empty) = writer::channel();
     std::thread::scope(|s| {
         let w = s.spawn(move || writer::run(out, full, empty));
-        let streamed =
-            with_hashers(plan, opts, progress, |slots| stream(plan, chunks, slots, readers(opts.jobs), progress));
+        let streamed = with_hashers(plan, opts, Identity::Checked, progress, |slots| {
+            stream(plan, chunks, slots, readers(opts.jobs), progress)
+        });
         let written = w.join().unwrap_or_else(|_| Err(io::Error::other("the output writer panicked")));
         match (streamed, written) {
             // The writer's own error (a closed pipe, a full disk) is the
@@ -220,7 +221,8 @@ pub fn write_archive<W: Write + Send>(
 /// their declared diff_id and the customisation layer at its checksum file;
 /// the streaming pass is what verifies those.
 pub fn hash_only(plan: &ImagePlan, opts: &ArchiveOptions, progress: &Progress) -> Result<Summary, ArchiveError> {
-    with_hashers(plan, opts, progress, |slots| {
+    // No streaming pass follows to compare the entries: this pass does.
+    with_hashers(plan, opts, Identity::Checked, progress, |slots| {
         let mut digests = Vec::with_capacity(plan.layers.len());
         let mut files = vec![None; plan.layers.len()];
         for (i, layer) in plan.layers.iter().enumerate() {
@@ -248,6 +250,7 @@ pub fn hash_only(plan: &ImagePlan, opts: &ArchiveOptions, progress: &Progress) -
 fn with_hashers<T>(
     plan: &ImagePlan,
     opts: &ArchiveOptions,
+    identity: Identity,
     progress: &Progress,
     f: impl FnOnce(&Slots) -> Result<T, ArchiveError>,
 ) -> Result<T, ArchiveError> {
@@ -271,7 +274,7 @@ fn with_hashers<T>(
         for w in 0..workers {
             let queue = &queue;
             let slots = &slots;
-            s.spawn(move || hash_worker(plan, queue, w, readers(opts.jobs), slots, progress));
+            s.spawn(move || hash_worker(plan, queue, w, (readers(opts.jobs), identity), slots, progress));
         }
         let r = f(&slots);
         if r.is_err() {
@@ -365,7 +368,16 @@ impl Queue {
     }
 }
 
-fn hash_worker(plan: &ImagePlan, queue: &Queue, worker: usize, readers: usize, slots: &Slots, progress: &Progress) {
+/// Worker `worker`'s loop; `identity`: whether it compares entries with the
+/// listing (not when a streaming pass, which does, follows).
+fn hash_worker(
+    plan: &ImagePlan,
+    queue: &Queue,
+    worker: usize,
+    (readers, identity): (usize, Identity),
+    slots: &Slots,
+    progress: &Progress,
+) {
     let listing = |i: usize| match &plan.layers[i] {
         PlannedLayer::Store { listing, .. } => {
             listing.get().map_err(|source| ArchiveError::Walk { layer: i + 1, source })
@@ -393,7 +405,7 @@ fn hash_worker(plan: &ImagePlan, queue: &Queue, worker: usize, readers: usize, s
         let PlannedLayer::Store { owner, .. } = &plan.layers[i] else { unreachable!("store index") };
         let owner = owner.as_ref().unwrap_or(&plan.owner);
         let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            hash_layer(listing(i)?, owner, readers, &slots.abort)
+            hash_layer(listing(i)?, owner, readers, identity, &slots.abort)
                 .map_err(|source| ArchiveError::Layer { layer: i + 1, source })
         }))
         .unwrap_or_else(|panic| {
@@ -420,10 +432,16 @@ fn hash_worker(plan: &ImagePlan, queue: &Queue, worker: usize, readers: usize, s
 /// ([`render_layer`]) while this thread runs sha256 over their output in
 /// order, so a layer takes the longer of the two rather than their sum
 /// (what bounds an image dominated by one big store path).
-fn hash_layer(listing: &Listing, owner: &Owner, readers: usize, abort: &AtomicBool) -> Result<Hashed, LayerError> {
+fn hash_layer(
+    listing: &Listing,
+    owner: &Owner,
+    readers: usize,
+    identity: Identity,
+    abort: &AtomicBool,
+) -> Result<Hashed, LayerError> {
     let mut files = Vec::new();
     let mut sink = HashSink::new();
-    render_layer(listing, owner, &mut sink, FileCheck::Record(&mut files), Some(abort), readers)?;
+    render_layer(listing, owner, &mut sink, FileCheck::Record(&mut files, identity), Some(abort), readers)?;
     Ok(Hashed { digest: sink.finish(), files: Some(files) })
 }
 

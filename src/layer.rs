@@ -10,10 +10,11 @@
 //!
 //! Every file is opened without following symlinks and must yield exactly
 //! the listed size.  The streaming pass checks each entry against the
-//! listing (type, size, inode, mtime) before a byte of it is used; the
-//! hashing pass spares itself that `fstat` per entry, since a file that
-//! changed before or while it was hashed no longer matches the listing when
-//! the streaming pass opens it.  The hashing pass also records each file's
+//! listing (type, size, inode, mtime) before a byte of it is used; a
+//! hashing pass that a streaming pass follows spares itself that `fstat` per
+//! entry ([`Identity::Unchecked`]), since a file that changed before or
+//! while it was hashed no longer matches the listing when the streaming pass
+//! opens it.  The hashing pass alone (`nixstream digest`) checks.  The hashing pass also records each file's
 //! xxh3-128 ([`FileCheck::Record`]) and the streaming pass compares it
 //! ([`FileCheck::Verify`]): the header bytes come from the same listing in
 //! both passes, so equal contents mean an equal layer, and a file whose bytes
@@ -49,8 +50,11 @@ pub struct Owner {
 pub enum FileCheck<'a> {
     /// None here (the caller verifies the whole layer's sha256 instead).
     Off,
-    /// Hashing pass: append each file's xxh3-128, in entry order.
-    Record(&'a mut Vec<u128>),
+    /// Hashing pass: append each file's xxh3-128, in entry order.  With
+    /// [`Identity::Unchecked`] entries are not compared with the listing
+    /// (for a hashing pass that a streaming pass, which compares them,
+    /// follows).
+    Record(&'a mut Vec<u128>, Identity),
     /// Streaming pass: each file's xxh3-128 must equal the recorded one.
     Verify(&'a [u128]),
 }
@@ -170,10 +174,14 @@ pub fn write_entries<W: Write>(
         }
         let parent = dirs.last().map(|(_, fd)| fd.as_fd());
         let open_name = if parent.is_some() { listing.open_name(e) } else { path };
-        // The hashing pass opens without checking: the streaming pass checks
-        // every entry against the listing (a file that changed before or
-        // during the hashing pass has another mtime, size or inode by then).
-        let identity = if matches!(check, FileCheck::Record(_)) { Identity::Unchecked } else { Identity::Checked };
+        // A hashing pass that a streaming pass follows opens without
+        // checking: the streaming pass checks every entry against the
+        // listing (a file that changed before or during the hashing pass has
+        // another mtime, size or inode by then).
+        let identity = match check {
+            FileCheck::Record(_, identity) => identity,
+            _ => Identity::Checked,
+        };
         let fd = open_entry(e, path, parent, open_name, &mut scratch.name, identity)?;
         if e.kind == Kind::Directory {
             dirs.push((index as u32, fd));
@@ -182,7 +190,7 @@ pub fn write_entries<W: Write>(
         let hashed = copy_file(e, path, File::from(fd), &mut out, &mut scratch.buf, !matches!(check, FileCheck::Off))?;
         match &mut check {
             FileCheck::Off => {}
-            FileCheck::Record(v) => v.push(hashed),
+            FileCheck::Record(v, _) => v.push(hashed),
             FileCheck::Verify(v) => {
                 if v.get(file_no) != Some(&hashed) {
                     return Err(LayerError::Changed {
@@ -273,9 +281,9 @@ fn entry_header<'a>(name: &'a [u8], link: &'a [u8], kind: Kind, mode: u32, size:
     }
 }
 
-/// Whether [`open_entry`] compares what it opened with the listing.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Identity {
+/// Whether a pass compares each entry it opens with the listing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Identity {
     Checked,
     Unchecked,
 }
@@ -395,7 +403,7 @@ mod tests {
             &owner(),
             &mut sink,
             &mut Scratch::default(),
-            FileCheck::Record(&mut files),
+            FileCheck::Record(&mut files, Identity::Checked),
             None,
         )
         .unwrap();

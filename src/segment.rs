@@ -21,7 +21,9 @@ use std::sync::atomic::AtomicBool;
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::layer::{write_entries, write_epilogue, write_prologue, Counting, FileCheck, LayerError, Owner, Scratch};
+use crate::layer::{
+    write_entries, write_epilogue, write_prologue, Counting, FileCheck, Identity, LayerError, Owner, Scratch,
+};
 use crate::walk::{Kind, Listing};
 use crate::writer::{self, Chunks};
 
@@ -79,10 +81,10 @@ pub fn render_layer<W: Write>(
 
     let (record, verify) = match check {
         FileCheck::Off => (None, None),
-        FileCheck::Record(v) => (Some(v), None),
+        FileCheck::Record(v, identity) => (Some((v, identity)), None),
         FileCheck::Verify(v) => (None, Some(v)),
     };
-    let recording = record.is_some();
+    let recording = record.as_ref().map(|(_, identity)| *identity);
     let mut recorded: Recorded = Vec::new();
 
     let merged = std::thread::scope(|s| {
@@ -125,7 +127,7 @@ pub fn render_layer<W: Write>(
             }
         }
     }
-    if let Some(v) = record {
+    if let Some((v, _)) = record {
         recorded.sort_by_key(|(seg, _)| *seg);
         for (_, files) in recorded {
             v.extend(files);
@@ -152,7 +154,7 @@ fn read_segments(
     r: usize,
     readers: usize,
     mut chunks: Chunks,
-    recording: bool,
+    recording: Option<Identity>,
     verify: Option<&[u128]>,
     abort: Option<&AtomicBool>,
 ) -> Result<Recorded, Failure> {
@@ -163,13 +165,15 @@ fn read_segments(
         let mut files = Vec::new();
         let check = match verify {
             Some(all) => FileCheck::Verify(all.get(seg.first_file..).unwrap_or(&[])),
-            None if recording => FileCheck::Record(&mut files),
-            None => FileCheck::Off,
+            None => match recording {
+                Some(identity) => FileCheck::Record(&mut files, identity),
+                None => FileCheck::Off,
+            },
         };
         write_entries(listing, seg.entries.clone(), owner, &mut chunks, &mut scratch, check, abort)
             .map_err(|e| (k, e))?;
         chunks.end_part().map_err(|e| (k, LayerError::Output(e)))?;
-        if recording {
+        if recording.is_some() {
             recorded.push((k, files));
         }
     }
@@ -241,7 +245,7 @@ mod tests {
             &owner(),
             &mut want,
             &mut Scratch::default(),
-            FileCheck::Record(&mut want_files),
+            FileCheck::Record(&mut want_files, Identity::Checked),
             None,
         )
         .unwrap();
@@ -249,7 +253,15 @@ mod tests {
         for readers in [1, 2, 3, 7] {
             let mut got = Vec::new();
             let mut files = Vec::new();
-            let n = render_layer(&listing, &owner(), &mut got, FileCheck::Record(&mut files), None, readers).unwrap();
+            let n = render_layer(
+                &listing,
+                &owner(),
+                &mut got,
+                FileCheck::Record(&mut files, Identity::Checked),
+                None,
+                readers,
+            )
+            .unwrap();
             assert_eq!(n, got.len() as u64);
             assert!(got == want, "{readers} readers: other bytes");
             assert_eq!(files, want_files, "{readers} readers");
@@ -282,7 +294,15 @@ mod tests {
         let p = tree(d.path());
         let listing = list_layer(std::slice::from_ref(&p)).unwrap();
         let mut files = Vec::new();
-        render_layer(&listing, &owner(), &mut std::io::sink(), FileCheck::Record(&mut files), None, 2).unwrap();
+        render_layer(
+            &listing,
+            &owner(),
+            &mut std::io::sink(),
+            FileCheck::Record(&mut files, Identity::Unchecked),
+            None,
+            2,
+        )
+        .unwrap();
         let victim = p.join("d5/sub/deeper/f250");
         let len = std::fs::metadata(&victim).unwrap().len() as usize;
         let mtime = std::fs::metadata(&victim).unwrap().modified().unwrap();

@@ -269,6 +269,26 @@ fn file_shrinking_after_listing_is_named() {
     assert!(!loadable(&out));
 }
 
+/// The hashing pass alone (`nixstream digest`) has no streaming pass after
+/// it to compare entries with the listing, so it does: a file that grew
+/// after the listing is an error, not the digest of a torn layer.
+#[test]
+fn digest_alone_names_a_file_changed_after_listing() {
+    let f = fixture();
+    let plan = plan_of(&f);
+    let mut tool = std::fs::OpenOptions::new().append(true).open(f.pkg.join("bin/tool")).unwrap();
+    std::io::Write::write_all(&mut tool, b"more").unwrap();
+    drop(tool);
+    let e = nixstream::archive::hash_only(
+        &plan,
+        &ArchiveOptions { jobs: 2, known: Vec::new() },
+        &Progress::new(Mode::Quiet, 0),
+    )
+    .unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("bin/tool") && msg.contains("size 300000 became 300004"), "{msg}");
+}
+
 #[test]
 fn file_vanishing_after_listing_is_named() {
     let f = fixture();
