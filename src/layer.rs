@@ -90,7 +90,7 @@ impl Default for Scratch {
 const ZEROS: [u8; tarheader::RECORD + 2 * tarheader::BLOCK] = [0; tarheader::RECORD + 2 * tarheader::BLOCK];
 
 /// Writes the layer tar for `listing` into `out`; returns its length.
-pub fn write_store_layer<W: Write>(
+pub fn write_store_layer<W: LayerOut>(
     listing: &Listing,
     owner: &Owner,
     out: &mut W,
@@ -137,7 +137,7 @@ pub fn write_epilogue<W: Write>(out: &mut Counting<'_, W>) -> Result<(), LayerEr
 /// checked like any entry), so a layer can be rendered in independent runs
 /// whose outputs, concatenated in order, are the layer's middle.  With
 /// [`FileCheck`], file numbers count from the range's first file.
-pub fn write_entries<W: Write>(
+pub fn write_entries<W: LayerOut>(
     listing: &Listing,
     range: std::ops::Range<usize>,
     owner: &Owner,
@@ -341,41 +341,95 @@ fn open_entry(
 }
 
 /// Copies the file's content; returns its xxh3-128 when `hash` is set.
-fn copy_file<W: Write>(
+fn copy_file<W: LayerOut>(
     e: &Entry,
     path: &[u8],
-    mut f: File,
+    f: File,
     out: &mut Counting<'_, W>,
     buf: &mut [u8],
     hash: bool,
 ) -> Result<u128, LayerError> {
     let p = || PathBuf::from(std::ffi::OsStr::from_bytes(path));
     let changed = |what: String| LayerError::Changed { path: p(), what };
+    let failed = |err: io::Error| {
+        if err.get_ref().is_some_and(|r| r.is::<crate::writer::WriterGone>()) {
+            LayerError::Output(err)
+        } else if err.raw_os_error() == Some(libc::EISDIR) {
+            changed("it is no longer a regular file".into())
+        } else {
+            LayerError::Read { path: p(), source: err }
+        }
+    };
     let mut xxh = hash.then(xxhash_rust::xxh3::Xxh3::new);
     let mut left = e.size;
     while left > 0 {
         let want = buf.len().min(left as usize);
-        let n = match f.read(&mut buf[..want]) {
-            Ok(0) => {
-                return Err(changed(match fsat::fstat(f.as_fd()) {
-                    Ok(st) if st.size != e.size => format!("size {} became {}", e.size, st.size),
-                    _ => format!("it ended {left} bytes early"),
-                }))
+        // Straight into the output's buffer where it has one (no copy).
+        let n = match out.read_into(f.as_fd(), want) {
+            Some(r) => {
+                let got = r.map_err(failed)?;
+                if let Some(x) = xxh.as_mut() {
+                    x.update(got);
+                }
+                got.len()
             }
-            Ok(n) => n,
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-            Err(err) if err.raw_os_error() == Some(libc::EISDIR) => {
-                return Err(changed("it is no longer a regular file".into()))
+            None => {
+                let n = loop {
+                    match (&f).read(&mut buf[..want]) {
+                        Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                        r => break r.map_err(failed)?,
+                    }
+                };
+                if let Some(x) = xxh.as_mut() {
+                    x.update(&buf[..n]);
+                }
+                out.emit(&buf[..n])?;
+                n
             }
-            Err(source) => return Err(LayerError::Read { path: p(), source }),
         };
-        if let Some(x) = xxh.as_mut() {
-            x.update(&buf[..n]);
+        if n == 0 {
+            return Err(changed(match fsat::fstat(f.as_fd()) {
+                Ok(st) if st.size != e.size => format!("size {} became {}", e.size, st.size),
+                _ => format!("it ended {left} bytes early"),
+            }));
         }
-        out.emit(&buf[..n])?;
         left -= n as u64;
     }
     Ok(xxh.map_or(0, |x| x.digest128()))
+}
+
+/// A layer producer's output.  Where it has a buffer of its own (the chunks
+/// of [`crate::writer`]), file data is read straight into it, saving a copy
+/// of every byte; elsewhere the producer reads into its scratch buffer and
+/// writes.
+pub trait LayerOut: Write {
+    /// Reads up to `max` bytes of `fd` into the output as its next bytes and
+    /// returns them (empty at the end of the file); `None` when the output
+    /// has no buffer of its own.
+    fn read_into(&mut self, _fd: BorrowedFd<'_>, _max: usize) -> Option<io::Result<&[u8]>> {
+        None
+    }
+}
+
+impl LayerOut for Vec<u8> {}
+impl LayerOut for io::Sink {}
+impl LayerOut for crate::hash::HashSink {}
+
+impl LayerOut for crate::writer::Chunks {
+    fn read_into(&mut self, fd: BorrowedFd<'_>, max: usize) -> Option<io::Result<&[u8]>> {
+        Some(self.read_from(fd, max))
+    }
+}
+
+impl<W: LayerOut> LayerOut for Counting<'_, W> {
+    fn read_into(&mut self, fd: BorrowedFd<'_>, max: usize) -> Option<io::Result<&[u8]>> {
+        let Counting { out, written } = self;
+        let r = out.read_into(fd, max)?;
+        if let Ok(got) = &r {
+            *written += got.len() as u64;
+        }
+        Some(r)
+    }
 }
 
 #[cfg(test)]

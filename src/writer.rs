@@ -12,6 +12,7 @@
 //! later layers).  The chunk boundaries never change the bytes written.
 
 use std::io::{self, Write};
+use std::os::fd::{AsRawFd, BorrowedFd};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
@@ -54,6 +55,35 @@ impl Chunks {
     pub fn end_part(&mut self) -> io::Result<()> {
         self.hand_over()?;
         self.full.send(Vec::new()).map_err(|_| io::Error::other(WriterGone))
+    }
+}
+
+impl Chunks {
+    /// Reads up to `max` bytes of `fd` into the current chunk (handing it
+    /// over first if it is full) and returns them; empty at end of file.  A
+    /// writer that stopped is a [`WriterGone`] error inside the `io::Error`.
+    pub fn read_from(&mut self, fd: BorrowedFd<'_>, max: usize) -> io::Result<&[u8]> {
+        if self.current.len() >= self.size {
+            self.hand_over()?;
+        }
+        let start = self.current.len();
+        let want = max.min(self.size - start);
+        self.current.reserve(want);
+        let n = loop {
+            // SAFETY: `want` bytes of spare capacity were reserved past
+            // `start`; the kernel writes at most that many.
+            let n = unsafe { libc::read(fd.as_raw_fd(), self.current.as_mut_ptr().add(start).cast(), want) };
+            if n >= 0 {
+                break n as usize;
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        };
+        // SAFETY: the kernel initialised those `n` bytes.
+        unsafe { self.current.set_len(start + n) };
+        Ok(&self.current[start..])
     }
 }
 
