@@ -345,11 +345,11 @@ impl Queue {
         let (list, cursor) = if worker == 0 {
             (&self.in_order, &self.next_in_order)
         } else {
-            // Every helper lists until none is left, so all are listed here
-            // (a layer worker 0 is listing is waited for by `get`).
+            // Every layer is listed or being listed once a helper gets here
+            // (`get` waits for a walk another thread is making).
             let by_size = self.by_size.get_or_init(|| {
                 let size = |i: usize| match &plan.layers[i] {
-                    PlannedLayer::Store { listing, .. } => listing.peek().map_or(0, |l| l.file_bytes),
+                    PlannedLayer::Store { listing, .. } => listing.get().map_or(0, |l| l.file_bytes),
                     _ => 0,
                 };
                 let mut v = self.in_order.clone();
