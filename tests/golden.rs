@@ -9,19 +9,13 @@ fn check(case: &str) {
     golden_tree();
     let dir = golden_dir().join("cases").join(case);
     let expected = std::fs::read(dir.join("expected.tar")).unwrap();
-    let out = bin().args(["stream", "--quiet"]).arg(dir.join("conf.json")).output().unwrap();
-    assert!(out.status.success(), "{case}: {}", String::from_utf8_lossy(&out.stderr));
-    if out.stdout != expected {
-        let at =
-            out.stdout.iter().zip(&expected).position(|(a, b)| a != b).unwrap_or(out.stdout.len().min(expected.len()));
-        panic!(
-            "{case}: differs from expected.tar at byte {at} (block {}, offset {} in it); lengths {} vs {}",
-            at / 512,
-            at % 512,
-            out.stdout.len(),
-            expected.len()
-        );
+    // Whatever the number of hashing workers and segment readers.
+    for jobs in ["2", "1", "5"] {
+        let out = bin().args(["stream", "--quiet", "--jobs", jobs]).arg(dir.join("conf.json")).output().unwrap();
+        assert!(out.status.success(), "{case}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_same(case, jobs, &out.stdout, &expected);
     }
+    let out = bin().args(["stream", "--quiet"]).arg(dir.join("conf.json")).output().unwrap();
     let a = validate(&out.stdout);
     // expected.txt lists the config name and every layer diff_id.
     let txt = std::fs::read_to_string(dir.join("expected.txt")).unwrap();
@@ -35,6 +29,19 @@ fn check(case: &str) {
         assert!(d.status.success(), "{case}: {}", String::from_utf8_lossy(&d.stderr));
         let want: String = txt.lines().skip(1).map(|l| format!("{l}\n")).collect();
         assert_eq!(String::from_utf8_lossy(&d.stdout), want, "{case}: digest ({pass} cache)");
+    }
+}
+
+fn assert_same(case: &str, jobs: &str, got: &[u8], expected: &[u8]) {
+    if got != expected {
+        let at = got.iter().zip(expected).position(|(a, b)| a != b).unwrap_or(got.len().min(expected.len()));
+        panic!(
+            "{case} (--jobs {jobs}): differs from expected.tar at byte {at} (block {}, offset {} in it); lengths {} vs {}",
+            at / 512,
+            at % 512,
+            got.len(),
+            expected.len()
+        );
     }
 }
 
