@@ -74,17 +74,21 @@ pub enum LayerError {
 /// Buffers reused across layers by one worker.
 pub struct Scratch {
     header: Vec<u8>,
+    /// [`READ`] bytes, made on first use: an output with buffers of its own
+    /// ([`LayerOut::read_into`]) never needs it.
     buf: Vec<u8>,
     name: CName,
 }
 
 impl Default for Scratch {
     fn default() -> Self {
-        // 256 KiB reads: the buffer stays in L2 between the kernel's copy and
-        // the hash (1 MiB reads cost twice the system time on a 1.2 GB input).
-        Scratch { header: Vec::with_capacity(4096), buf: vec![0; 1 << 18], name: CName::default() }
+        Scratch { header: Vec::with_capacity(4096), buf: Vec::new(), name: CName::default() }
     }
 }
+
+/// Bytes per `read`: 256 KiB stays in L2 between the kernel's copy and the
+/// hash (1 MiB reads cost twice the system time on a 1.2 GB input).
+const READ: usize = 1 << 18;
 
 /// Enough zeros for any padding: end of archive is at most two blocks plus a record less one block.
 const ZEROS: [u8; tarheader::RECORD + 2 * tarheader::BLOCK] = [0; tarheader::RECORD + 2 * tarheader::BLOCK];
@@ -99,7 +103,7 @@ pub fn write_store_layer<W: LayerOut>(
     abort: Option<&AtomicBool>,
 ) -> Result<u64, LayerError> {
     let mut out = Counting { out, written: 0 };
-    write_prologue(listing, owner, &mut out, scratch)?;
+    write_prologue(listing, owner, &mut out)?;
     write_entries(listing, 0..listing.entries.len(), owner, &mut out, scratch, check, abort)?;
     write_epilogue(&mut out)?;
     Ok(out.written)
@@ -108,18 +112,13 @@ pub fn write_store_layer<W: LayerOut>(
 /// The layer's first members: "to be consistent with the docker
 /// utilities", `/nix` and `/nix/store`, literally, whatever store_dir is
 /// (not in a contents layer).
-pub fn write_prologue<W: Write>(
-    listing: &Listing,
-    owner: &Owner,
-    out: &mut W,
-    scratch: &mut Scratch,
-) -> Result<(), LayerError> {
+pub fn write_prologue<W: Write>(listing: &Listing, owner: &Owner, out: &mut W) -> Result<(), LayerError> {
     if listing.nix_dirs {
-        scratch.header.clear();
+        let mut header = Vec::with_capacity(2 * tarheader::BLOCK);
         for dir in [&b"/nix"[..], b"/nix/store"] {
-            tarheader::encode(&entry_header(dir, b"", Kind::Directory, 0o755, 0, owner), &mut scratch.header);
+            tarheader::encode(&entry_header(dir, b"", Kind::Directory, 0o755, 0, owner), &mut header);
         }
-        out.write_all(&scratch.header).map_err(LayerError::Output)?;
+        out.write_all(&header).map_err(LayerError::Output)?;
     }
     Ok(())
 }
@@ -346,7 +345,7 @@ fn copy_file<W: LayerOut>(
     path: &[u8],
     f: File,
     out: &mut Counting<'_, W>,
-    buf: &mut [u8],
+    buf: &mut Vec<u8>,
     hash: bool,
 ) -> Result<u128, LayerError> {
     let p = || PathBuf::from(std::ffi::OsStr::from_bytes(path));
@@ -363,7 +362,7 @@ fn copy_file<W: LayerOut>(
     let mut xxh = hash.then(xxhash_rust::xxh3::Xxh3::new);
     let mut left = e.size;
     while left > 0 {
-        let want = buf.len().min(left as usize);
+        let want = READ.min(left as usize);
         // Straight into the output's buffer where it has one (no copy).
         let n = match out.read_into(f.as_fd(), want) {
             Some(r) => {
@@ -374,6 +373,7 @@ fn copy_file<W: LayerOut>(
                 got.len()
             }
             None => {
+                buf.resize(READ, 0);
                 let n = loop {
                     match (&f).read(&mut buf[..want]) {
                         Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,

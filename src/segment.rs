@@ -77,7 +77,7 @@ pub fn render_layer<W: Write>(
     let segs = segments(listing);
     let readers = readers.clamp(1, segs.len());
     let mut out = Counting { out, written: 0 };
-    write_prologue(listing, owner, &mut out, &mut Scratch::default())?;
+    write_prologue(listing, owner, &mut out)?;
 
     let (record, verify) = match check {
         FileCheck::Off => (None, None),
