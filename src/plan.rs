@@ -9,7 +9,8 @@
 //! first thread that needs it.  The hashing workers list a layer just before
 //! hashing it, so the bottom layer is hashed (and the archive's first byte
 //! written) without waiting for the walk of every other layer; callers that
-//! want every listing up front (the digest cache, `plan`) call
+//! want every listing up front (the digest cache, whose keys are made from
+//! them) call
 //! [`ImagePlan::list_all`].  Nothing is hashed here; the next stage
 //! ([`crate::archive`]) hashes and streams from this value.
 
@@ -164,19 +165,6 @@ impl ImagePlan {
         })
     }
 
-    /// The paths a layer's history comment names (`LayerInfo.paths`).
-    pub fn history_paths(&self, layer: &PlannedLayer) -> Vec<String> {
-        match layer {
-            PlannedLayer::Base { index } => {
-                vec![self.base.as_ref().expect("base layer without base").layers[*index].path.clone()]
-            }
-            PlannedLayer::Store { paths_text, .. } => paths_text.clone(),
-            PlannedLayer::Customisation(c) => vec![c.dir_text.clone()],
-        }
-    }
-}
-
-impl ImagePlan {
     /// Lists every store layer not listed yet, `jobs` layers at a time; the
     /// first error (by layer) is returned.
     pub fn list_all(&self, jobs: usize) -> Result<(), PlanError> {
@@ -204,6 +192,17 @@ impl ImagePlan {
             l.get().map_err(|source| PlanError::Walk { layer: i + 1, source })?;
         }
         Ok(())
+    }
+
+    /// The paths a layer's history comment names (`LayerInfo.paths`).
+    pub fn history_paths(&self, layer: &PlannedLayer) -> Vec<String> {
+        match layer {
+            PlannedLayer::Base { index } => {
+                vec![self.base.as_ref().expect("base layer without base").layers[*index].path.clone()]
+            }
+            PlannedLayer::Store { paths_text, .. } => paths_text.clone(),
+            PlannedLayer::Customisation(c) => vec![c.dir_text.clone()],
+        }
     }
 }
 
