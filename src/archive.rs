@@ -203,7 +203,7 @@ pub fn write_archive<W: Write + Send>(
     let (chunks, full, empty) = writer::channel();
     std::thread::scope(|s| {
         let w = s.spawn(move || writer::run(out, full, empty));
-        let streamed = with_hashers(plan, opts, Identity::Checked, progress, |slots| {
+        let streamed = with_hashers(plan, opts, Identity::Unchecked, progress, |slots| {
             stream(plan, chunks, slots, readers(opts.jobs), progress)
         });
         let written = w.join().unwrap_or_else(|_| Err(io::Error::other("the output writer panicked")));
