@@ -21,11 +21,12 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use crate::baseimage::BaseError;
 use crate::hash::{hex, HashSink, LayerDigest, OverrunError, VerifyingWriter};
 use crate::image::{image_meta, ImageMeta};
-use crate::layer::{FileCheck, Identity, LayerError, Owner};
+use crate::layer::{FileCheck, Identity, LayerError, LayerOut, Owner};
 use crate::plan::{Customisation, ImagePlan, PlannedLayer};
 use crate::progress::Progress;
 use crate::pyjson::repr_str_list;
 use crate::segment::render_layer;
+use crate::splice::{Changed, FileRef, Policy, Splicer};
 use crate::tarheader::{self, Header};
 use crate::walk::{Listing, WalkError};
 use crate::writer;
@@ -55,6 +56,10 @@ pub enum ArchiveError {
     },
     #[error("writing the output failed: {0}")]
     Output(#[source] io::Error),
+    /// A spliced file that changed (found by the writer thread, which does
+    /// not know the layer; the path names the culprit).
+    #[error(transparent)]
+    Spliced(#[from] Changed),
     #[error("internal error in a hashing worker: {0}")]
     Worker(String),
 }
@@ -158,6 +163,16 @@ impl<W: Write> Write for Outer<'_, W> {
     }
 }
 
+impl<W: LayerOut> LayerOut for Outer<'_, W> {
+    fn pass_file(&mut self, file: FileRef) -> io::Result<()> {
+        let len = file.len;
+        self.out.pass_file(file)?;
+        self.offset += len;
+        self.progress.wrote(len);
+        Ok(())
+    }
+}
+
 impl<W: Write> Outer<'_, W> {
     fn header(&mut self, h: &Header<'_>) -> Result<(), ArchiveError> {
         let mut buf = std::mem::take(&mut self.header);
@@ -190,6 +205,18 @@ pub struct ArchiveOptions {
     /// still verifies them, so a stale digest stops the archive before
     /// manifest.json instead of producing a lying one.
     pub known: Vec<Option<Hashed>>,
+    /// Splice big files into this pipe instead of copying them (see
+    /// [`crate::splice`]): only for layers hashed in this run, whose files
+    /// were listed just before.
+    pub splice: Option<SpliceInto>,
+}
+
+/// The pipe the archive goes into, which `out` writes to unbuffered and
+/// uncompressed, and which files to splice into it.
+#[derive(Debug, Clone, Copy)]
+pub struct SpliceInto {
+    pub pipe: std::os::fd::RawFd,
+    pub policy: Policy,
 }
 
 /// Hashes and streams the image described by `plan` into `out`, which a
@@ -201,16 +228,30 @@ pub fn write_archive<W: Write + Send>(
     progress: &Progress,
 ) -> Result<Summary, ArchiveError> {
     let (chunks, full, empty) = writer::channel();
+    let splicer = opts.splice.map(|s| Splicer::new(s.pipe));
+    // A layer this run hashes is spliced unread (its files were listed
+    // just before); one whose digest is known (from the cache) is read and
+    // checked file by file first.
+    let splice: Vec<Option<Policy>> = (0..plan.layers.len())
+        .map(|i| {
+            let known = opts.known.get(i).is_some_and(Option::is_some);
+            opts.splice.map(|s| if known { s.policy.rereading() } else { s.policy })
+        })
+        .collect();
     std::thread::scope(|s| {
-        let w = s.spawn(move || writer::run(out, full, empty));
+        let w = s.spawn(move || writer::run(out, full, empty, splicer));
         let streamed = with_hashers(plan, opts, Identity::Unchecked, progress, |slots| {
-            stream(plan, chunks, slots, readers(opts.jobs), progress)
+            stream(plan, chunks, slots, (readers(opts.jobs), &splice), progress)
         });
         let written = w.join().unwrap_or_else(|_| Err(io::Error::other("the output writer panicked")));
         match (streamed, written) {
-            // The writer's own error (a closed pipe, a full disk) is the
-            // cause; the streaming pass only saw the writer go.
-            (_, Err(e)) => Err(ArchiveError::Output(e)),
+            // The writer's own error (a closed pipe, a full disk, a spliced
+            // file that changed) is the cause; the streaming pass only saw
+            // the writer go.
+            (_, Err(e)) => Err(match e.get_ref().is_some_and(|i| i.is::<Changed>()) {
+                true => ArchiveError::Spliced(*e.into_inner().and_then(|i| i.downcast().ok()).expect("checked")),
+                false => ArchiveError::Output(e),
+            }),
             (streamed, Ok(_)) => streamed,
         }
     })
@@ -450,11 +491,13 @@ fn readers(jobs: usize) -> usize {
     jobs.clamp(1, 8)
 }
 
-fn stream<W: Write>(
+/// The streaming pass into the writer's chunks; `splice`: per layer, which
+/// files go in by reference.
+fn stream(
     plan: &ImagePlan,
-    out: W,
+    out: writer::Chunks,
     slots: &Slots,
-    readers: usize,
+    (readers, splice): (usize, &[Option<Policy>]),
     progress: &Progress,
 ) -> Result<Summary, ArchiveError> {
     let mtime = plan.owner.mtime;
@@ -499,7 +542,7 @@ fn stream<W: Write>(
                 }
                 // Per-file xxh3 when this run hashed the layer, else sha256.
                 let (mut v, check) = match &files {
-                    Some(f) => (VerifyingWriter::size_only(&mut outer, d), FileCheck::Verify(f)),
+                    Some(f) => (VerifyingWriter::size_only(&mut outer, d), FileCheck::Verify(f, splice[i])),
                     None => (VerifyingWriter::new(&mut outer, d), FileCheck::Off),
                 };
                 match render_layer(listing, owner, &mut v, check, Some(&slots.abort), readers) {
@@ -531,6 +574,11 @@ fn stream<W: Write>(
         }
     }
     progress.line(|| "Adding manifests...".into());
+    if splice.iter().any(Option::is_some) {
+        // Every spliced file read by the consumer and checked again before
+        // the archive can become an image.
+        outer.out.barrier().map_err(ArchiveError::Output)?;
+    }
     let diff_ids: Vec<[u8; 32]> = digests.iter().map(|d| d.sha256).collect();
     let meta = image_meta(plan, &diff_ids);
     outer.member(&meta.config_name, &meta.config, mtime)?;

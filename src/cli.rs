@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use crate::archive::{hash_only, write_archive, ArchiveOptions, Hashed, Summary};
+use crate::archive::{hash_only, write_archive, ArchiveOptions, Hashed, SpliceInto, Summary};
+use crate::splice::Policy;
+use std::os::fd::AsRawFd;
 use crate::autolayer::auto_layer;
 use crate::cache::{CachedLayer, DigestCache};
 use crate::closure::ClosureGraph;
@@ -177,6 +179,12 @@ pub struct OutputArgs {
     /// Compress the whole output stream. `zstd` lets `skopeo copy docker-archive:/dev/stdin` read from a pipe; `docker load` reads `gzip`.
     #[arg(long, value_enum, default_value = "none")]
     pub compress: Compress,
+    /// Read and check every byte of every file, instead of splicing big, settled files (64 KiB and more, unchanged for 2 s) into an output pipe by reference, which checks their metadata before, while and after the consumer reads them.
+    #[arg(long)]
+    pub no_splice: bool,
+    /// Smallest file to splice (for tests).
+    #[arg(long, hide = true, value_name = "BYTES", default_value_t = crate::splice::MIN_SIZE)]
+    pub splice_min: u64,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -303,12 +311,17 @@ fn emit(conf: &Conf, o: &OutputArgs, nar_hashes: &HashMap<String, String>) -> an
     let (cache, known) = CacheUse::new(&plan, o.run.cache.as_deref(), nar_hashes, jobs)?;
     let progress = Progress::new(Mode::detect(o.run.quiet), plan.layers.len());
     let stdout = stdout_file();
-    grow_pipe(&stdout);
+    let pipe = grow_pipe(&stdout);
     // The archive writer hands over 1 MiB chunks, and smaller ones only
     // when it must wait: plain output goes straight to the fd, unbuffered.
     let buffer = if o.compress == Compress::None { 0 } else { 1 << 20 };
     let mut out = Compressed::new(BufWriter::with_capacity(buffer, &*stdout), o.compress, jobs)?;
-    let summary = write_archive(&plan, &mut out, &ArchiveOptions { jobs, known }, &progress)?;
+    // Plain output into a pipe: big files go in by reference.
+    let splice = (pipe && o.compress == Compress::None && !o.no_splice).then(|| SpliceInto {
+        pipe: stdout.as_raw_fd(),
+        policy: Policy::new(std::time::SystemTime::now(), o.splice_min),
+    });
+    let summary = write_archive(&plan, &mut out, &ArchiveOptions { jobs, known, splice }, &progress)?;
     out.finish()?.flush()?;
     progress.finish();
     cache.store(&summary);
@@ -381,7 +394,7 @@ fn digest(a: &DigestArgs) -> anyhow::Result<()> {
     let plan = ImagePlan::from_conf(&conf)?;
     let (cache, known) = CacheUse::new(&plan, a.run.cache.as_deref(), &HashMap::new(), jobs)?;
     let progress = Progress::new(Mode::detect(a.run.quiet), plan.layers.len());
-    let summary = hash_only(&plan, &ArchiveOptions { jobs, known }, &progress)?;
+    let summary = hash_only(&plan, &ArchiveOptions { jobs, known, splice: None }, &progress)?;
     progress.finish();
     cache.store(&summary);
     let id = summary.meta.config_name.trim_end_matches(".json");
@@ -621,15 +634,17 @@ fn image(a: &ImageArgs) -> anyhow::Result<()> {
 }
 
 /// When `out` is a pipe, asks for a 1 MiB pipe buffer (the default 64 KiB
-/// means a context switch per 64 KiB between us and the reader).  A refusal
-/// (an unprivileged user over /proc/sys/fs/pipe-max-size) changes nothing.
-fn grow_pipe(out: &std::fs::File) {
+/// means a context switch per 64 KiB between us and the reader) and returns
+/// true.  A refusal (an unprivileged user over /proc/sys/fs/pipe-max-size)
+/// changes nothing.
+fn grow_pipe(out: &std::fs::File) -> bool {
     use std::os::unix::fs::FileTypeExt;
-    use std::os::unix::io::AsRawFd;
-    if out.metadata().is_ok_and(|m| m.file_type().is_fifo()) {
+    let pipe = out.metadata().is_ok_and(|m| m.file_type().is_fifo());
+    if pipe {
         // SAFETY: fcntl on a descriptor we hold; the result is ignored.
         unsafe { libc::fcntl(out.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
     }
+    pipe
 }
 
 /// Standard output as a `File`, unbuffered (Rust's stdout is line-buffered,

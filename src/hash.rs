@@ -147,6 +147,23 @@ impl<W: Write> Write for VerifyingWriter<W> {
     }
 }
 
+impl<W: crate::layer::LayerOut> crate::layer::LayerOut for VerifyingWriter<W> {
+    /// Passes a file on, counting its size; only a size-only writer can (the
+    /// bytes are never seen here).
+    fn pass_file(&mut self, file: crate::splice::FileRef) -> io::Result<()> {
+        if self.hashing {
+            return Err(io::Error::other("a hashing writer cannot pass a file on unread"));
+        }
+        if self.sink.len + file.len > self.expected.size {
+            return Err(io::Error::other(OverrunError));
+        }
+        let len = file.len;
+        self.inner.pass_file(file)?;
+        self.sink.len += len;
+        Ok(())
+    }
+}
+
 /// Marker inside an `io::Error`: a layer grew between the passes.
 #[derive(Debug, thiserror::Error)]
 #[error("layer is larger than in the hashing pass")]

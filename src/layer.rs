@@ -32,7 +32,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::fsat::{self, CName};
+use crate::fsat::{self, CName, Stat};
+use crate::splice::{FileRef, Policy, Seen};
 use crate::tarheader::{self, typeflag, Header};
 use crate::walk::{Entry, Kind, Listing, NO_PARENT};
 
@@ -55,8 +56,11 @@ pub enum FileCheck<'a> {
     /// (for a hashing pass that a streaming pass, which compares them,
     /// follows).
     Record(&'a mut Vec<u128>, Identity),
-    /// Streaming pass: each file's xxh3-128 must equal the recorded one.
-    Verify(&'a [u128]),
+    /// Streaming pass: each file's xxh3-128 must equal the recorded one;
+    /// or, for a file the [`Policy`] picks, the file is passed on by
+    /// reference to be spliced ([`crate::splice`]), once it is checked to be
+    /// what the listing saw, ctime included.
+    Verify(&'a [u128], Option<Policy>),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -181,16 +185,43 @@ pub fn write_entries<W: LayerOut>(
             FileCheck::Record(_, identity) => identity,
             _ => Identity::Checked,
         };
-        let fd = open_entry(e, path, parent, open_name, &mut scratch.name, identity)?;
+        let (fd, st) = open_entry(e, path, parent, open_name, &mut scratch.name, identity)?;
         if e.kind == Kind::Directory {
             dirs.push((index as u32, fd));
             continue;
         }
-        let hashed = copy_file(e, path, File::from(fd), &mut out, &mut scratch.buf, !matches!(check, FileCheck::Off))?;
+        if let (FileCheck::Verify(v, Some(policy)), Some(st)) = (&check, st) {
+            if policy.eligible(e) {
+                let seen = Seen::of(e);
+                let path_buf = PathBuf::from(std::ffi::OsStr::from_bytes(path));
+                if let Some(what) = seen.differs(&st) {
+                    return Err(LayerError::Changed { path: path_buf, what });
+                }
+                let file = File::from(fd);
+                if policy.reread {
+                    // Not read by this run's hashing pass: its bytes are
+                    // checked here, the pipe write copy is still saved.
+                    let mut sink = Counting { out: &mut io::sink(), written: 0 };
+                    let hashed = copy_file(e, path, &file, &mut sink, &mut scratch.buf, true)?;
+                    if v.get(file_no) != Some(&hashed) {
+                        return Err(LayerError::Changed {
+                            path: path_buf,
+                            what: "its content differs from the hashing pass".into(),
+                        });
+                    }
+                }
+                out.pass_file(FileRef { fd: file.into(), len: e.size, path: path_buf, seen })
+                    .map_err(LayerError::Output)?;
+                file_no += 1;
+                out.emit(&ZEROS[..tarheader::data_padding(e.size)])?;
+                continue;
+            }
+        }
+        let hashed = copy_file(e, path, &File::from(fd), &mut out, &mut scratch.buf, !matches!(check, FileCheck::Off))?;
         match &mut check {
             FileCheck::Off => {}
             FileCheck::Record(v, _) => v.push(hashed),
-            FileCheck::Verify(v) => {
+            FileCheck::Verify(v, _) => {
                 if v.get(file_no) != Some(&hashed) {
                     return Err(LayerError::Changed {
                         path: PathBuf::from(std::ffi::OsStr::from_bytes(path)),
@@ -224,7 +255,7 @@ fn open_ancestors(
         let parent = dirs.last().map(|(_, fd)| fd.as_fd());
         let path = listing.path(e);
         let open_name = if parent.is_some() { listing.open_name(e) } else { path };
-        let fd = open_entry(e, path, parent, open_name, name, Identity::Checked)?;
+        let (fd, _) = open_entry(e, path, parent, open_name, name, Identity::Checked)?;
         dirs.push((i, fd));
     }
     Ok(())
@@ -290,7 +321,7 @@ pub enum Identity {
 /// Opens a directory or file entry (never following a symlink, never
 /// blocking on a fifo put in its place) and, when `identity` says so, checks
 /// it is still what the listing saw: same type, device, inode, size and
-/// mtime.
+/// mtime (and returns its status).
 fn open_entry(
     e: &Entry,
     path: &[u8],
@@ -298,7 +329,7 @@ fn open_entry(
     open_name: &[u8],
     name: &mut CName,
     identity: Identity,
-) -> Result<OwnedFd, LayerError> {
+) -> Result<(OwnedFd, Option<Stat>), LayerError> {
     let p = || PathBuf::from(std::ffi::OsStr::from_bytes(path));
     let changed = |what: String| LayerError::Changed { path: p(), what };
     let c = name.set(open_name).map_err(|source| LayerError::Read { path: p(), source })?;
@@ -314,7 +345,7 @@ fn open_entry(
         Err(source) => return Err(LayerError::Read { path: p(), source }),
     };
     if identity == Identity::Unchecked {
-        return Ok(fd);
+        return Ok((fd, None));
     }
     let st = fsat::fstat(fd.as_fd()).map_err(|source| LayerError::Read { path: p(), source })?;
     let (want, what) = if e.kind == Kind::Directory {
@@ -336,14 +367,14 @@ fn open_entry(
             return Err(changed("it was modified".into()));
         }
     }
-    Ok(fd)
+    Ok((fd, Some(st)))
 }
 
 /// Copies the file's content; returns its xxh3-128 when `hash` is set.
 fn copy_file<W: LayerOut>(
     e: &Entry,
     path: &[u8],
-    f: File,
+    f: &File,
     out: &mut Counting<'_, W>,
     buf: &mut Vec<u8>,
     hash: bool,
@@ -375,7 +406,7 @@ fn copy_file<W: LayerOut>(
             None => {
                 buf.resize(READ, 0);
                 let n = loop {
-                    match (&f).read(&mut buf[..want]) {
+                    match (&*f).read(&mut buf[..want]) {
                         Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
                         r => break r.map_err(failed)?,
                     }
@@ -409,6 +440,22 @@ pub trait LayerOut: Write {
     fn read_into(&mut self, _fd: BorrowedFd<'_>, _max: usize) -> Option<io::Result<&[u8]>> {
         None
     }
+
+    /// Passes `file`'s bytes on by reference, as the output's next bytes.
+    /// Only outputs that end in a [`crate::splice::Splicer`] can.
+    fn pass_file(&mut self, file: FileRef) -> io::Result<()> {
+        Err(io::Error::other(format!("{}: this output cannot take a file by reference", file.path.display())))
+    }
+}
+
+impl<T: LayerOut + ?Sized> LayerOut for &mut T {
+    fn read_into(&mut self, fd: BorrowedFd<'_>, max: usize) -> Option<io::Result<&[u8]>> {
+        (**self).read_into(fd, max)
+    }
+
+    fn pass_file(&mut self, file: FileRef) -> io::Result<()> {
+        (**self).pass_file(file)
+    }
 }
 
 impl LayerOut for Vec<u8> {}
@@ -418,6 +465,10 @@ impl LayerOut for crate::hash::HashSink {}
 impl LayerOut for crate::writer::Chunks {
     fn read_into(&mut self, fd: BorrowedFd<'_>, max: usize) -> Option<io::Result<&[u8]>> {
         Some(self.read_from(fd, max))
+    }
+
+    fn pass_file(&mut self, file: FileRef) -> io::Result<()> {
+        crate::writer::Chunks::pass_file(self, file)
     }
 }
 
@@ -429,6 +480,13 @@ impl<W: LayerOut> LayerOut for Counting<'_, W> {
             *written += got.len() as u64;
         }
         Some(r)
+    }
+
+    fn pass_file(&mut self, file: FileRef) -> io::Result<()> {
+        let len = file.len;
+        self.out.pass_file(file)?;
+        self.written += len;
+        Ok(())
     }
 }
 
@@ -466,7 +524,7 @@ mod tests {
 
         // Same bytes again: the verify pass accepts them.
         let mut out = Vec::new();
-        write_store_layer(&listing, &owner(), &mut out, &mut Scratch::default(), FileCheck::Verify(&files), None)
+        write_store_layer(&listing, &owner(), &mut out, &mut Scratch::default(), FileCheck::Verify(&files, None), None)
             .unwrap();
 
         // Same size, same inode, mtime put back: only the content differs.
@@ -480,7 +538,7 @@ mod tests {
             &owner(),
             &mut Vec::new(),
             &mut Scratch::default(),
-            FileCheck::Verify(&files),
+            FileCheck::Verify(&files, None),
             None,
         )
         .unwrap_err();

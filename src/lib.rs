@@ -27,6 +27,7 @@ pub mod plan;
 pub mod progress;
 pub mod pyjson;
 pub mod segment;
+pub mod splice;
 pub mod tarheader;
 pub mod tarread;
 pub mod verify;

@@ -15,17 +15,17 @@
 //! the number of readers (tested), and memory stays bounded: each reader has
 //! [`POOL`] chunks of [`CHUNK`] bytes.
 
-use std::io::Write;
 use std::ops::Range;
 use std::sync::atomic::AtomicBool;
 
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::layer::{
-    write_entries, write_epilogue, write_prologue, Counting, FileCheck, Identity, LayerError, Owner, Scratch,
+    write_entries, write_epilogue, write_prologue, Counting, FileCheck, Identity, LayerError, LayerOut, Owner, Scratch,
 };
+use crate::splice::Policy;
 use crate::walk::{Kind, Listing};
-use crate::writer::{self, Chunks};
+use crate::writer::{self, Chunks, Piece};
 
 /// File bytes after which a segment ends.
 pub const SEGMENT_BYTES: u64 = 4 << 20;
@@ -66,7 +66,7 @@ pub fn segments(listing: &Listing) -> Vec<Segment> {
 /// Renders the layer tar for `listing` into `out` with up to `readers`
 /// threads reading (at least one, never the calling thread); returns its
 /// length.  Same contract as [`crate::layer::write_store_layer`].
-pub fn render_layer<W: Write>(
+pub fn render_layer<W: LayerOut>(
     listing: &Listing,
     owner: &Owner,
     out: &mut W,
@@ -82,7 +82,7 @@ pub fn render_layer<W: Write>(
     let (record, verify) = match check {
         FileCheck::Off => (None, None),
         FileCheck::Record(v, identity) => (Some((v, identity)), None),
-        FileCheck::Verify(v) => (None, Some(v)),
+        FileCheck::Verify(v, splice) => (None, Some((v, splice))),
     };
     let recording = record.as_ref().map(|(_, identity)| *identity);
     let mut recorded: Recorded = Vec::new();
@@ -142,7 +142,7 @@ type Recorded = Vec<(usize, Vec<u128>)>;
 /// A reader's failure and the segment it happened in.
 type Failure = (usize, LayerError);
 /// The merging end of one reader's chunk channel: full chunks in, empty ones back.
-type Ends = (Receiver<Vec<u8>>, Sender<Vec<u8>>);
+type Ends = (Receiver<Piece>, Sender<Vec<u8>>);
 
 /// Reader `r` of `readers`: renders segments r, r + readers, ... in turn,
 /// each followed by an end marker; returns each segment's recorded xxh3s.
@@ -155,7 +155,7 @@ fn read_segments(
     readers: usize,
     mut chunks: Chunks,
     recording: Option<Identity>,
-    verify: Option<&[u128]>,
+    verify: Option<(&[u128], Option<Policy>)>,
     abort: Option<&AtomicBool>,
 ) -> Result<Recorded, Failure> {
     let mut scratch = Scratch::default();
@@ -164,7 +164,7 @@ fn read_segments(
         let seg = &segs[k];
         let mut files = Vec::new();
         let check = match verify {
-            Some(all) => FileCheck::Verify(all.get(seg.first_file..).unwrap_or(&[])),
+            Some((all, splice)) => FileCheck::Verify(all.get(seg.first_file..).unwrap_or(&[]), splice),
             None => match recording {
                 Some(identity) => FileCheck::Record(&mut files, identity),
                 None => FileCheck::Off,
@@ -187,20 +187,24 @@ enum Merge {
     ReaderGone,
 }
 
-/// Copies the readers' chunks into `out` in segment order.  Returns (and so
-/// drops every channel end, which stops the readers) at the first failure.
-fn merge<W: Write>(out: &mut W, ends: Vec<Ends>, segments: usize) -> Result<(), Merge> {
+/// Copies the readers' chunks (and passes their files on) into `out` in
+/// segment order.  Returns (and so drops every channel end, which stops the
+/// readers) at the first failure.
+fn merge<W: LayerOut>(out: &mut W, ends: Vec<Ends>, segments: usize) -> Result<(), Merge> {
     for k in 0..segments {
         let (full, empty) = &ends[k % ends.len()];
         loop {
-            let Ok(mut chunk) = full.recv() else { return Err(Merge::ReaderGone) };
-            if chunk.is_empty() {
-                // The end of segment k (a marker, not a pool buffer).
-                break;
+            match full.recv() {
+                Err(_) => return Err(Merge::ReaderGone),
+                Ok(Piece::EndPart) => break,
+                Ok(Piece::Bytes(mut chunk)) => {
+                    out.write_all(&chunk).map_err(Merge::Output)?;
+                    chunk.clear();
+                    let _ = empty.send(chunk);
+                }
+                Ok(Piece::File(f)) => out.pass_file(*f).map_err(Merge::Output)?,
+                Ok(Piece::Barrier) => unreachable!("readers send no barrier"),
             }
-            out.write_all(&chunk).map_err(Merge::Output)?;
-            chunk.clear();
-            let _ = empty.send(chunk);
         }
     }
     Ok(())
@@ -210,6 +214,7 @@ fn merge<W: Write>(out: &mut W, ends: Vec<Ends>, segments: usize) -> Result<(), 
 mod tests {
     use super::*;
     use crate::layer::write_store_layer;
+    use std::io::Write;
     use crate::walk::list_layer;
 
     fn owner() -> Owner {
@@ -266,7 +271,7 @@ mod tests {
             assert!(got == want, "{readers} readers: other bytes");
             assert_eq!(files, want_files, "{readers} readers");
             let mut again = Vec::new();
-            render_layer(&listing, &owner(), &mut again, FileCheck::Verify(&want_files), None, readers).unwrap();
+            render_layer(&listing, &owner(), &mut again, FileCheck::Verify(&want_files, None), None, readers).unwrap();
             assert!(again == want);
         }
     }
@@ -310,7 +315,7 @@ mod tests {
         std::os::unix::fs::FileExt::write_all_at(&f, &vec![0xEE; len], 0).unwrap();
         f.set_modified(mtime).unwrap();
         drop(f);
-        let e = render_layer(&listing, &owner(), &mut std::io::sink(), FileCheck::Verify(&files), None, 2).unwrap_err();
+        let e = render_layer(&listing, &owner(), &mut std::io::sink(), FileCheck::Verify(&files, None), None, 2).unwrap_err();
         assert!(e.to_string().contains("d5/sub/deeper/f250"), "{e}");
         assert!(e.to_string().contains("differs from the hashing pass"), "{e}");
     }
@@ -318,6 +323,7 @@ mod tests {
     #[test]
     fn an_output_error_stops_every_reader() {
         struct Failing(usize);
+        impl LayerOut for Failing {}
         impl Write for Failing {
             fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
                 if self.0 < buf.len() {

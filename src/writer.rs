@@ -10,20 +10,40 @@
 //! pass does whenever it is about to wait for a digest, so the consumer gets
 //! every byte that is ready (the first bytes of the archive do not wait for
 //! later layers).  The chunk boundaries never change the bytes written.
+//!
+//! Besides chunks, the channel carries files to splice into the output
+//! ([`Piece::File`], see [`crate::splice`]), which the writer thread hands
+//! to its [`Splicer`], and a barrier that waits until the consumer has read
+//! and the splicer checked every spliced file.
 
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
+use crate::splice::{FileRef, Splicer};
+
 /// Bytes per chunk.
 pub const CHUNK: usize = 1 << 20;
 /// Chunks in circulation (the bound on buffered output).
 pub const POOL: usize = 8;
 
+/// What goes down a chunk channel, in stream order.
+#[derive(Debug)]
+pub enum Piece {
+    /// Bytes (a pool buffer: the receiver sends it back).
+    Bytes(Vec<u8>),
+    /// A file's content, by reference.
+    File(Box<FileRef>),
+    /// The end of one part of the stream (a segment, see [`crate::segment`]).
+    EndPart,
+    /// Wait for the consumer to read every spliced file (the writer thread).
+    Barrier,
+}
+
 /// The streaming pass's side: a `Write` that fills chunks and sends them on.
 pub struct Chunks {
-    full: Sender<Vec<u8>>,
+    full: Sender<Piece>,
     empty: Receiver<Vec<u8>>,
     current: Vec<u8>,
     size: usize,
@@ -45,16 +65,30 @@ impl Chunks {
             Err(_) => self.empty.recv().map_err(|_| io::Error::other(WriterGone))?,
         };
         let full = std::mem::replace(&mut self.current, next);
-        self.full.send(full).map_err(|_| io::Error::other(WriterGone))
+        self.send(Piece::Bytes(full))
     }
-}
 
-impl Chunks {
-    /// Hands over the current chunk, then an empty one: a marker that ends
-    /// one part of the stream (a segment, see [`crate::segment`]).
+    fn send(&mut self, piece: Piece) -> io::Result<()> {
+        self.full.send(piece).map_err(|_| io::Error::other(WriterGone))
+    }
+
+    /// Hands over the current chunk, then a marker that ends one part of the
+    /// stream (a segment, see [`crate::segment`]).
     pub fn end_part(&mut self) -> io::Result<()> {
         self.hand_over()?;
-        self.full.send(Vec::new()).map_err(|_| io::Error::other(WriterGone))
+        self.send(Piece::EndPart)
+    }
+
+    /// Hands over the current chunk, then `file`, whose bytes come next.
+    pub fn pass_file(&mut self, file: FileRef) -> io::Result<()> {
+        self.hand_over()?;
+        self.send(Piece::File(Box::new(file)))
+    }
+
+    /// Hands over the current chunk, then a [`Piece::Barrier`].
+    pub fn barrier(&mut self) -> io::Result<()> {
+        self.hand_over()?;
+        self.send(Piece::Barrier)
     }
 }
 
@@ -113,12 +147,12 @@ impl Write for Chunks {
 
 /// A connected pair for the output: the [`Chunks`] writer and the receiving
 /// end for [`run`], with [`POOL`] chunks of [`CHUNK`] bytes.
-pub fn channel() -> (Chunks, Receiver<Vec<u8>>, Sender<Vec<u8>>) {
+pub fn channel() -> (Chunks, Receiver<Piece>, Sender<Vec<u8>>) {
     channel_sized(CHUNK, POOL)
 }
 
 /// The same with `pool` chunks of `size` bytes (at least two chunks).
-pub fn channel_sized(size: usize, pool: usize) -> (Chunks, Receiver<Vec<u8>>, Sender<Vec<u8>>) {
+pub fn channel_sized(size: usize, pool: usize) -> (Chunks, Receiver<Piece>, Sender<Vec<u8>>) {
     let pool = pool.max(2);
     let (full_tx, full_rx) = bounded(pool);
     let (empty_tx, empty_rx) = bounded(pool);
@@ -131,13 +165,39 @@ pub fn channel_sized(size: usize, pool: usize) -> (Chunks, Receiver<Vec<u8>>, Se
 /// The writer thread: writes every chunk, in order, to `out` and returns the
 /// buffers; ends when the [`Chunks`] side is dropped, then flushes `out`.  On
 /// an output error it stops at once (dropping its ends, so the streaming pass
-/// stops too) and returns the error.
-pub fn run<W: Write>(mut out: W, full: Receiver<Vec<u8>>, empty: Sender<Vec<u8>>) -> io::Result<W> {
-    for mut chunk in full.iter() {
-        out.write_all(&chunk)?;
-        chunk.clear();
-        // The streaming pass may have finished: a closed pool is fine.
-        let _ = empty.send(chunk);
+/// stops too) and returns the error.  Files are spliced by `splicer`, which
+/// must splice into the pipe `out` writes to, unbuffered; without one, a
+/// file piece is an error (nothing sends one then).
+pub fn run<W: Write>(
+    mut out: W,
+    full: Receiver<Piece>,
+    empty: Sender<Vec<u8>>,
+    mut splicer: Option<Splicer>,
+) -> io::Result<W> {
+    for piece in full.iter() {
+        match piece {
+            Piece::Bytes(mut chunk) => {
+                out.write_all(&chunk)?;
+                if let Some(s) = splicer.as_mut() {
+                    s.wrote(chunk.len() as u64)?;
+                }
+                chunk.clear();
+                // The streaming pass may have finished: a closed pool is fine.
+                let _ = empty.send(chunk);
+            }
+            Piece::File(file) => {
+                let s = splicer.as_mut().ok_or_else(|| io::Error::other("a file to splice, but no pipe"))?;
+                out.flush()?;
+                s.splice(*file)?;
+            }
+            Piece::Barrier => {
+                if let Some(s) = splicer.as_mut() {
+                    out.flush()?;
+                    s.drain()?;
+                }
+            }
+            Piece::EndPart => {}
+        }
     }
     out.flush()?;
     Ok(out)
@@ -150,7 +210,7 @@ mod tests {
     #[test]
     fn bytes_arrive_in_order_whatever_the_chunking() {
         let (mut chunks, full, empty) = channel();
-        let writer = std::thread::spawn(move || run(Vec::new(), full, empty));
+        let writer = std::thread::spawn(move || run(Vec::new(), full, empty, None));
         let mut want = Vec::new();
         for i in 0..5000u32 {
             let piece: Vec<u8> = (0..(i % 3000)).map(|j| (i ^ j) as u8).collect();
@@ -178,7 +238,7 @@ mod tests {
             }
         }
         let (mut chunks, full, empty) = channel();
-        let writer = std::thread::spawn(move || run(Full, full, empty));
+        let writer = std::thread::spawn(move || run(Full, full, empty, None));
         let mut failed = false;
         for _ in 0..100 {
             if chunks.write_all(&vec![1u8; CHUNK]).is_err() {
