@@ -9,8 +9,6 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::archive::{hash_only, write_archive, ArchiveOptions, Hashed, SpliceInto, Summary};
-use crate::splice::Policy;
-use std::os::fd::AsRawFd;
 use crate::autolayer::auto_layer;
 use crate::cache::{CachedLayer, DigestCache};
 use crate::closure::ClosureGraph;
@@ -19,7 +17,9 @@ use crate::conf::{Conf, CustomisationSource};
 use crate::pipeline;
 use crate::plan::{ImagePlan, PlannedLayer};
 use crate::progress::{Mode, Progress};
+use crate::splice::Policy;
 use crate::walk::Kind;
+use std::os::fd::AsRawFd;
 
 /// Exit statuses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -214,8 +214,8 @@ fn merge<W: LayerOut>(out: &mut W, ends: Vec<Ends>, segments: usize) -> Result<(
 mod tests {
     use super::*;
     use crate::layer::write_store_layer;
-    use std::io::Write;
     use crate::walk::list_layer;
+    use std::io::Write;
 
     fn owner() -> Owner {
         Owner { uid: 0, gid: 0, uname: b"root".to_vec(), gname: b"root".to_vec(), mtime: 1 }
@@ -315,7 +315,8 @@ mod tests {
         std::os::unix::fs::FileExt::write_all_at(&f, &vec![0xEE; len], 0).unwrap();
         f.set_modified(mtime).unwrap();
         drop(f);
-        let e = render_layer(&listing, &owner(), &mut std::io::sink(), FileCheck::Verify(&files, None), None, 2).unwrap_err();
+        let e = render_layer(&listing, &owner(), &mut std::io::sink(), FileCheck::Verify(&files, None), None, 2)
+            .unwrap_err();
         assert!(e.to_string().contains("d5/sub/deeper/f250"), "{e}");
         assert!(e.to_string().contains("differs from the hashing pass"), "{e}");
     }

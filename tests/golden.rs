@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{bin, golden_dir, golden_tree, validate};
+use common::{bin, golden_dir, golden_tree, golden_tree_settled, validate};
 
 fn check(case: &str) {
     golden_tree();
@@ -13,7 +13,15 @@ fn check(case: &str) {
     for jobs in ["2", "1", "5"] {
         let out = bin().args(["stream", "--quiet", "--jobs", jobs]).arg(dir.join("conf.json")).output().unwrap();
         assert!(out.status.success(), "{case}: {}", String::from_utf8_lossy(&out.stderr));
-        assert_same(case, jobs, &out.stdout, &expected);
+        assert_same(case, &format!("--jobs {jobs}"), &out.stdout, &expected);
+    }
+    // Every file spliced into the output pipe (the tree is settled by now),
+    // and none (read and copied): the same bytes.
+    golden_tree_settled();
+    for how in ["--splice-min=1", "--no-splice"] {
+        let out = bin().args(["stream", "--quiet", how]).arg(dir.join("conf.json")).output().unwrap();
+        assert!(out.status.success(), "{case} {how}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_same(case, how, &out.stdout, &expected);
     }
     let out = bin().args(["stream", "--quiet"]).arg(dir.join("conf.json")).output().unwrap();
     let a = validate(&out.stdout);
@@ -36,7 +44,7 @@ fn assert_same(case: &str, jobs: &str, got: &[u8], expected: &[u8]) {
     if got != expected {
         let at = got.iter().zip(expected).position(|(a, b)| a != b).unwrap_or(got.len().min(expected.len()));
         panic!(
-            "{case} (--jobs {jobs}): differs from expected.tar at byte {at} (block {}, offset {} in it); lengths {} vs {}",
+            "{case} ({jobs}): differs from expected.tar at byte {at} (block {}, offset {} in it); lengths {} vs {}",
             at / 512,
             at % 512,
             got.len(),

@@ -74,8 +74,13 @@ pub fn golden_dir() -> PathBuf {
 /// Builds the golden input tree once per test binary (and the base image
 /// the from-image case reads).
 pub fn golden_tree() {
-    static TREE: OnceLock<()> = OnceLock::new();
-    TREE.get_or_init(|| {
+    golden_tree_made();
+}
+
+/// When the golden tree was made (by this test binary).
+fn golden_tree_made() -> std::time::Instant {
+    static TREE: OnceLock<std::time::Instant> = OnceLock::new();
+    *TREE.get_or_init(|| {
         let g = golden_dir();
         assert!(
             g.join("make_tree.py").exists(),
@@ -85,7 +90,18 @@ pub fn golden_tree() {
         let st = Command::new("python3").arg(g.join("make_tree.py")).output().expect("run python3 make_tree.py");
         assert!(st.status.success(), "make_tree.py failed: {}", String::from_utf8_lossy(&st.stderr));
         std::fs::copy(g.join("cases/basic/expected.tar"), "/tmp/nixstream-golden/base.tar").expect("copy base.tar");
-    });
+        std::time::Instant::now()
+    })
+}
+
+/// Time for files written just now to be old enough to splice
+/// (`nixstream::splice::SETTLE_NS`, with a margin).
+pub const SETTLE: std::time::Duration = std::time::Duration::from_millis(2_200);
+
+/// The golden tree, once its files are settled enough to be spliced.
+pub fn golden_tree_settled() {
+    let made = golden_tree_made();
+    std::thread::sleep(SETTLE.saturating_sub(made.elapsed()));
 }
 
 pub fn bin() -> Command {
