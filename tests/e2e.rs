@@ -298,8 +298,13 @@ fn what_a_failed_run_leaves_is_refused_by_every_client() {
     let mut known = vec![None; plan.layers.len()];
     known[2] = Some(nixstream::archive::Hashed { digest: stale, files: None });
     let mut out = Vec::new();
-    let e =
-        write_archive(&plan, &mut out, &ArchiveOptions { jobs: 2, known }, &Progress::new(Mode::Quiet, 0)).unwrap_err();
+    let e = write_archive(
+        &plan,
+        &mut out,
+        &ArchiveOptions { jobs: 2, known, splice: None },
+        &Progress::new(Mode::Quiet, 0),
+    )
+    .unwrap_err();
     assert!(matches!(e, ArchiveError::DigestMismatch { layer: 3, .. }), "{e}");
     assert!(out.len() > 100_000, "the failed run wrote its first layers ({} bytes)", out.len());
     let partial = tmp.path().join("partial.tar");

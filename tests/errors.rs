@@ -232,7 +232,7 @@ fn content_changed_between_passes_stops_before_manifest() {
     let plan = plan_of(&f);
     let stale = LayerDigest { size: 10240 * 31, sha256: [0x11; 32] };
     let mut out = Vec::new();
-    let opts = ArchiveOptions { jobs: 2, known: vec![Some(Hashed { digest: stale, files: None }), None] };
+    let opts = ArchiveOptions { jobs: 2, known: vec![Some(Hashed { digest: stale, files: None }), None], splice: None };
     let e = write_archive(&plan, &mut out, &opts, &Progress::new(Mode::Quiet, 0)).unwrap_err();
     assert!(matches!(e, ArchiveError::DigestMismatch { layer: 1, .. }), "{e}");
     assert!(e.to_string().contains("aaaa-pkg"), "{e}");
@@ -245,9 +245,13 @@ fn file_growing_after_listing_is_named() {
     let plan = plan_of(&f);
     std::fs::write(f.pkg.join("readme"), b"hi, and more\n").unwrap();
     let mut out = Vec::new();
-    let e =
-        write_archive(&plan, &mut out, &ArchiveOptions { jobs: 2, known: Vec::new() }, &Progress::new(Mode::Quiet, 0))
-            .unwrap_err();
+    let e = write_archive(
+        &plan,
+        &mut out,
+        &ArchiveOptions { jobs: 2, ..Default::default() },
+        &Progress::new(Mode::Quiet, 0),
+    )
+    .unwrap_err();
     let msg = e.to_string();
     assert!(msg.contains("readme") && msg.contains("changed"), "{msg}");
     assert!(!loadable(&out));
@@ -261,9 +265,13 @@ fn file_shrinking_after_listing_is_named() {
     tool.set_len(1000).unwrap();
     drop(tool);
     let mut out = Vec::new();
-    let e =
-        write_archive(&plan, &mut out, &ArchiveOptions { jobs: 2, known: Vec::new() }, &Progress::new(Mode::Quiet, 0))
-            .unwrap_err();
+    let e = write_archive(
+        &plan,
+        &mut out,
+        &ArchiveOptions { jobs: 2, ..Default::default() },
+        &Progress::new(Mode::Quiet, 0),
+    )
+    .unwrap_err();
     let msg = e.to_string();
     assert!(msg.contains("bin/tool") && msg.contains("size 300000 became 1000"), "{msg}");
     assert!(!loadable(&out));
@@ -281,7 +289,7 @@ fn digest_alone_names_a_file_changed_after_listing() {
     drop(tool);
     let e = nixstream::archive::hash_only(
         &plan,
-        &ArchiveOptions { jobs: 2, known: Vec::new() },
+        &ArchiveOptions { jobs: 2, ..Default::default() },
         &Progress::new(Mode::Quiet, 0),
     )
     .unwrap_err();
@@ -295,9 +303,13 @@ fn file_vanishing_after_listing_is_named() {
     let plan = plan_of(&f);
     std::fs::remove_file(f.pkg.join("bin/tool")).unwrap();
     let mut out = Vec::new();
-    let e =
-        write_archive(&plan, &mut out, &ArchiveOptions { jobs: 1, known: Vec::new() }, &Progress::new(Mode::Quiet, 0))
-            .unwrap_err();
+    let e = write_archive(
+        &plan,
+        &mut out,
+        &ArchiveOptions { jobs: 1, ..Default::default() },
+        &Progress::new(Mode::Quiet, 0),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("bin/tool") && e.to_string().contains("removed"), "{e}");
 }
 
@@ -529,9 +541,13 @@ fn replaced_file_between_passes_is_named() {
     std::fs::write(&tmp, vec![8u8; 300_000]).unwrap();
     std::fs::rename(&tmp, &tool).unwrap();
     let mut out = Vec::new();
-    let e =
-        write_archive(&plan, &mut out, &ArchiveOptions { jobs: 1, known: Vec::new() }, &Progress::new(Mode::Quiet, 0))
-            .unwrap_err();
+    let e = write_archive(
+        &plan,
+        &mut out,
+        &ArchiveOptions { jobs: 1, ..Default::default() },
+        &Progress::new(Mode::Quiet, 0),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("bin/tool") && e.to_string().contains("replaced"), "{e}");
     assert!(!loadable(&out));
 }

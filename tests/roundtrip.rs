@@ -150,7 +150,7 @@ fn stream(conf: &serde_json::Value) -> Vec<u8> {
     let conf = Conf::from_value(conf.clone(), None, DateTime::now_utc()).unwrap();
     let plan = ImagePlan::from_conf(&conf).unwrap();
     let mut out = Vec::new();
-    write_archive(&plan, &mut out, &ArchiveOptions { jobs: 2, known: Vec::new() }, &Progress::new(Mode::Quiet, 0))
+    write_archive(&plan, &mut out, &ArchiveOptions { jobs: 2, ..Default::default() }, &Progress::new(Mode::Quiet, 0))
         .unwrap();
     out
 }
