@@ -21,6 +21,11 @@
 //! changed in between is an error naming that file, at about a twentieth of
 //! the cost of hashing the layer with sha256 again.
 //!
+//! Into an output pipe, the streaming pass passes big settled files on by
+//! reference instead of reading them ([`FileCheck::Verify`] with a
+//! [`Policy`]; see [`crate::splice`]), after checking them against the
+//! listing, ctime included.
+//!
 //! Files are read with large `read` calls, not `mmap`: a mapped file that is
 //! truncated under us would kill the process with SIGBUS instead of giving a
 //! message.

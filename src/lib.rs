@@ -4,8 +4,8 @@
 //! [`conf`] (the configuration) → [`plan`] (an [`plan::ImagePlan`]: base
 //! image indexed, store layers to be listed by [`walk`] on first use) → [`archive`] (layers
 //! hashed in parallel by [`layer`] into [`hash`] sinks, then streamed in
-//! order through verifying writers, with [`image`] building config and
-//! manifest).  [`tarheader`] and [`pyjson`] own the bytes that must equal
+//! order through verifying writers, big files spliced into an output pipe
+//! by [`splice`], with [`image`] building config and manifest).  [`tarheader`] and [`pyjson`] own the bytes that must equal
 //! the reference's.
 
 pub mod archive;
