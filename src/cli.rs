@@ -18,6 +18,7 @@ use crate::pipeline;
 use crate::plan::{ImagePlan, PlannedLayer};
 use crate::progress::{Mode, Progress};
 use crate::splice::Policy;
+use crate::writer::Blocking;
 use crate::walk::Kind;
 use std::os::fd::AsRawFd;
 
@@ -315,7 +316,7 @@ fn emit(conf: &Conf, o: &OutputArgs, nar_hashes: &HashMap<String, String>) -> an
     // The archive writer hands over 1 MiB chunks, and smaller ones only
     // when it must wait: plain output goes straight to the fd, unbuffered.
     let buffer = if o.compress == Compress::None { 0 } else { 1 << 20 };
-    let mut out = Compressed::new(BufWriter::with_capacity(buffer, &*stdout), o.compress, jobs)?;
+    let mut out = Compressed::new(BufWriter::with_capacity(buffer, Blocking(&stdout)), o.compress, jobs)?;
     // Plain output into a pipe: big files go in by reference.
     let splice = (pipe && o.compress == Compress::None && !o.no_splice).then(|| SpliceInto {
         pipe: stdout.as_raw_fd(),

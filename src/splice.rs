@@ -192,8 +192,10 @@ impl Splicer {
             let e = io::Error::last_os_error();
             match e.raw_os_error() {
                 Some(libc::EINTR) => {}
-                // Opened O_NONBLOCK (against a fifo in its place); it is a
-                // regular file, so blocking is fine.
+                // Either side may be non-blocking: the file was opened
+                // O_NONBLOCK (against a fifo in its place; it is a regular
+                // file, so blocking is fine), and the pipe may be a parent's
+                // non-blocking one, full for now.
                 Some(libc::EAGAIN) if !cleared => {
                     cleared = true;
                     // SAFETY: fcntl on a descriptor we hold.
@@ -202,6 +204,7 @@ impl Splicer {
                         libc::fcntl(f.fd.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
                     }
                 }
+                Some(libc::EAGAIN) => crate::writer::wait_writable(self.pipe)?,
                 _ => return Err(e),
             }
         }

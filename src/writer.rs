@@ -145,6 +145,45 @@ impl Write for Chunks {
     }
 }
 
+/// The output descriptor, waiting (in `poll`) whenever it would block: a
+/// parent may hand us a non-blocking pipe (Node.js does), whose writes fail
+/// with `EAGAIN` when it is full instead of waiting for the reader.
+pub struct Blocking<'a>(pub &'a std::fs::File);
+
+impl Write for Blocking<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        loop {
+            match (&*self.0).write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_writable(self.0.as_raw_fd())?,
+                r => return r,
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        (&*self.0).flush()
+    }
+}
+
+/// Waits until `fd` takes more bytes; a reader that left is a broken pipe.
+pub fn wait_writable(fd: std::os::fd::RawFd) -> io::Result<()> {
+    let mut pfd = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
+    loop {
+        // SAFETY: one pollfd we own.
+        let r = unsafe { libc::poll(&mut pfd, 1, -1) };
+        if r >= 0 {
+            if pfd.revents & libc::POLLERR != 0 {
+                return Err(io::Error::from(io::ErrorKind::BrokenPipe));
+            }
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 /// A connected pair for the output: the [`Chunks`] writer and the receiving
 /// end for [`run`], with [`POOL`] chunks of [`CHUNK`] bytes.
 pub fn channel() -> (Chunks, Receiver<Piece>, Sender<Vec<u8>>) {
