@@ -81,7 +81,9 @@ pub struct Summary {
     pub digests: Vec<LayerDigest>,
     pub bytes: u64,
     /// For each store layer (by plan index), each file's xxh3-128 as the
-    /// streaming pass confirmed them: what the digest cache keeps.
+    /// streaming pass confirmed them (by content; a file spliced unread, by
+    /// its metadata being unchanged since the listing that preceded the
+    /// hash): what the digest cache keeps.
     pub files: Vec<Option<Vec<u128>>>,
 }
 
