@@ -213,11 +213,13 @@ pub struct ArchiveOptions {
     pub splice: Option<SpliceInto>,
 }
 
-/// The pipe the archive goes into, which `out` writes to unbuffered and
-/// uncompressed, and which files to splice into it.
+/// The pipe (or regular file) the archive goes into, which `out` writes to
+/// unbuffered and uncompressed, and which files to splice (or copy in the
+/// kernel) into it.
 #[derive(Debug, Clone, Copy)]
 pub struct SpliceInto {
-    pub pipe: std::os::fd::RawFd,
+    pub fd: std::os::fd::RawFd,
+    pub output: crate::splice::Output,
     pub policy: Policy,
 }
 
@@ -230,7 +232,7 @@ pub fn write_archive<W: Write + Send>(
     progress: &Progress,
 ) -> Result<Summary, ArchiveError> {
     let (chunks, full, empty) = writer::channel();
-    let splicer = opts.splice.map(|s| Splicer::new(s.pipe));
+    let splicer = opts.splice.map(|s| Splicer::new(s.fd, s.output));
     // A layer this run hashes is spliced unread (its files were listed
     // just before); one whose digest is known (from the cache) is read and
     // checked file by file first.
