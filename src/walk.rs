@@ -248,9 +248,16 @@ fn walk_dir(
 }
 
 /// Python's `str` order of two file names decoded with `surrogateescape`.
-/// For valid UTF-8, byte order is code point order; otherwise compare the
-/// decoded code points.
+/// Where the names first differ in two ASCII bytes (or one ends and the
+/// other goes on with an ASCII byte), the common prefix decodes the same in
+/// both (an ASCII byte completes no sequence) and byte order is the answer:
+/// almost every comparison of a sort.  Otherwise: byte order when both are
+/// valid UTF-8 (it is code point order), else the decoded code points.
 pub fn compare_names(a: &[u8], b: &[u8]) -> Ordering {
+    let i = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    if a.get(i).is_none_or(u8::is_ascii) && b.get(i).is_none_or(u8::is_ascii) {
+        return a.cmp(b);
+    }
     if std::str::from_utf8(a).is_ok() && std::str::from_utf8(b).is_ok() {
         return a.cmp(b);
     }
@@ -265,6 +272,25 @@ fn code_points(s: &[u8]) -> impl Iterator<Item = u32> + '_ {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fast path agrees with decoding both names, on names built from
+    /// the bytes that matter (ASCII, lead and continuation bytes, invalid).
+    #[test]
+    fn fast_path_agrees_with_decoded_code_points() {
+        use proptest::prelude::*;
+        let byte = prop::sample::select(vec![b'a', b'b', 0x80, 0xBF, 0xC4, 0xE2, 0xF0, 0xFF]);
+        let name = prop::collection::vec(byte, 0..6);
+        proptest!(ProptestConfig::with_cases(20_000), |(a in name.clone(), b in name)| {
+            let slow = if std::str::from_utf8(&a).is_ok() && std::str::from_utf8(&b).is_ok() {
+                a.cmp(&b)
+            } else {
+                code_points(&a).cmp(code_points(&b))
+            };
+            prop_assert_eq!(compare_names(&a, &b), slow, "{:?} {:?}", a, b);
+        });
+        // The prefix case: a lead byte ends one name, the other completes it.
+        assert_eq!(compare_names(b"\xc4", b"\xc4\x80"), Ordering::Greater);
+    }
 
     #[test]
     fn python_order_differs_from_byte_order_for_undecodable_names() {
