@@ -180,7 +180,7 @@ pub struct OutputArgs {
     /// Compress the whole output stream. `zstd` lets `skopeo copy docker-archive:/dev/stdin` read from a pipe; `docker load` reads `gzip`.
     #[arg(long, value_enum, default_value = "none")]
     pub compress: Compress,
-    /// Read and check every byte of every file, instead of splicing big, settled files (64 KiB and more, unchanged for 2 s) into an output pipe by reference, which checks their metadata before, while and after the consumer reads them.
+    /// Read and check every byte of every file, instead of splicing big, settled files (64 KiB and more, unchanged for 2 s) into an output pipe by reference, or copying them in the kernel into an output file, checking their metadata (ctime included) before and after.
     #[arg(long)]
     pub no_splice: bool,
     /// Smallest file to splice (for tests).
