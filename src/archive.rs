@@ -213,13 +213,11 @@ pub struct ArchiveOptions {
     pub splice: Option<SpliceInto>,
 }
 
-/// The pipe (or regular file) the archive goes into, which `out` writes to
-/// unbuffered and uncompressed, and which files to splice (or copy in the
-/// kernel) into it.
+/// The pipe the archive goes into, which `out` writes to unbuffered and
+/// uncompressed, and which files to splice into it.
 #[derive(Debug, Clone, Copy)]
 pub struct SpliceInto {
-    pub fd: std::os::fd::RawFd,
-    pub output: crate::splice::Output,
+    pub pipe: std::os::fd::RawFd,
     pub policy: Policy,
 }
 
@@ -232,7 +230,7 @@ pub fn write_archive<W: Write + Send>(
     progress: &Progress,
 ) -> Result<Summary, ArchiveError> {
     let (chunks, full, empty) = writer::channel();
-    let splicer = opts.splice.map(|s| Splicer::new(s.fd, s.output));
+    let splicer = opts.splice.map(|s| Splicer::new(s.pipe));
     // A layer this run hashes is spliced unread (its files were listed
     // just before); one whose digest is known (from the cache) is read and
     // checked file by file first.

@@ -17,7 +17,7 @@ use crate::conf::{Conf, CustomisationSource};
 use crate::pipeline;
 use crate::plan::{ImagePlan, PlannedLayer};
 use crate::progress::{Mode, Progress};
-use crate::splice::{Output, Policy};
+use crate::splice::Policy;
 use crate::walk::Kind;
 use crate::writer::Blocking;
 use std::os::fd::AsRawFd;
@@ -180,7 +180,7 @@ pub struct OutputArgs {
     /// Compress the whole output stream. `zstd` lets `skopeo copy docker-archive:/dev/stdin` read from a pipe; `docker load` reads `gzip`.
     #[arg(long, value_enum, default_value = "none")]
     pub compress: Compress,
-    /// Read and check every byte of every file, instead of splicing big, settled files (64 KiB and more, unchanged for 2 s) into an output pipe by reference, or copying them in the kernel into an output file, checking their metadata (ctime included) before and after.
+    /// Read and check every byte of every file, instead of splicing big, settled files (64 KiB and more, unchanged for 2 s) into an output pipe by reference, checking their metadata (ctime included) when opened and once the consumer has read them.
     #[arg(long)]
     pub no_splice: bool,
     /// Smallest file to splice (for tests).
@@ -312,19 +312,14 @@ fn emit(conf: &Conf, o: &OutputArgs, nar_hashes: &HashMap<String, String>) -> an
     let (cache, known) = CacheUse::new(&plan, o.run.cache.as_deref(), nar_hashes, jobs)?;
     let progress = Progress::new(Mode::detect(o.run.quiet), plan.layers.len());
     let stdout = stdout_file();
-    let kind = output_kind(&stdout);
-    if kind == Some(Output::Pipe) {
-        grow_pipe(&stdout);
-    }
+    let pipe = grow_pipe(&stdout);
     // The archive writer hands over 1 MiB chunks, and smaller ones only
     // when it must wait: plain output goes straight to the fd, unbuffered.
     let buffer = if o.compress == Compress::None { 0 } else { 1 << 20 };
     let mut out = Compressed::new(BufWriter::with_capacity(buffer, Blocking(&stdout)), o.compress, jobs)?;
-    // Plain output into a pipe: big files go in by reference; into a
-    // file: copied by the kernel.
-    let splice = kind.filter(|_| o.compress == Compress::None && !o.no_splice).map(|output| SpliceInto {
-        fd: stdout.as_raw_fd(),
-        output,
+    // Plain output into a pipe: big files go in by reference.
+    let splice = (pipe && o.compress == Compress::None && !o.no_splice).then(|| SpliceInto {
+        pipe: stdout.as_raw_fd(),
         policy: Policy::new(std::time::SystemTime::now(), o.splice_min),
     });
     let summary = write_archive(&plan, &mut out, &ArchiveOptions { jobs, known, splice }, &progress)?;
@@ -639,28 +634,18 @@ fn image(a: &ImageArgs) -> anyhow::Result<()> {
     emit(&conf, &a.output, &nar_hashes)
 }
 
-/// Asks for a 1 MiB pipe buffer (the default 64 KiB means a context switch
-/// per 64 KiB between us and the reader).  A refusal (an unprivileged user
-/// over /proc/sys/fs/pipe-max-size) changes nothing.
-fn grow_pipe(out: &std::fs::File) {
-    // SAFETY: fcntl on a descriptor we hold; the result is ignored.
-    unsafe { libc::fcntl(out.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
-}
-
-/// Whether the output is a pipe, or a regular file written at its offset
-/// (not appended to: the kernel's copies need the offset); else `None`.
-fn output_kind(out: &std::fs::File) -> Option<Output> {
+/// When `out` is a pipe, asks for a 1 MiB pipe buffer (the default 64 KiB
+/// means a context switch per 64 KiB between us and the reader) and returns
+/// true.  A refusal (an unprivileged user over /proc/sys/fs/pipe-max-size)
+/// changes nothing.
+fn grow_pipe(out: &std::fs::File) -> bool {
     use std::os::unix::fs::FileTypeExt;
-    let t = out.metadata().ok()?.file_type();
-    // SAFETY: fcntl on a descriptor we hold.
-    let flags = unsafe { libc::fcntl(out.as_raw_fd(), libc::F_GETFL) };
-    if t.is_fifo() {
-        Some(Output::Pipe)
-    } else if t.is_file() && flags >= 0 && flags & libc::O_APPEND == 0 {
-        Some(Output::File)
-    } else {
-        None
+    let pipe = out.metadata().is_ok_and(|m| m.file_type().is_fifo());
+    if pipe {
+        // SAFETY: fcntl on a descriptor we hold; the result is ignored.
+        unsafe { libc::fcntl(out.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
     }
+    pipe
 }
 
 /// Standard output as a `File`, unbuffered (Rust's stdout is line-buffered,

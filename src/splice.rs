@@ -31,12 +31,6 @@
 //! when a clean page is first written), and a consumer that itself splices
 //! the pages on (then a change after our last check reaches its reader).
 //! `--no-splice` reads and checks every byte instead.
-//!
-//! Into a regular file ([`Output::File`]), the same files are copied by the
-//! kernel (`copy_file_range`, which may share extents on btrfs or XFS, else
-//! `sendfile`, else `pread`/`write` here): one kernel copy instead of a read
-//! and a write through our buffers.  The bytes are in the output when the
-//! call returns, so the second check follows at once.
 
 use std::collections::VecDeque;
 use std::io;
@@ -138,27 +132,13 @@ pub struct Changed {
     pub what: String,
 }
 
-/// What the archive goes into.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Output {
-    /// A pipe: files are spliced, and checked once the consumer read them.
-    Pipe,
-    /// A regular file (not opened for appending): files are copied in the
-    /// kernel at the file's current offset, and checked at once.
-    File,
-}
-
-/// The writer thread's side: splices files into the pipe `pipe` (or copies
-/// them into the output file), counts every byte that goes in, and checks
-/// each spliced file once the consumer has read past it.
+/// The writer thread's side: splices files into the pipe `pipe`, counts
+/// every byte that goes in, and checks each spliced file once the consumer
+/// has read past it.
 pub struct Splicer {
     pipe: RawFd,
-    output: Output,
     written: u64,
     pending: VecDeque<Pending>,
-    /// Whether `copy_file_range`, then `sendfile`, may still work here.
-    copy_range: bool,
-    sendfile: bool,
 }
 
 struct Pending {
@@ -172,10 +152,10 @@ fn changed(f: &FileRef, what: String) -> io::Error {
 }
 
 impl Splicer {
-    /// `pipe` must be the pipe (or file) every byte of the archive goes
-    /// into, in order, unbuffered; the caller keeps it open.
-    pub fn new(pipe: RawFd, output: Output) -> Splicer {
-        Splicer { pipe, output, written: 0, pending: VecDeque::new(), copy_range: true, sendfile: true }
+    /// `pipe` must be the pipe every byte of the archive goes into, in
+    /// order, unbuffered; the caller keeps it open.
+    pub fn new(pipe: RawFd) -> Splicer {
+        Splicer { pipe, written: 0, pending: VecDeque::new() }
     }
 
     /// Counts `n` bytes written into the pipe by other means, and checks the
@@ -189,11 +169,6 @@ impl Splicer {
     /// [`Changed`] error inside the `io::Error`; the pipe's own failures are
     /// plain `io::Error`s.
     pub fn splice(&mut self, f: FileRef) -> io::Result<()> {
-        if self.output == Output::File {
-            self.copy(&f)?;
-            self.written += f.len;
-            return check(&f);
-        }
         let mut off: libc::loff_t = 0;
         let mut cleared = false;
         while (off as u64) < f.len {
@@ -208,7 +183,11 @@ impl Splicer {
                 continue;
             }
             if n == 0 {
-                return Err(ended_early(&f, off as u64));
+                let what = match fsat::fstat(f.fd.as_fd()) {
+                    Ok(st) if st.size != f.len => format!("size {} became {}", f.len, st.size),
+                    _ => format!("it ended {} bytes early", f.len - off as u64),
+                };
+                return Err(changed(&f, what));
             }
             let e = io::Error::last_os_error();
             match e.raw_os_error() {
@@ -231,61 +210,6 @@ impl Splicer {
         }
         self.pending.push_back(Pending { end: self.written, file: f });
         self.settle()
-    }
-
-    /// Copies the whole file to the output file's current offset.
-    fn copy(&mut self, f: &FileRef) -> io::Result<()> {
-        let (from, to) = (f.fd.as_raw_fd(), self.pipe);
-        let mut off: libc::loff_t = 0;
-        while (off as u64) < f.len {
-            let left = (f.len - off as u64).min(1 << 30) as usize;
-            // SAFETY (both calls): descriptors we hold, an offset we own.
-            let n = if self.copy_range {
-                unsafe { libc::copy_file_range(from, &mut off, to, std::ptr::null_mut(), left, 0) }
-            } else if self.sendfile {
-                unsafe { libc::sendfile(to, from, &mut off, left) }
-            } else {
-                return self.copy_by_hand(f, off);
-            };
-            if n > 0 {
-                continue;
-            }
-            if n == 0 {
-                return Err(ended_early(f, off as u64));
-            }
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EINTR) => {}
-                // Not between these files (another file system, a kernel
-                // or file system without it): the next way, from here on.
-                Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::EBADF) if self.copy_range => {
-                    self.copy_range = false
-                }
-                Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) if self.sendfile => self.sendfile = false,
-                _ => return Err(e),
-            }
-        }
-        Ok(())
-    }
-
-    /// The last way: `pread` and `write`, from `off` on.
-    fn copy_by_hand(&self, f: &FileRef, mut off: libc::loff_t) -> io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        let out = std::mem::ManuallyDrop::new(unsafe_file(self.pipe));
-        let src = std::mem::ManuallyDrop::new(unsafe_file(f.fd.as_raw_fd()));
-        let mut buf = vec![0u8; (f.len as usize).min(1 << 20)];
-        while (off as u64) < f.len {
-            let want = buf.len().min((f.len - off as u64) as usize);
-            let n = match src.read_at(&mut buf[..want], off as u64) {
-                Ok(0) => return Err(ended_early(f, off as u64)),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            io::Write::write_all(&mut crate::writer::Blocking(&out), &buf[..n])?;
-            off += n as libc::loff_t;
-        }
-        Ok(())
     }
 
     /// Checks the spliced files the consumer has read past.
@@ -337,22 +261,6 @@ impl Splicer {
     }
 }
 
-/// A file that ended at `off`, before its listed size.
-fn ended_early(f: &FileRef, off: u64) -> io::Error {
-    let what = match fsat::fstat(f.fd.as_fd()) {
-        Ok(st) if st.size != f.len => format!("size {} became {}", f.len, st.size),
-        _ => format!("it ended {} bytes early", f.len - off),
-    };
-    changed(f, what)
-}
-
-/// A `File` over a descriptor someone else owns (wrap it in `ManuallyDrop`).
-fn unsafe_file(fd: RawFd) -> std::fs::File {
-    use std::os::fd::FromRawFd;
-    // SAFETY: the caller keeps `fd` open and never drops the `File`.
-    unsafe { std::fs::File::from_raw_fd(fd) }
-}
-
 fn check(f: &FileRef) -> io::Result<()> {
     let st = fsat::fstat(f.fd.as_fd()).map_err(|e| changed(f, format!("cannot stat it again: {e}")))?;
     match f.seen.differs(&st) {
@@ -385,7 +293,7 @@ mod tests {
             r.read_to_end(&mut got).unwrap();
             got
         });
-        let mut s = Splicer::new(w.as_raw_fd(), Output::Pipe);
+        let mut s = Splicer::new(w.as_raw_fd());
         w.write_all(b"head").unwrap();
         s.wrote(4).unwrap();
         s.splice(file_ref(&p)).unwrap();
@@ -409,7 +317,7 @@ mod tests {
         // Within a pipe's default 64 KiB: spliced with nobody reading yet.
         std::fs::write(&p, vec![1u8; 40_000]).unwrap();
         let (mut r, w) = std::io::pipe().unwrap();
-        let mut s = Splicer::new(w.as_raw_fd(), Output::Pipe);
+        let mut s = Splicer::new(w.as_raw_fd());
         s.splice(file_ref(&p)).unwrap();
         assert_eq!(s.pending(), 1, "nothing read yet: the check waits");
         // Past the file system's timestamp granularity (a coarse clock
@@ -447,7 +355,7 @@ mod tests {
             let mut got = Vec::new();
             r.read_to_end(&mut got).unwrap();
         });
-        let e = Splicer::new(w.as_raw_fd(), Output::Pipe).splice(f).unwrap_err();
+        let e = Splicer::new(w.as_raw_fd()).splice(f).unwrap_err();
         let c = e.get_ref().and_then(|i| i.downcast_ref::<Changed>()).expect("a Changed error");
         assert!(c.what.contains("size 80000 became 70000"), "{}", c.what);
         drop(w);
@@ -460,52 +368,10 @@ mod tests {
         let p = d.path().join("data");
         std::fs::write(&p, vec![1u8; 40_000]).unwrap();
         let (r, w) = std::io::pipe().unwrap();
-        let mut s = Splicer::new(w.as_raw_fd(), Output::Pipe);
+        let mut s = Splicer::new(w.as_raw_fd());
         s.splice(file_ref(&p)).unwrap();
         drop(r);
         assert_eq!(s.drain().unwrap_err().kind(), io::ErrorKind::BrokenPipe);
-    }
-
-    /// Into a regular file: each way of copying (`copy_file_range`,
-    /// `sendfile`, by hand) gives the bytes at the file's offset, between
-    /// bytes written by other means.
-    #[test]
-    fn into_a_file_every_way_of_copying_gives_the_same_bytes() {
-        use std::io::Seek;
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("data");
-        let data: Vec<u8> = (0..1_500_000u32).map(|i| (i * 13 % 253) as u8).collect();
-        std::fs::write(&p, &data).unwrap();
-        for way in 0..3 {
-            let out_path = d.path().join(format!("out{way}"));
-            let mut out = std::fs::File::create(&out_path).unwrap();
-            let mut s = Splicer::new(out.as_raw_fd(), Output::File);
-            (s.copy_range, s.sendfile) = (way == 0, way <= 1);
-            out.write_all(b"head").unwrap();
-            s.wrote(4).unwrap();
-            s.splice(file_ref(&p)).unwrap();
-            out.write_all(b"tail").unwrap();
-            s.drain().unwrap();
-            assert_eq!(out.stream_position().unwrap(), data.len() as u64 + 8, "way {way}");
-            let got = std::fs::read(&out_path).unwrap();
-            assert!(got[4..got.len() - 4] == data[..], "way {way}");
-            assert_eq!((&got[..4], &got[got.len() - 4..]), (&b"head"[..], &b"tail"[..]), "way {way}");
-        }
-    }
-
-    /// Into a file the check follows the copy at once: a file whose status
-    /// is not what the listing saw is named.
-    #[test]
-    fn into_a_file_a_file_unlike_its_listing_is_named() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("data");
-        std::fs::write(&p, vec![5u8; 200_000]).unwrap();
-        let out = std::fs::File::create(d.path().join("out")).unwrap();
-        let mut f = file_ref(&p);
-        f.seen.ctime_ns -= 1;
-        let e = Splicer::new(out.as_raw_fd(), Output::File).splice(f).unwrap_err();
-        let c = e.get_ref().and_then(|i| i.downcast_ref::<Changed>()).expect("a Changed error");
-        assert!(c.what.contains("ctime"), "{}", c.what);
     }
 
     #[test]

@@ -134,27 +134,3 @@ fn a_non_blocking_output_pipe_is_waited_on() {
         assert!(out == want.stdout, "{how}: other bytes");
     }
 }
-
-/// Into a regular file big files are copied by the kernel; a file opened
-/// for appending (`>>`) cannot take those copies and gets written ones.
-#[test]
-fn into_a_file_or_appended_the_same_bytes() {
-    let f = fixture();
-    let want = bin().args(["stream", "-q", "--no-splice"]).arg(&f.conf).output().unwrap();
-    assert!(want.status.success());
-    let tmp = tempfile::tempdir().unwrap();
-    let plain = tmp.path().join("plain.tar");
-    let appended = tmp.path().join("appended.tar");
-    std::fs::write(&appended, b"before").unwrap();
-    let targets = [
-        (&plain, std::fs::File::create(&plain).unwrap()),
-        (&appended, std::fs::OpenOptions::new().append(true).open(&appended).unwrap()),
-    ];
-    for (path, file) in targets {
-        let out = bin().args(["stream", "-q"]).arg(&f.conf).stdout(file).output().unwrap();
-        assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
-    }
-    assert!(std::fs::read(&plain).unwrap() == want.stdout, "into a file");
-    let got = std::fs::read(&appended).unwrap();
-    assert!(got[..6] == *b"before" && got[6..] == want.stdout[..], "appended");
-}
