@@ -217,7 +217,9 @@ impl Splicer {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let read = self.written - self.in_pipe()?;
+        // Saturating: another writer's bytes in a shared pipe only make
+        // the consumer look behind, which delays the checks.
+        let read = self.written.saturating_sub(self.in_pipe()?);
         while self.pending.front().is_some_and(|p| p.end <= read) {
             let p = self.pending.pop_front().expect("checked");
             check(&p.file)?;
