@@ -91,6 +91,11 @@ pub struct Summary {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hashed {
     pub digest: LayerDigest,
+    /// Made by this run's hashing pass, which read the files right after
+    /// they were listed (the streaming pass may then splice them unread);
+    /// false for a digest known in advance (the cache), whose files the
+    /// streaming pass reads and checks.
+    pub fresh: bool,
     /// Each file's xxh3-128, which the streaming pass checks file by file;
     /// `None` for a digest known without them, which the streaming pass then
     /// verifies by hashing the whole layer with sha256 again.
@@ -199,7 +204,7 @@ impl<W: Write> Outer<'_, W> {
 
 /// How to run the two passes.
 #[derive(Debug, Clone, Default)]
-pub struct ArchiveOptions {
+pub struct ArchiveOptions<'a> {
     /// Hashing threads (at least one).
     pub jobs: usize,
     /// Digests already known for some store layers (by plan index), e.g.
@@ -207,10 +212,19 @@ pub struct ArchiveOptions {
     /// still verifies them, so a stale digest stops the archive before
     /// manifest.json instead of producing a lying one.
     pub known: Vec<Option<Hashed>>,
+    /// Digests looked up once each layer is listed (the digest cache, keyed
+    /// by the listing): a hit skips that layer's hashing pass, as `known`.
+    pub lookup: Option<&'a dyn Lookup>,
     /// Splice big files into this pipe instead of copying them (see
     /// [`crate::splice`]): only for layers hashed in this run, whose files
     /// were listed just before.
     pub splice: Option<SpliceInto>,
+}
+
+/// Digests known for some layers once they are listed.
+pub trait Lookup: Sync + std::fmt::Debug {
+    /// The digest of store layer `layer` (a plan index), listed as `listing`, if known.
+    fn lookup(&self, layer: usize, listing: &Listing) -> Option<Hashed>;
 }
 
 /// The pipe the archive goes into, which `out` writes to unbuffered and
@@ -231,19 +245,11 @@ pub fn write_archive<W: Write + Send>(
 ) -> Result<Summary, ArchiveError> {
     let (chunks, full, empty) = writer::channel();
     let splicer = opts.splice.map(|s| Splicer::new(s.pipe));
-    // A layer this run hashes is spliced unread (its files were listed
-    // just before); one whose digest is known (from the cache) is read and
-    // checked file by file first.
-    let splice: Vec<Option<Policy>> = (0..plan.layers.len())
-        .map(|i| {
-            let known = opts.known.get(i).is_some_and(Option::is_some);
-            opts.splice.map(|s| if known { s.policy.rereading() } else { s.policy })
-        })
-        .collect();
+    let splice = opts.splice.map(|s| s.policy);
     std::thread::scope(|s| {
         let w = s.spawn(move || writer::run(out, full, empty, splicer));
         let streamed = with_hashers(plan, opts, Identity::Unchecked, progress, |slots| {
-            stream(plan, chunks, slots, (readers(opts.jobs), &splice), progress)
+            stream(plan, chunks, slots, (readers(opts.jobs), splice), progress)
         });
         let written = w.join().unwrap_or_else(|_| Err(io::Error::other("the output writer panicked")));
         match (streamed, written) {
@@ -317,7 +323,7 @@ fn with_hashers<T>(
         for w in 0..workers {
             let queue = &queue;
             let slots = &slots;
-            s.spawn(move || hash_worker(plan, queue, w, (readers(opts.jobs), identity), slots, progress));
+            s.spawn(move || hash_worker(plan, queue, w, (readers(opts.jobs), identity, opts.lookup), slots, progress));
         }
         let r = f(&slots);
         if r.is_err() {
@@ -417,7 +423,7 @@ fn hash_worker(
     plan: &ImagePlan,
     queue: &Queue,
     worker: usize,
-    (readers, identity): (usize, Identity),
+    (readers, identity, lookup): (usize, Identity, Option<&dyn Lookup>),
     slots: &Slots,
     progress: &Progress,
 ) {
@@ -448,7 +454,11 @@ fn hash_worker(
         let PlannedLayer::Store { owner, .. } = &plan.layers[i] else { unreachable!("store index") };
         let owner = owner.as_ref().unwrap_or(&plan.owner);
         let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            hash_layer(listing(i)?, owner, readers, identity, &slots.abort)
+            let listed = listing(i)?;
+            if let Some(hit) = lookup.and_then(|l| l.lookup(i, listed)) {
+                return Ok(hit);
+            }
+            hash_layer(listed, owner, readers, identity, &slots.abort)
                 .map_err(|source| ArchiveError::Layer { layer: i + 1, source })
         }))
         .unwrap_or_else(|panic| {
@@ -485,7 +495,7 @@ fn hash_layer(
     let mut files = Vec::new();
     let mut sink = HashSink::new();
     render_layer(listing, owner, &mut sink, FileCheck::Record(&mut files, identity), Some(abort), readers)?;
-    Ok(Hashed { digest: sink.finish(), files: Some(files) })
+    Ok(Hashed { digest: sink.finish(), fresh: true, files: Some(files) })
 }
 
 /// Reader threads per layer ([`crate::segment`]): one per core.
@@ -493,13 +503,13 @@ fn readers(jobs: usize) -> usize {
     jobs.clamp(1, 8)
 }
 
-/// The streaming pass into the writer's chunks; `splice`: per layer, which
-/// files go in by reference.
+/// The streaming pass into the writer's chunks; `splice`: which files go in
+/// by reference.
 fn stream(
     plan: &ImagePlan,
     out: writer::Chunks,
     slots: &Slots,
-    (readers, splice): (usize, &[Option<Policy>]),
+    (readers, splice): (usize, Option<Policy>),
     progress: &Progress,
 ) -> Result<Summary, ArchiveError> {
     let mtime = plan.owner.mtime;
@@ -530,7 +540,7 @@ fn stream(
                     // Let the consumer have everything so far while we wait.
                     outer.flush().map_err(ArchiveError::Output)?;
                 }
-                let Hashed { digest: d, files } = slots.wait(i)?;
+                let Hashed { digest: d, files, fresh } = slots.wait(i)?;
                 // Listed by the worker that hashed it, or (a known digest) here.
                 let listing = listing.get().map_err(|source| ArchiveError::Walk { layer: num, source })?;
                 let name = format!("{}/layer.tar", d.hex());
@@ -542,9 +552,13 @@ fn stream(
                     // the cores with the next layers' hashing).
                     outer.flush().map_err(ArchiveError::Output)?;
                 }
-                // Per-file xxh3 when this run hashed the layer, else sha256.
+                // Per-file xxh3 when per-file hashes are known, else sha256.
+                // Files are spliced unread where this run's hashing pass
+                // read them just after the listing; a digest known in
+                // advance (the cache) has each file read and checked first.
+                let policy = splice.map(|p| if fresh { p } else { p.rereading() });
                 let (mut v, check) = match &files {
-                    Some(f) => (VerifyingWriter::size_only(&mut outer, d), FileCheck::Verify(f, splice[i])),
+                    Some(f) => (VerifyingWriter::size_only(&mut outer, d), FileCheck::Verify(f, policy)),
                     None => (VerifyingWriter::new(&mut outer, d), FileCheck::Off),
                 };
                 match render_layer(listing, owner, &mut v, check, Some(&slots.abort), readers) {
@@ -576,7 +590,7 @@ fn stream(
         }
     }
     progress.line(|| "Adding manifests...".into());
-    if splice.iter().any(Option::is_some) {
+    if splice.is_some() {
         // Every spliced file read by the consumer and checked again before
         // the archive can become an image.
         outer.out.barrier().map_err(ArchiveError::Output)?;

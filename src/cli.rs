@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use crate::archive::{hash_only, write_archive, ArchiveOptions, Hashed, SpliceInto, Summary};
+use crate::archive::{hash_only, write_archive, ArchiveOptions, Hashed, Lookup, SpliceInto, Summary};
 use crate::autolayer::auto_layer;
 use crate::cache::{CachedLayer, DigestCache};
 use crate::closure::ClosureGraph;
@@ -18,7 +18,7 @@ use crate::pipeline;
 use crate::plan::{ImagePlan, PlannedLayer};
 use crate::progress::{Mode, Progress};
 use crate::splice::Policy;
-use crate::walk::Kind;
+use crate::walk::{Kind, Listing};
 use crate::writer::Blocking;
 use std::os::fd::AsRawFd;
 
@@ -309,7 +309,7 @@ fn emit(conf: &Conf, o: &OutputArgs, nar_hashes: &HashMap<String, String>) -> an
         "refusing to write an image archive to a terminal; pipe it into `docker load` or redirect it to a file"
     );
     let plan = ImagePlan::from_conf(conf)?;
-    let (cache, known) = CacheUse::new(&plan, o.run.cache.as_deref(), nar_hashes, jobs)?;
+    let cache = CacheUse::new(&plan, o.run.cache.as_deref(), nar_hashes)?;
     let progress = Progress::new(Mode::detect(o.run.quiet), plan.layers.len());
     let stdout = stdout_file();
     let pipe = grow_pipe(&stdout);
@@ -322,60 +322,54 @@ fn emit(conf: &Conf, o: &OutputArgs, nar_hashes: &HashMap<String, String>) -> an
         pipe: stdout.as_raw_fd(),
         policy: Policy::new(std::time::SystemTime::now(), o.splice_min),
     });
-    let summary = write_archive(&plan, &mut out, &ArchiveOptions { jobs, known, splice }, &progress)?;
+    let summary = write_archive(
+        &plan,
+        &mut out,
+        &ArchiveOptions { jobs, lookup: cache.lookup(), splice, ..Default::default() },
+        &progress,
+    )?;
     out.finish()?.flush()?;
     progress.finish();
     cache.store(&summary);
     Ok(())
 }
 
-/// The digest cache for one run: keys, which layers hit, and storing what
-/// was hashed.
-struct CacheUse {
+/// The digest cache for one run: each store layer looked up once it is
+/// listed (by a hashing worker, so the first byte and the other layers do
+/// not wait for every walk), the keys and hits remembered, and what was
+/// hashed stored at the end.
+#[derive(Debug)]
+struct CacheUse<'p> {
     cache: Option<DigestCache>,
-    keys: Vec<Option<[u8; 32]>>,
-    hit: Vec<bool>,
+    plan: &'p ImagePlan,
+    nar_hashes: &'p HashMap<String, String>,
+    /// Per plan index: the key made from the listing, and whether it hit.
+    keys: std::sync::Mutex<Vec<(Option<[u8; 32]>, bool)>>,
 }
 
-impl CacheUse {
-    /// Opens the cache and looks every store layer up; returns the hits as
-    /// the archive stage's known digests.  With a cache, every layer is
-    /// listed first (`jobs` at a time): the keys are made from the listings.
+impl<'p> CacheUse<'p> {
+    /// Opens the cache (an unusable directory is an error up front).
     fn new(
-        plan: &ImagePlan,
+        plan: &'p ImagePlan,
         dir: Option<&Path>,
-        nar_hashes: &HashMap<String, String>,
-        jobs: usize,
-    ) -> anyhow::Result<(CacheUse, Vec<Option<Hashed>>)> {
+        nar_hashes: &'p HashMap<String, String>,
+    ) -> anyhow::Result<CacheUse<'p>> {
         let cache = dir.map(DigestCache::open).transpose()?;
-        let keys = match &cache {
-            Some(_) => {
-                plan.list_all(jobs)?;
-                cache_keys(plan, nar_hashes)
-            }
-            None => vec![None; plan.layers.len()],
-        };
-        let known = keys
-            .iter()
-            .zip(&plan.layers)
-            .map(|(key, layer)| {
-                let (c, key) = (cache.as_ref()?, key.as_ref()?);
-                let PlannedLayer::Store { listing, .. } = layer else { return None };
-                let files = listing.peek()?.entries.iter().filter(|e| e.kind == Kind::File).count();
-                let hit = c.get(key, files)?;
-                Some(Hashed { digest: hit.digest, files: Some(hit.files) })
-            })
-            .collect::<Vec<Option<Hashed>>>();
-        let hit = known.iter().map(Option::is_some).collect();
-        Ok((CacheUse { cache, keys, hit }, known))
+        Ok(CacheUse { cache, plan, nar_hashes, keys: std::sync::Mutex::new(vec![(None, false); plan.layers.len()]) })
+    }
+
+    /// What the archive stage looks layers up in, with a cache.
+    fn lookup(&self) -> Option<&dyn Lookup> {
+        self.cache.as_ref().map(|_| self as &dyn Lookup)
     }
 
     /// Stores the layers this run hashed.  A cache that cannot be written
     /// costs speed, not the image: a warning.
     fn store(&self, summary: &Summary) {
         let Some(c) = &self.cache else { return };
-        for (i, key) in self.keys.iter().enumerate() {
-            if let (Some(key), false, Some(files)) = (key, self.hit[i], &summary.files[i]) {
+        let keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, (key, hit)) in keys.iter().enumerate() {
+            if let (Some(key), false, Some(files)) = (key, hit, &summary.files[i]) {
                 let entry = CachedLayer { digest: summary.digests[i], files: files.clone() };
                 if let Err(e) = c.put(key, &entry) {
                     let _ = writeln!(
@@ -389,13 +383,30 @@ impl CacheUse {
     }
 }
 
+impl Lookup for CacheUse<'_> {
+    fn lookup(&self, layer: usize, listing: &Listing) -> Option<Hashed> {
+        let c = self.cache.as_ref()?;
+        let PlannedLayer::Store { paths_text, owner, .. } = &self.plan.layers[layer] else { return None };
+        let owner = owner.as_ref().unwrap_or(&self.plan.owner);
+        let nar: Option<Vec<(&str, &str)>> =
+            paths_text.iter().map(|p| self.nar_hashes.get(p).map(|h| (p.as_str(), h.as_str()))).collect();
+        let key = crate::cache::layer_key(listing, owner, nar.as_deref());
+        let files = listing.entries.iter().filter(|e| e.kind == Kind::File).count();
+        let hit = c.get(&key, files);
+        self.keys.lock().unwrap_or_else(|p| p.into_inner())[layer] = (Some(key), hit.is_some());
+        let hit = hit?;
+        Some(Hashed { digest: hit.digest, fresh: false, files: Some(hit.files) })
+    }
+}
+
 fn digest(a: &DigestArgs) -> anyhow::Result<()> {
     let conf = a.conf.load()?;
     let jobs = a.run.jobs.unwrap_or_else(default_jobs).max(1);
     let plan = ImagePlan::from_conf(&conf)?;
-    let (cache, known) = CacheUse::new(&plan, a.run.cache.as_deref(), &HashMap::new(), jobs)?;
+    let no_nar_hashes = HashMap::new();
+    let cache = CacheUse::new(&plan, a.run.cache.as_deref(), &no_nar_hashes)?;
     let progress = Progress::new(Mode::detect(a.run.quiet), plan.layers.len());
-    let summary = hash_only(&plan, &ArchiveOptions { jobs, known, splice: None }, &progress)?;
+    let summary = hash_only(&plan, &ArchiveOptions { jobs, lookup: cache.lookup(), ..Default::default() }, &progress)?;
     progress.finish();
     cache.store(&summary);
     let id = summary.meta.config_name.trim_end_matches(".json");
@@ -422,19 +433,6 @@ fn digest(a: &DigestArgs) -> anyhow::Result<()> {
 }
 
 /// The digest-cache key of every store layer of `plan`.
-fn cache_keys(plan: &ImagePlan, nar_hashes: &HashMap<String, String>) -> Vec<Option<[u8; 32]>> {
-    plan.layers
-        .iter()
-        .map(|layer| {
-            let PlannedLayer::Store { paths_text, listing, owner } = layer else { return None };
-            let owner = owner.as_ref().unwrap_or(&plan.owner);
-            let nar: Option<Vec<(&str, &str)>> =
-                paths_text.iter().map(|p| nar_hashes.get(p).map(|h| (p.as_str(), h.as_str()))).collect();
-            Some(crate::cache::layer_key(listing.peek()?, owner, nar.as_deref()))
-        })
-        .collect()
-}
-
 fn verify(a: &VerifyArgs) -> anyhow::Result<()> {
     let report = if a.archive.as_os_str() == "-" {
         crate::verify::verify(io::stdin().lock(), "standard input")?

@@ -8,10 +8,11 @@
 //! field that decides its bytes) is a [`LayerListing`]: made once, by the
 //! first thread that needs it.  The hashing workers list a layer just before
 //! hashing it, so the bottom layer is hashed (and the archive's first byte
-//! written) without waiting for the walk of every other layer; callers that
-//! want every listing up front (the digest cache, whose keys are made from
-//! them) call
-//! [`ImagePlan::list_all`].  Nothing is hashed here; the next stage
+//! written) without waiting for the walk of every other layer (the digest
+//! cache, whose keys are made from the listings, is looked up by those
+//! workers too, see [`crate::archive::Lookup`]); callers that want every
+//! listing up front call [`ImagePlan::list_all`].  Nothing is hashed here;
+//! the next stage
 //! ([`crate::archive`]) hashes and streams from this value.
 
 use std::os::unix::fs::MetadataExt;

@@ -296,12 +296,12 @@ fn what_a_failed_run_leaves_is_refused_by_every_client() {
     // load anywhere.
     let stale = LayerDigest { size: 10240, sha256: [0x22; 32] };
     let mut known = vec![None; plan.layers.len()];
-    known[2] = Some(nixstream::archive::Hashed { digest: stale, files: None });
+    known[2] = Some(nixstream::archive::Hashed { digest: stale, fresh: false, files: None });
     let mut out = Vec::new();
     let e = write_archive(
         &plan,
         &mut out,
-        &ArchiveOptions { jobs: 2, known, splice: None },
+        &ArchiveOptions { jobs: 2, known, ..Default::default() },
         &Progress::new(Mode::Quiet, 0),
     )
     .unwrap_err();

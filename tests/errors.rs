@@ -232,7 +232,11 @@ fn content_changed_between_passes_stops_before_manifest() {
     let plan = plan_of(&f);
     let stale = LayerDigest { size: 10240 * 31, sha256: [0x11; 32] };
     let mut out = Vec::new();
-    let opts = ArchiveOptions { jobs: 2, known: vec![Some(Hashed { digest: stale, files: None }), None], splice: None };
+    let opts = ArchiveOptions {
+        jobs: 2,
+        known: vec![Some(Hashed { digest: stale, fresh: false, files: None }), None],
+        ..Default::default()
+    };
     let e = write_archive(&plan, &mut out, &opts, &Progress::new(Mode::Quiet, 0)).unwrap_err();
     assert!(matches!(e, ArchiveError::DigestMismatch { layer: 1, .. }), "{e}");
     assert!(e.to_string().contains("aaaa-pkg"), "{e}");
