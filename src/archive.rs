@@ -91,11 +91,13 @@ pub struct Summary {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hashed {
     pub digest: LayerDigest,
-    /// Made by this run's hashing pass, which read the files right after
-    /// they were listed (the streaming pass may then splice them unread);
-    /// false for a digest known in advance (the cache), whose files the
-    /// streaming pass reads and checks.
-    pub fresh: bool,
+    /// Files (as listed) whose ctime is before this have the content that
+    /// was hashed, so the streaming pass may splice them unread; it reads
+    /// and checks the others.  `i128::MAX` when this run's hashing pass read
+    /// them right after the listing; from the digest cache, the entry's
+    /// [`crate::cache::CachedLayer::unchanged_before_ns`] (`i128::MIN` for a
+    /// narHash key or a digest known otherwise).
+    pub unchanged_before_ns: i128,
     /// Each file's xxh3-128, which the streaming pass checks file by file;
     /// `None` for a digest known without them, which the streaming pass then
     /// verifies by hashing the whole layer with sha256 again.
@@ -495,7 +497,7 @@ fn hash_layer(
     let mut files = Vec::new();
     let mut sink = HashSink::new();
     render_layer(listing, owner, &mut sink, FileCheck::Record(&mut files, identity), Some(abort), readers)?;
-    Ok(Hashed { digest: sink.finish(), fresh: true, files: Some(files) })
+    Ok(Hashed { digest: sink.finish(), unchanged_before_ns: i128::MAX, files: Some(files) })
 }
 
 /// Reader threads per layer ([`crate::segment`]): one per core.
@@ -540,7 +542,7 @@ fn stream(
                     // Let the consumer have everything so far while we wait.
                     outer.flush().map_err(ArchiveError::Output)?;
                 }
-                let Hashed { digest: d, files, fresh } = slots.wait(i)?;
+                let Hashed { digest: d, files, unchanged_before_ns } = slots.wait(i)?;
                 // Listed by the worker that hashed it, or (a known digest) here.
                 let listing = listing.get().map_err(|source| ArchiveError::Walk { layer: num, source })?;
                 let name = format!("{}/layer.tar", d.hex());
@@ -553,10 +555,9 @@ fn stream(
                     outer.flush().map_err(ArchiveError::Output)?;
                 }
                 // Per-file xxh3 when per-file hashes are known, else sha256.
-                // Files are spliced unread where this run's hashing pass
-                // read them just after the listing; a digest known in
-                // advance (the cache) has each file read and checked first.
-                let policy = splice.map(|p| if fresh { p } else { p.rereading() });
+                // Files are spliced unread where their content is known to
+                // be what was hashed; the others are read and checked first.
+                let policy = splice.map(|p| p.unread_before(unchanged_before_ns));
                 let (mut v, check) = match &files {
                     Some(f) => (VerifyingWriter::size_only(&mut outer, d), FileCheck::Verify(f, policy)),
                     None => (VerifyingWriter::new(&mut outer, d), FileCheck::Off),

@@ -12,7 +12,11 @@
 //! own bytes: a torn or corrupt entry is a miss, never a digest.  And a hit
 //! is still checked: the streaming pass compares every file's xxh3 with the
 //! entry's, so content that differs from what was hashed stops the archive
-//! before manifest.json.  Entries are written to a temporary file and renamed
+//! before manifest.json; except, with an identity key, for big files
+//! settled before the run that stored the entry
+//! ([`CachedLayer::unchanged_before_ns`]), which are spliced into an
+//! output pipe unread (their unchanged ctime is the proof, as for the files
+//! a run hashes itself; see [`crate::splice`]).  Entries are written to a temporary file and renamed
 //! into place, so runs sharing the directory never see half an entry.
 
 use std::io::{self, Write};
@@ -24,7 +28,7 @@ use crate::hash::{hex, LayerDigest};
 use crate::layer::Owner;
 use crate::walk::{Kind, Listing};
 
-const MAGIC: &[u8; 8] = b"NXSCACH1";
+const MAGIC: &[u8; 8] = b"NXSCACH2";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -37,6 +41,12 @@ pub enum CacheError {
 pub struct CachedLayer {
     pub digest: LayerDigest,
     pub files: Vec<u128>,
+    /// [`crate::splice::SETTLE_NS`] before the start of the run that hashed
+    /// the layer: a file whose ctime (part of an identity key) is older than
+    /// this had, when it was hashed, the content it has while its key still
+    /// matches (a change after that run's listing would have moved its ctime
+    /// past this), so a later run may splice it unread.
+    pub unchanged_before_ns: i128,
 }
 
 /// A cache directory.
@@ -63,7 +73,7 @@ impl KeyHasher {
 /// each store path of the layer, in order, when every one is known.
 pub fn layer_key(listing: &Listing, owner: &Owner, nar_hashes: Option<&[(&str, &str)]>) -> [u8; 32] {
     let mut k = KeyHasher(Sha256::new());
-    k.bytes(b"nixstream digest cache, layer format 1");
+    k.bytes(b"nixstream digest cache, layer format 2");
     k.bytes(env!("CARGO_PKG_VERSION").as_bytes());
     k.num(i128::from(owner.uid));
     k.num(i128::from(owner.gid));
@@ -133,11 +143,12 @@ impl DigestCache {
 }
 
 fn encode(key: &[u8; 32], c: &CachedLayer) -> Vec<u8> {
-    let mut out = Vec::with_capacity(8 + 32 + 8 + 32 + 8 + 16 * c.files.len() + 32);
+    let mut out = Vec::with_capacity(8 + 32 + 8 + 32 + 16 + 8 + 16 * c.files.len() + 32);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(key);
     out.extend_from_slice(&c.digest.size.to_le_bytes());
     out.extend_from_slice(&c.digest.sha256);
+    out.extend_from_slice(&c.unchanged_before_ns.to_le_bytes());
     out.extend_from_slice(&(c.files.len() as u64).to_le_bytes());
     for f in &c.files {
         out.extend_from_slice(&f.to_le_bytes());
@@ -160,6 +171,7 @@ fn decode(data: &[u8], key: &[u8; 32]) -> Option<CachedLayer> {
     }
     let (size, rest) = rest.split_at_checked(8)?;
     let (sha256, rest) = rest.split_at_checked(32)?;
+    let (unchanged_before, rest) = rest.split_at_checked(16)?;
     let (count, rest) = rest.split_at_checked(8)?;
     let count = usize::try_from(u64::from_le_bytes(count.try_into().ok()?)).ok()?;
     if rest.len() != count.checked_mul(16)? {
@@ -169,6 +181,7 @@ fn decode(data: &[u8], key: &[u8; 32]) -> Option<CachedLayer> {
     Some(CachedLayer {
         digest: LayerDigest { size: u64::from_le_bytes(size.try_into().ok()?), sha256: sha256.try_into().ok()? },
         files,
+        unchanged_before_ns: i128::from_le_bytes(unchanged_before.try_into().ok()?),
     })
 }
 
@@ -186,7 +199,11 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let c = DigestCache::open(&d.path().join("cache")).unwrap();
         let key = [7u8; 32];
-        let layer = CachedLayer { digest: LayerDigest { size: 10240, sha256: [9; 32] }, files: vec![1, 2, 3] };
+        let layer = CachedLayer {
+            digest: LayerDigest { size: 10240, sha256: [9; 32] },
+            files: vec![1, 2, 3],
+            unchanged_before_ns: -5_000_000_000_123,
+        };
         assert_eq!(c.get(&key, 3), None);
         c.put(&key, &layer).unwrap();
         assert_eq!(c.get(&key, 3), Some(layer.clone()));

@@ -345,6 +345,9 @@ struct CacheUse<'p> {
     nar_hashes: &'p HashMap<String, String>,
     /// Per plan index: the key made from the listing, and whether it hit.
     keys: std::sync::Mutex<Vec<(Option<[u8; 32]>, bool)>>,
+    /// Taken before any layer is listed: what entries stored by this run
+    /// vouch for ([`CachedLayer::unchanged_before_ns`]).
+    settled_before_ns: i128,
 }
 
 impl<'p> CacheUse<'p> {
@@ -355,7 +358,13 @@ impl<'p> CacheUse<'p> {
         nar_hashes: &'p HashMap<String, String>,
     ) -> anyhow::Result<CacheUse<'p>> {
         let cache = dir.map(DigestCache::open).transpose()?;
-        Ok(CacheUse { cache, plan, nar_hashes, keys: std::sync::Mutex::new(vec![(None, false); plan.layers.len()]) })
+        Ok(CacheUse {
+            cache,
+            plan,
+            nar_hashes,
+            keys: std::sync::Mutex::new(vec![(None, false); plan.layers.len()]),
+            settled_before_ns: crate::splice::settled_before_ns(std::time::SystemTime::now()),
+        })
     }
 
     /// What the archive stage looks layers up in, with a cache.
@@ -370,7 +379,11 @@ impl<'p> CacheUse<'p> {
         let keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         for (i, (key, hit)) in keys.iter().enumerate() {
             if let (Some(key), false, Some(files)) = (key, hit, &summary.files[i]) {
-                let entry = CachedLayer { digest: summary.digests[i], files: files.clone() };
+                let entry = CachedLayer {
+                    digest: summary.digests[i],
+                    files: files.clone(),
+                    unchanged_before_ns: self.settled_before_ns,
+                };
                 if let Err(e) = c.put(key, &entry) {
                     let _ = writeln!(
                         io::stderr(),
@@ -395,7 +408,10 @@ impl Lookup for CacheUse<'_> {
         let hit = c.get(&key, files);
         self.keys.lock().unwrap_or_else(|p| p.into_inner())[layer] = (Some(key), hit.is_some());
         let hit = hit?;
-        Some(Hashed { digest: hit.digest, fresh: false, files: Some(hit.files) })
+        // A narHash key says nothing of the files' ctimes: every file is
+        // read and checked.
+        let unchanged_before_ns = if nar.is_some() { i128::MIN } else { hit.unchanged_before_ns };
+        Some(Hashed { digest: hit.digest, unchanged_before_ns, files: Some(hit.files) })
     }
 }
 

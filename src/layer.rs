@@ -203,7 +203,7 @@ pub fn write_entries<W: LayerOut>(
                     return Err(LayerError::Changed { path: path_buf, what });
                 }
                 let file = File::from(fd);
-                if policy.reread {
+                if !policy.unread(e) {
                     // Not read by this run's hashing pass: its bytes are
                     // checked here, the pipe write copy is still saved.
                     let mut sink = Counting { out: &mut io::sink(), written: 0 };

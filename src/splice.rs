@@ -47,31 +47,44 @@ pub const SETTLE_NS: i128 = 2_000_000_000;
 /// system calls (the deferred `fstat`, `FIONREAD`) cost more than the copies.
 pub const MIN_SIZE: u64 = 64 << 10;
 
+/// [`SETTLE_NS`] before `now`, in nanoseconds since the epoch: a file whose
+/// ctime is older than this and that is listed after `now` changes its ctime
+/// with any change after the listing.
+pub fn settled_before_ns(now: SystemTime) -> i128 {
+    let now_ns = match now.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as i128,
+        Err(e) => -(e.duration().as_nanos() as i128),
+    };
+    now_ns - SETTLE_NS
+}
+
 /// Which files the streaming pass splices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policy {
     pub min_size: u64,
     /// Files whose ctime or mtime is at or after this are read instead.
     pub settled_before_ns: i128,
-    /// Read each file and compare its xxh3 before splicing it: for a layer
-    /// whose digest came from the cache, so that no byte of this run's
-    /// hashing pass vouches for it.
-    pub reread: bool,
+    /// Files whose ctime is at or after this are read and compared with
+    /// their xxh3 before they are spliced: for a layer whose digest came
+    /// from the cache, the files that entry cannot vouch for (see
+    /// [`crate::archive::Hashed::unchanged_before_ns`]).
+    pub unread_before_ns: i128,
 }
 
 impl Policy {
     /// Files of `min_size` bytes or more, last changed [`SETTLE_NS`] before `now`.
     pub fn new(now: SystemTime, min_size: u64) -> Policy {
-        let now_ns = match now.duration_since(SystemTime::UNIX_EPOCH) {
-            Ok(d) => d.as_nanos() as i128,
-            Err(e) => -(e.duration().as_nanos() as i128),
-        };
-        Policy { min_size: min_size.max(1), settled_before_ns: now_ns - SETTLE_NS, reread: false }
+        Policy { min_size: min_size.max(1), settled_before_ns: settled_before_ns(now), unread_before_ns: i128::MAX }
     }
 
-    /// The same, reading each file first ([`Policy::reread`]).
-    pub fn rereading(self) -> Policy {
-        Policy { reread: true, ..self }
+    /// The same, reading first the files not older than `ns` ([`Policy::unread_before_ns`]).
+    pub fn unread_before(self, ns: i128) -> Policy {
+        Policy { unread_before_ns: ns, ..self }
+    }
+
+    /// Whether an eligible file is spliced without being read first.
+    pub fn unread(&self, e: &Entry) -> bool {
+        e.ctime_ns < self.unread_before_ns
     }
 
     pub fn eligible(&self, e: &Entry) -> bool {
@@ -398,5 +411,10 @@ mod tests {
         e.ctime_ns = s(997);
         e.mtime_ns = s(5_000);
         assert!(!p.eligible(&e), "mtime in the future");
+        e.mtime_ns = s(1);
+        assert!(p.unread(&e), "hashed by this run");
+        assert!(!p.unread_before(s(997)).unread(&e), "not older than the cache entry's settled time");
+        assert!(p.unread_before(s(998)).unread(&e));
+        assert!(!p.unread_before(i128::MIN).unread(&e), "a narHash-keyed entry vouches for none");
     }
 }

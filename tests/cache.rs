@@ -70,6 +70,27 @@ fn a_warm_run_gives_the_same_bytes() {
     assert_eq!(before, after, "hits are not written again");
 }
 
+/// Files settled before the run that filled the cache are spliced unread by
+/// a warm run (the entry vouches for them): the same bytes, and a file
+/// rewritten since is still a miss by its key.
+#[test]
+fn a_warm_run_over_settled_files_gives_the_same_bytes() {
+    let f = fixture();
+    std::thread::sleep(common::SETTLE);
+    let plain = stream(&f.conf, None);
+    assert_eq!(stream(&f.conf, Some(&f.cache)), plain, "cold");
+    assert_eq!(stream(&f.conf, Some(&f.cache)), plain, "warm");
+    let tool = f.pkg.join("bin/tool");
+    let mtime = std::fs::metadata(&tool).unwrap().modified().unwrap();
+    let fh = std::fs::OpenOptions::new().write(true).open(&tool).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&fh, &[1u8; 100], 0).unwrap();
+    fh.set_modified(mtime).unwrap();
+    drop(fh);
+    let fresh = stream(&f.conf, None);
+    assert_ne!(fresh, plain);
+    assert_eq!(stream(&f.conf, Some(&f.cache)), fresh, "rewritten since");
+}
+
 #[test]
 fn a_file_rewritten_in_place_is_hashed_again() {
     let f = fixture();
@@ -122,8 +143,9 @@ fn an_entry_whose_files_no_longer_match_stops_the_archive() {
         .iter()
         .find(|p| {
             let d = std::fs::read(p).unwrap();
-            // the pkg layer has 2 files; lib has 1
-            u64::from_le_bytes(d[80..88].try_into().unwrap()) == 2
+            // the pkg layer has 2 files; lib has 1 (the count follows magic,
+            // key, size, sha256 and the settled time)
+            u64::from_le_bytes(d[96..104].try_into().unwrap()) == 2
         })
         .unwrap();
     let mut d = std::fs::read(stale_for_pkg).unwrap();

@@ -234,7 +234,7 @@ fn content_changed_between_passes_stops_before_manifest() {
     let mut out = Vec::new();
     let opts = ArchiveOptions {
         jobs: 2,
-        known: vec![Some(Hashed { digest: stale, fresh: false, files: None }), None],
+        known: vec![Some(Hashed { digest: stale, unchanged_before_ns: i128::MIN, files: None }), None],
         ..Default::default()
     };
     let e = write_archive(&plan, &mut out, &opts, &Progress::new(Mode::Quiet, 0)).unwrap_err();
