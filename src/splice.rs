@@ -289,6 +289,15 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
 
+    /// A consumer: reads the pipe to its end on a thread of its own.
+    fn read_all(mut r: std::io::PipeReader) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut got = Vec::new();
+            r.read_to_end(&mut got).unwrap();
+            got
+        })
+    }
+
     fn file_ref(path: &std::path::Path) -> FileRef {
         let f = std::fs::File::open(path).unwrap();
         let st = fsat::fstat(f.as_fd()).unwrap();
@@ -302,12 +311,8 @@ mod tests {
         let p = d.path().join("data");
         let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
         std::fs::write(&p, &data).unwrap();
-        let (mut r, mut w) = std::io::pipe().unwrap();
-        let reader = std::thread::spawn(move || {
-            let mut got = Vec::new();
-            r.read_to_end(&mut got).unwrap();
-            got
-        });
+        let (r, mut w) = std::io::pipe().unwrap();
+        let reader = read_all(r);
         let mut s = Splicer::new(w.as_raw_fd());
         w.write_all(b"head").unwrap();
         s.wrote(4).unwrap();
@@ -331,7 +336,7 @@ mod tests {
         let p = d.path().join("victim");
         // Within a pipe's default 64 KiB: spliced with nobody reading yet.
         std::fs::write(&p, vec![1u8; 40_000]).unwrap();
-        let (mut r, w) = std::io::pipe().unwrap();
+        let (r, w) = std::io::pipe().unwrap();
         let mut s = Splicer::new(w.as_raw_fd());
         s.splice(file_ref(&p)).unwrap();
         assert_eq!(s.pending(), 1, "nothing read yet: the check waits");
@@ -344,11 +349,7 @@ mod tests {
         std::os::unix::fs::FileExt::write_all_at(&f, &[2u8; 10], 0).unwrap();
         f.set_modified(mtime).unwrap();
         drop(f);
-        let reader = std::thread::spawn(move || {
-            let mut got = Vec::new();
-            r.read_to_end(&mut got).unwrap();
-            got
-        });
+        let reader = read_all(r);
         let e = s.drain().unwrap_err();
         let c = e.get_ref().and_then(|i| i.downcast_ref::<Changed>()).expect("a Changed error");
         assert_eq!(c.path, p);
@@ -365,11 +366,8 @@ mod tests {
         std::fs::write(&p, vec![1u8; 70_000]).unwrap();
         let mut f = file_ref(&p);
         f.len = 80_000;
-        let (mut r, w) = std::io::pipe().unwrap();
-        let reader = std::thread::spawn(move || {
-            let mut got = Vec::new();
-            r.read_to_end(&mut got).unwrap();
-        });
+        let (r, w) = std::io::pipe().unwrap();
+        let reader = read_all(r);
         let e = Splicer::new(w.as_raw_fd()).splice(f).unwrap_err();
         let c = e.get_ref().and_then(|i| i.downcast_ref::<Changed>()).expect("a Changed error");
         assert!(c.what.contains("size 80000 became 70000"), "{}", c.what);

@@ -217,6 +217,12 @@ fn full_disk_is_an_error() {
 
 /// The fixture's plan with every layer listed: what a test changes next
 /// happens after the listing.
+/// Streams `plan` into `out` with `jobs` workers, expecting an error.
+fn stream_failing(plan: &ImagePlan, jobs: usize, out: &mut Vec<u8>) -> ArchiveError {
+    let opts = ArchiveOptions { jobs, ..Default::default() };
+    write_archive(plan, out, &opts, &Progress::new(Mode::Quiet, 0)).unwrap_err()
+}
+
 fn plan_of(f: &Fixture) -> ImagePlan {
     let conf = Conf::from_value(f.good(), None, DateTime::now_utc()).unwrap();
     let plan = ImagePlan::from_conf(&conf).unwrap();
@@ -249,13 +255,7 @@ fn file_growing_after_listing_is_named() {
     let plan = plan_of(&f);
     std::fs::write(f.pkg.join("readme"), b"hi, and more\n").unwrap();
     let mut out = Vec::new();
-    let e = write_archive(
-        &plan,
-        &mut out,
-        &ArchiveOptions { jobs: 2, ..Default::default() },
-        &Progress::new(Mode::Quiet, 0),
-    )
-    .unwrap_err();
+    let e = stream_failing(&plan, 2, &mut out);
     let msg = e.to_string();
     assert!(msg.contains("readme") && msg.contains("changed"), "{msg}");
     assert!(!loadable(&out));
@@ -269,13 +269,7 @@ fn file_shrinking_after_listing_is_named() {
     tool.set_len(1000).unwrap();
     drop(tool);
     let mut out = Vec::new();
-    let e = write_archive(
-        &plan,
-        &mut out,
-        &ArchiveOptions { jobs: 2, ..Default::default() },
-        &Progress::new(Mode::Quiet, 0),
-    )
-    .unwrap_err();
+    let e = stream_failing(&plan, 2, &mut out);
     let msg = e.to_string();
     assert!(msg.contains("bin/tool") && msg.contains("size 300000 became 1000"), "{msg}");
     assert!(!loadable(&out));
@@ -307,13 +301,7 @@ fn file_vanishing_after_listing_is_named() {
     let plan = plan_of(&f);
     std::fs::remove_file(f.pkg.join("bin/tool")).unwrap();
     let mut out = Vec::new();
-    let e = write_archive(
-        &plan,
-        &mut out,
-        &ArchiveOptions { jobs: 1, ..Default::default() },
-        &Progress::new(Mode::Quiet, 0),
-    )
-    .unwrap_err();
+    let e = stream_failing(&plan, 1, &mut out);
     assert!(e.to_string().contains("bin/tool") && e.to_string().contains("removed"), "{e}");
 }
 
@@ -545,13 +533,7 @@ fn replaced_file_between_passes_is_named() {
     std::fs::write(&tmp, vec![8u8; 300_000]).unwrap();
     std::fs::rename(&tmp, &tool).unwrap();
     let mut out = Vec::new();
-    let e = write_archive(
-        &plan,
-        &mut out,
-        &ArchiveOptions { jobs: 1, ..Default::default() },
-        &Progress::new(Mode::Quiet, 0),
-    )
-    .unwrap_err();
+    let e = stream_failing(&plan, 1, &mut out);
     assert!(e.to_string().contains("bin/tool") && e.to_string().contains("replaced"), "{e}");
     assert!(!loadable(&out));
 }
