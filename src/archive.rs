@@ -218,8 +218,9 @@ pub struct ArchiveOptions<'a> {
     /// by the listing): a hit skips that layer's hashing pass, as `known`.
     pub lookup: Option<&'a dyn Lookup>,
     /// Splice big files into this pipe instead of copying them (see
-    /// [`crate::splice`]): only for layers hashed in this run, whose files
-    /// were listed just before.
+    /// [`crate::splice`]): unread where their content is known to be what
+    /// was hashed ([`Hashed::unchanged_before_ns`]), else read and checked
+    /// first.
     pub splice: Option<SpliceInto>,
 }
 

@@ -28,8 +28,10 @@
 //!
 //! What this does not see: a write through a shared `mmap` to a page that
 //! was already dirty before the listing (the kernel updates the ctime only
-//! when a clean page is first written), and a consumer that itself splices
-//! the pages on (then a change after our last check reaches its reader).
+//! when a clean page is first written), a consumer that itself splices the
+//! pages on (then a change after our last check reaches its reader), and a
+//! change made while the system clock was set back by more than
+//! [`SETTLE_NS`] (its ctime could then equal an old one to the tick).
 //! `--no-splice` reads and checks every byte instead.
 
 use std::collections::VecDeque;
