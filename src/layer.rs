@@ -199,7 +199,8 @@ pub fn write_entries<W: LayerOut>(
             if policy.eligible(e) {
                 let seen = Seen::of(e);
                 let path_buf = PathBuf::from(std::ffi::OsStr::from_bytes(path));
-                if let Some(what) = seen.differs(&st) {
+                // The rest was checked on opening.
+                if let Some(what) = seen.differs(&st, true) {
                     return Err(LayerError::Changed { path: path_buf, what });
                 }
                 let file = File::from(fd);
@@ -361,18 +362,22 @@ fn open_entry(
     if st.file_type() != want {
         return Err(changed(what.into()));
     }
-    if st.ino != e.ino || st.dev != e.dev {
-        return Err(changed("it was replaced by another file".into()));
-    }
-    if e.kind == Kind::File {
-        if st.size != e.size {
-            return Err(changed(format!("size {} became {}", e.size, st.size)));
-        }
-        if st.mtime_ns != e.mtime_ns {
-            return Err(changed("it was modified".into()));
-        }
+    let seen = Seen::of(e);
+    // A directory's size and times change with its entries: its identity is enough.
+    let differs = if e.kind == Kind::File { seen.differs(&st, false) } else { seen.replaced(&st) };
+    if let Some(what) = differs {
+        return Err(changed(what));
     }
     Ok((fd, Some(st)))
+}
+
+/// Why a file ended with `left` of its `listed` bytes unread: its size
+/// changed, or (same size) it was cut and grown again.
+pub(crate) fn ended_early(f: BorrowedFd<'_>, listed: u64, left: u64) -> String {
+    match fsat::fstat(f) {
+        Ok(st) if st.size != listed => format!("size {listed} became {}", st.size),
+        _ => format!("it ended {left} bytes early"),
+    }
 }
 
 /// Copies the file's content; returns its xxh3-128 when `hash` is set.
@@ -424,10 +429,7 @@ fn copy_file<W: LayerOut>(
             }
         };
         if n == 0 {
-            return Err(changed(match fsat::fstat(f.as_fd()) {
-                Ok(st) if st.size != e.size => format!("size {} became {}", e.size, st.size),
-                _ => format!("it ended {left} bytes early"),
-            }));
+            return Err(changed(ended_early(f.as_fd(), e.size, left)));
         }
         left -= n as u64;
     }

@@ -112,19 +112,25 @@ impl Seen {
         Seen { dev: e.dev, ino: e.ino, size: e.size, mtime_ns: e.mtime_ns, ctime_ns: e.ctime_ns }
     }
 
-    /// How `st` differs from what was seen, if it does.
-    pub fn differs(&self, st: &Stat) -> Option<String> {
-        if st.dev != self.dev || st.ino != self.ino {
-            Some("it was replaced by another file".into())
+    /// How `st` differs from what was seen (the ctime too when `ctime`),
+    /// if it does.
+    pub fn differs(&self, st: &Stat, ctime: bool) -> Option<String> {
+        if let Some(what) = self.replaced(st) {
+            Some(what)
         } else if st.size != self.size {
             Some(format!("size {} became {}", self.size, st.size))
         } else if st.mtime_ns != self.mtime_ns {
             Some("it was modified".into())
-        } else if st.ctime_ns != self.ctime_ns {
+        } else if ctime && st.ctime_ns != self.ctime_ns {
             Some("its ctime moved: it was written to, or its metadata changed".into())
         } else {
             None
         }
+    }
+
+    /// Whether `st` is another file than the one seen.
+    pub fn replaced(&self, st: &Stat) -> Option<String> {
+        (st.dev != self.dev || st.ino != self.ino).then(|| "it was replaced by another file".into())
     }
 }
 
@@ -198,11 +204,7 @@ impl Splicer {
                 continue;
             }
             if n == 0 {
-                let what = match fsat::fstat(f.fd.as_fd()) {
-                    Ok(st) if st.size != f.len => format!("size {} became {}", f.len, st.size),
-                    _ => format!("it ended {} bytes early", f.len - off as u64),
-                };
-                return Err(changed(&f, what));
+                return Err(changed(&f, crate::layer::ended_early(f.fd.as_fd(), f.len, f.len - off as u64)));
             }
             let e = io::Error::last_os_error();
             match e.raw_os_error() {
@@ -280,7 +282,7 @@ impl Splicer {
 
 fn check(f: &FileRef) -> io::Result<()> {
     let st = fsat::fstat(f.fd.as_fd()).map_err(|e| changed(f, format!("cannot stat it again: {e}")))?;
-    match f.seen.differs(&st) {
+    match f.seen.differs(&st, true) {
         Some(what) => Err(changed(f, what)),
         None => Ok(()),
     }
