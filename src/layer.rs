@@ -38,9 +38,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::fsat::{self, CName, Stat};
-use crate::splice::{FileRef, Policy, Seen};
+use crate::splice::{FileRef, Policy};
 use crate::tarheader::{self, typeflag, Header};
-use crate::walk::{Entry, Kind, Listing, NO_PARENT};
+use crate::walk::{Entry, Kind, Listing, Seen, NO_PARENT};
 
 /// Owner and time applied to every store-layer entry (`apply_filters`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -68,6 +68,44 @@ pub struct Entry {
     pub ctime_ns: i128,
 }
 
+/// What the listing saw of an entry's identity: a file the passes open
+/// must still be that (a spliced one, ctime included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seen {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i128,
+    pub ctime_ns: i128,
+}
+
+impl Seen {
+    pub fn of(e: &Entry) -> Seen {
+        Seen { dev: e.dev, ino: e.ino, size: e.size, mtime_ns: e.mtime_ns, ctime_ns: e.ctime_ns }
+    }
+
+    /// How `st` differs from what was seen (the ctime too when `ctime`),
+    /// if it does.
+    pub fn differs(&self, st: &Stat, ctime: bool) -> Option<String> {
+        if let Some(what) = self.replaced(st) {
+            Some(what)
+        } else if st.size != self.size {
+            Some(format!("size {} became {}", self.size, st.size))
+        } else if st.mtime_ns != self.mtime_ns {
+            Some("it was modified".into())
+        } else if ctime && st.ctime_ns != self.ctime_ns {
+            Some("its ctime moved: it was written to, or its metadata changed".into())
+        } else {
+            None
+        }
+    }
+
+    /// Whether `st` is another file than the one seen.
+    pub fn replaced(&self, st: &Stat) -> Option<String> {
+        (st.dev != self.dev || st.ino != self.ino).then(|| "it was replaced by another file".into())
+    }
+}
+
 /// The entries of one layer, in archive order.
 #[derive(Debug, Clone, Default)]
 pub struct Listing {
