@@ -92,6 +92,44 @@ fn docker_load_and_run() {
     let _ = Command::new("docker").args(["rmi", "-f", tag]).output();
 }
 
+/// Streams `conf` through a pipe straight into `client` (its stdin), with
+/// every settled file spliced into the pipe; returns the client's output and
+/// checks nixstream's exit.
+fn pipe_into(conf: &Path, client: &mut Command) -> Output {
+    let mut ns =
+        common::bin().args(["stream", "-q", "--splice-min=1"]).arg(conf).stdout(Stdio::piped()).spawn().unwrap();
+    let out = client.stdin(Stdio::from(ns.stdout.take().unwrap())).output().unwrap();
+    assert!(ns.wait().unwrap().success(), "nixstream failed");
+    assert!(out.status.success(), "{:?}: {}", client, String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// The real clients over a pipe whose file data was spliced (the store
+/// paths are settled by then): docker loads and runs it, podman loads it.
+#[test]
+#[ignore = "needs docker, skopeo, umoci, podman and nix: run scripts/test"]
+fn clients_load_a_spliced_stream_from_a_pipe() {
+    let tmp = tempfile::tempdir().unwrap();
+    let conf = conf(tmp.path(), "nixstream-e2e/spliced:latest");
+    // Store paths built just now (and the customisation layer) are too
+    // young to splice: let them settle.
+    std::thread::sleep(common::SETTLE);
+    let tag = "nixstream-e2e/spliced:latest";
+    let _ = Command::new("docker").args(["rmi", "-f", tag]).output();
+    let load = pipe_into(&conf, Command::new("docker").arg("load"));
+    assert!(stdout(&load).contains(&format!("Loaded image: {tag}")), "{}", stdout(&load));
+    let out = run(Command::new("docker").args(["run", "--rm", "--network=none", tag]));
+    assert_eq!(stdout(&out), EXPECTED_RUN);
+    let _ = Command::new("docker").args(["rmi", "-f", tag]).output();
+
+    let podman_tag = format!("localhost/{tag}");
+    let _ = Command::new("podman").args(["--storage-driver", "vfs", "rmi", "-f", &podman_tag]).output();
+    let load = pipe_into(&conf, Command::new("podman").args(["--storage-driver", "vfs", "load"]));
+    let text = stdout(&load) + &String::from_utf8_lossy(&load.stderr);
+    assert!(text.contains(&format!("Loaded image: {podman_tag}")), "{text}");
+    let _ = Command::new("podman").args(["--storage-driver", "vfs", "rmi", "-f", &podman_tag]).output();
+}
+
 /// Every entry of every store path appears in `rootfs` as it is in the store.
 fn compare_rootfs(rootfs: &Path, paths: &[PathBuf]) -> usize {
     let mut checked = 0;
