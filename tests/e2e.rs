@@ -13,6 +13,14 @@ use std::sync::OnceLock;
 
 const EXPECTED_RUN: &str = "hello from a nixstream image\ndata from another store path\n";
 
+/// Held around each test's podman commands: podman's vfs store does not
+/// take one test's `rmi` during another's `load` (a load then fails with
+/// "payload does not match any of the supported image formats").
+fn podman_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -123,6 +131,7 @@ fn clients_load_a_spliced_stream_from_a_pipe() {
     let _ = Command::new("docker").args(["rmi", "-f", tag]).output();
 
     let podman_tag = format!("localhost/{tag}");
+    let _podman = podman_lock();
     let _ = Command::new("podman").args(["--storage-driver", "vfs", "rmi", "-f", &podman_tag]).output();
     let load = pipe_into(&conf, Command::new("podman").args(["--storage-driver", "vfs", "load"]));
     let text = stdout(&load) + &String::from_utf8_lossy(&load.stderr);
@@ -216,6 +225,7 @@ fn podman_load_accepts_the_archive() {
         c.args(["--storage-driver", "vfs"]);
         c
     };
+    let _podman = podman_lock();
     let _ = podman().args(["rmi", "-f", "localhost/nixstream-e2e/podman:latest"]).output();
     let out = run(podman().args(["load", "-i"]).arg(&archive));
     let text = stdout(&out) + &String::from_utf8_lossy(&out.stderr);
@@ -363,7 +373,9 @@ fn what_a_failed_run_leaves_is_refused_by_every_client() {
             .arg(format!("docker-archive:{}", partial.display()))
             .arg(format!("oci:{}:x", tmp.path().join("oci").display())),
     );
+    let podman = podman_lock();
     refused("podman load", Command::new("podman").args(["--storage-driver", "vfs", "load", "-i"]).arg(&partial));
+    drop(podman);
     refused("nixstream verify", common::bin().arg("verify").arg(&partial));
 }
 
