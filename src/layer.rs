@@ -14,8 +14,9 @@
 //! hashing pass that a streaming pass follows spares itself that `fstat` per
 //! entry ([`Identity::Unchecked`]), since a file that changed before or
 //! while it was hashed no longer matches the listing when the streaming pass
-//! opens it.  The hashing pass alone (`nixstream digest`) checks.  The hashing pass also records each file's
-//! xxh3-128 ([`FileCheck::Record`]) and the streaming pass compares it
+//! opens it.  The hashing pass alone (`nixstream digest`) checks.  The
+//! hashing pass also records each file's xxh3-128 ([`FileCheck::Record`])
+//! and the streaming pass compares it
 //! ([`FileCheck::Verify`]): the header bytes come from the same listing in
 //! both passes, so equal contents mean an equal layer, and a file whose bytes
 //! changed in between is an error naming that file, at about a twentieth of
@@ -195,44 +196,22 @@ pub fn write_entries<W: LayerOut>(
             dirs.push((index as u32, fd));
             continue;
         }
-        if let (FileCheck::Verify(v, Some(policy)), Some(st)) = (&check, st) {
-            if policy.eligible(e) {
-                let seen = Seen::of(e);
-                let path_buf = PathBuf::from(std::ffi::OsStr::from_bytes(path));
-                // The rest was checked on opening.
-                if let Some(what) = seen.differs(&st, true) {
-                    return Err(LayerError::Changed { path: path_buf, what });
-                }
-                let file = File::from(fd);
-                if !policy.unread(e) {
-                    // Not read by this run's hashing pass: its bytes are
-                    // checked here, the pipe write copy is still saved.
-                    let mut sink = Counting { out: &mut io::sink(), written: 0 };
-                    let hashed = copy_file(e, path, &file, &mut sink, &mut scratch.buf, true)?;
-                    if v.get(file_no) != Some(&hashed) {
-                        return Err(LayerError::Changed {
-                            path: path_buf,
-                            what: "its content differs from the hashing pass".into(),
-                        });
-                    }
-                }
-                out.pass_file(FileRef { fd: file.into(), len: e.size, path: path_buf, seen })
-                    .map_err(LayerError::Output)?;
-                file_no += 1;
-                out.emit(&ZEROS[..tarheader::data_padding(e.size)])?;
-                continue;
+        let file = File::from(fd);
+        match (&mut check, st) {
+            (FileCheck::Verify(v, Some(policy)), Some(st)) if policy.eligible(e) => {
+                let recorded = v.get(file_no).copied();
+                pass_on(e, path, file, &st, *policy, recorded, &mut out, &mut scratch.buf)?;
             }
-        }
-        let hashed = copy_file(e, path, &File::from(fd), &mut out, &mut scratch.buf, !matches!(check, FileCheck::Off))?;
-        match &mut check {
-            FileCheck::Off => {}
-            FileCheck::Record(v, _) => v.push(hashed),
-            FileCheck::Verify(v, _) => {
-                if v.get(file_no) != Some(&hashed) {
-                    return Err(LayerError::Changed {
-                        path: PathBuf::from(std::ffi::OsStr::from_bytes(path)),
-                        what: "its content differs from the hashing pass".into(),
-                    });
+            (check, _) => {
+                let hashed = copy_file(e, path, &file, &mut out, &mut scratch.buf, !matches!(check, FileCheck::Off))?;
+                match check {
+                    FileCheck::Off => {}
+                    FileCheck::Record(v, _) => v.push(hashed),
+                    FileCheck::Verify(v, _) => {
+                        if v.get(file_no) != Some(&hashed) {
+                            return Err(content_differs(path));
+                        }
+                    }
                 }
             }
         }
@@ -240,6 +219,43 @@ pub fn write_entries<W: LayerOut>(
         out.emit(&ZEROS[..tarheader::data_padding(e.size)])?;
     }
     Ok(())
+}
+
+/// Passes on by reference a file the splice policy picked, once it is
+/// checked against the listing (the ctime here; the rest was checked on
+/// opening) and, where the policy cannot vouch for its content (a digest
+/// from the cache), read and compared with its `recorded` xxh3: that still
+/// saves the pipe write copy.
+#[allow(clippy::too_many_arguments)]
+fn pass_on<W: LayerOut>(
+    e: &Entry,
+    path: &[u8],
+    file: File,
+    st: &Stat,
+    policy: Policy,
+    recorded: Option<u128>,
+    out: &mut Counting<'_, W>,
+    buf: &mut Vec<u8>,
+) -> Result<(), LayerError> {
+    let seen = Seen::of(e);
+    let path_buf = || PathBuf::from(std::ffi::OsStr::from_bytes(path));
+    if let Some(what) = seen.differs(st, true) {
+        return Err(LayerError::Changed { path: path_buf(), what });
+    }
+    if !policy.unread(e) {
+        let hashed = copy_file(e, path, &file, &mut Counting { out: &mut io::sink(), written: 0 }, buf, true)?;
+        if recorded != Some(hashed) {
+            return Err(content_differs(path));
+        }
+    }
+    out.pass_file(FileRef { fd: file.into(), len: e.size, path: path_buf(), seen }).map_err(LayerError::Output)
+}
+
+fn content_differs(path: &[u8]) -> LayerError {
+    LayerError::Changed {
+        path: PathBuf::from(std::ffi::OsStr::from_bytes(path)),
+        what: "its content differs from the hashing pass".into(),
+    }
 }
 
 /// Pushes onto `dirs` the directory `index` and those above it, outermost
