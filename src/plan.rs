@@ -95,11 +95,6 @@ impl LayerListing {
     pub fn get(&self) -> Result<&Listing, Arc<WalkError>> {
         self.cell.get_or_init(|| list_layer(&self.paths).map_err(Arc::new)).as_ref().map_err(Arc::clone)
     }
-
-    /// The listing if it is made already (never walks, never waits).
-    pub fn peek(&self) -> Option<&Listing> {
-        self.cell.get().and_then(|r| r.as_ref().ok())
-    }
 }
 
 #[derive(Debug)]
