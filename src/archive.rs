@@ -259,9 +259,9 @@ pub fn write_archive<W: Write + Send>(
             // The writer's own error (a closed pipe, a full disk, a spliced
             // file that changed) is the cause; the streaming pass only saw
             // the writer go.
-            (_, Err(e)) => Err(match e.get_ref().is_some_and(|i| i.is::<Changed>()) {
-                true => ArchiveError::Spliced(*e.into_inner().and_then(|i| i.downcast().ok()).expect("checked")),
-                false => ArchiveError::Output(e),
+            (_, Err(e)) => Err(match e.downcast::<Changed>() {
+                Ok(changed) => ArchiveError::Spliced(changed),
+                Err(e) => ArchiveError::Output(e),
             }),
             (streamed, Ok(_)) => streamed,
         }
@@ -421,7 +421,8 @@ impl Queue {
 }
 
 /// Worker `worker`'s loop; `identity`: whether it compares entries with the
-/// listing (not when a streaming pass, which does, follows).
+/// listing (not when a streaming pass, which does, follows); `lookup`:
+/// where a layer's digest may be known once it is listed (the cache).
 fn hash_worker(
     plan: &ImagePlan,
     queue: &Queue,
