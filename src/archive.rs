@@ -401,7 +401,7 @@ impl Queue {
             // (`get` waits for a walk another thread is making).
             let by_size = self.by_size.get_or_init(|| {
                 let size = |i: usize| match &plan.layers[i] {
-                    PlannedLayer::Store { listing, .. } => listing.get().map_or(0, |l| l.file_bytes),
+                    PlannedLayer::Store { listing, .. } => listing.get(1).map_or(0, |l| l.file_bytes),
                     _ => 0,
                 };
                 let mut v = self.in_order.clone();
@@ -433,7 +433,7 @@ fn hash_worker(
 ) {
     let listing = |i: usize| match &plan.layers[i] {
         PlannedLayer::Store { listing, .. } => {
-            listing.get().map_err(|source| ArchiveError::Walk { layer: i + 1, source })
+            listing.get(readers).map_err(|source| ArchiveError::Walk { layer: i + 1, source })
         }
         _ => unreachable!("store index"),
     };
@@ -546,7 +546,7 @@ fn stream(
                 }
                 let Hashed { digest: d, files, unchanged_before_ns } = slots.wait(i)?;
                 // Listed by the worker that hashed it, or (a known digest) here.
-                let listing = listing.get().map_err(|source| ArchiveError::Walk { layer: num, source })?;
+                let listing = listing.get(readers).map_err(|source| ArchiveError::Walk { layer: num, source })?;
                 let name = format!("{}/layer.tar", d.hex());
                 let first = outer.offset == 0;
                 outer.header(&Header::plain_file(name.as_bytes(), d.size, mtime))?;

@@ -231,7 +231,7 @@ mod tests {
         std::fs::create_dir(&p).unwrap();
         let f = p.join("data");
         std::fs::write(&f, b"one").unwrap();
-        let key = |o: &Owner| layer_key(&list_layer(std::slice::from_ref(&p)).unwrap(), o, None);
+        let key = |o: &Owner| layer_key(&list_layer(std::slice::from_ref(&p), 2).unwrap(), o, None);
         let k0 = key(&owner());
         assert_eq!(k0, key(&owner()), "stable");
         assert_ne!(k0, key(&Owner { uid: 1, ..owner() }));
@@ -246,7 +246,7 @@ mod tests {
         std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         assert_ne!(k1, key(&owner()), "mode");
         // With narHashes the key ignores file identity but not the hashes.
-        let l = list_layer(std::slice::from_ref(&p)).unwrap();
+        let l = list_layer(std::slice::from_ref(&p), 2).unwrap();
         let a = layer_key(&l, &owner(), Some(&[("/nix/store/x", "sha256-A")]));
         assert_ne!(a, layer_key(&l, &owner(), Some(&[("/nix/store/x", "sha256-B")])));
         assert_ne!(a, layer_key(&l, &owner(), None));

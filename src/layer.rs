@@ -530,7 +530,7 @@ mod tests {
         std::fs::create_dir(&p).unwrap();
         let f = p.join("data");
         std::fs::write(&f, vec![1u8; 5000]).unwrap();
-        let listing = list_layer(std::slice::from_ref(&p)).unwrap();
+        let listing = list_layer(std::slice::from_ref(&p), 2).unwrap();
         let mut files = Vec::new();
         let mut sink = HashSink::new();
         let n = write_store_layer(

@@ -91,9 +91,10 @@ impl LayerListing {
         LayerListing { paths: Vec::new(), cell: OnceLock::from(Ok(listing)) }
     }
 
-    /// The listing, walking the paths now if nobody has.
-    pub fn get(&self) -> Result<&Listing, Arc<WalkError>> {
-        self.cell.get_or_init(|| list_layer(&self.paths).map_err(Arc::new)).as_ref().map_err(Arc::clone)
+    /// The listing, walking the paths now (with up to `threads` threads)
+    /// if nobody has.
+    pub fn get(&self, threads: usize) -> Result<&Listing, Arc<WalkError>> {
+        self.cell.get_or_init(|| list_layer(&self.paths, threads).map_err(Arc::new)).as_ref().map_err(Arc::clone)
     }
 }
 
@@ -117,9 +118,8 @@ impl ImagePlan {
             CustomisationSource::Prebuilt { dir, text } => PlannedLayer::Customisation(customisation(dir, text)?),
             CustomisationSource::Contents(dir) => {
                 let listing = match dir {
-                    Some(d) => {
-                        list_contents(d).map_err(|source| PlanError::Walk { layer: 0, source: Arc::new(source) })?
-                    }
+                    Some(d) => list_contents(d, crate::walk::default_threads())
+                        .map_err(|source| PlanError::Walk { layer: 0, source: Arc::new(source) })?,
                     None => Listing::default(),
                 };
                 let listing = LayerListing::ready(listing);
@@ -179,13 +179,13 @@ impl ImagePlan {
             for _ in 0..jobs.clamp(1, store.len().max(1)) {
                 s.spawn(|| {
                     while let Some((_, l)) = store.get(next.fetch_add(1, Ordering::Relaxed)) {
-                        let _ = l.get();
+                        let _ = l.get(jobs);
                     }
                 });
             }
         });
         for (i, l) in store {
-            l.get().map_err(|source| PlanError::Walk { layer: i + 1, source })?;
+            l.get(jobs).map_err(|source| PlanError::Walk { layer: i + 1, source })?;
         }
         Ok(())
     }

@@ -241,7 +241,7 @@ mod tests {
     #[test]
     fn same_bytes_and_file_hashes_as_one_thread_whatever_the_readers() {
         let d = tempfile::tempdir().unwrap();
-        let listing = list_layer(&[tree(d.path())]).unwrap();
+        let listing = list_layer(&[tree(d.path())], 2).unwrap();
         assert!(segments(&listing).len() > 8, "the tree spans many segments");
         let mut want = Vec::new();
         let mut want_files = Vec::new();
@@ -279,7 +279,7 @@ mod tests {
     #[test]
     fn segments_cover_every_entry_once_and_count_files() {
         let d = tempfile::tempdir().unwrap();
-        let listing = list_layer(&[tree(d.path())]).unwrap();
+        let listing = list_layer(&[tree(d.path())], 2).unwrap();
         let segs = segments(&listing);
         let mut next = 0;
         let mut files = 0;
@@ -297,7 +297,7 @@ mod tests {
     fn a_changed_file_in_a_late_segment_is_named() {
         let d = tempfile::tempdir().unwrap();
         let p = tree(d.path());
-        let listing = list_layer(std::slice::from_ref(&p)).unwrap();
+        let listing = list_layer(std::slice::from_ref(&p), 2).unwrap();
         let mut files = Vec::new();
         render_layer(
             &listing,
@@ -338,7 +338,7 @@ mod tests {
             }
         }
         let d = tempfile::tempdir().unwrap();
-        let listing = list_layer(&[tree(d.path())]).unwrap();
+        let listing = list_layer(&[tree(d.path())], 2).unwrap();
         let e = render_layer(&listing, &owner(), &mut Failing(5 << 20), FileCheck::Off, None, 3).unwrap_err();
         assert!(matches!(&e, LayerError::Output(io) if io.kind() == std::io::ErrorKind::BrokenPipe), "{e}");
     }

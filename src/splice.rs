@@ -361,7 +361,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir(d.path().join("pkg")).unwrap();
         std::fs::write(d.path().join("pkg/f"), b"x").unwrap();
-        let listing = crate::walk::list_layer(&[d.path().join("pkg")]).unwrap();
+        let listing = crate::walk::list_layer(&[d.path().join("pkg")], 2).unwrap();
         let mut e = listing.entries.iter().find(|e| e.kind == Kind::File).unwrap().clone();
         let s = |secs: i128| secs * 1_000_000_000;
         (e.size, e.ctime_ns, e.mtime_ns) = (MIN_SIZE, s(997), s(1));
