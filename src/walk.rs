@@ -370,6 +370,17 @@ impl Walk {
     /// Lists directories from the stack into `out` until none is left (or,
     /// with `solo`, counting them, until it is time to start helpers).
     fn work(&self, c: &mut CName, out: &mut Vec<(usize, Node)>, mut solo: Option<&mut usize>) -> Result<(), WalkError> {
+        // A walker that panics stops the others too (they would wait for
+        // its task forever, and the scope for them).
+        struct FailOnPanic<'w>(&'w Walk);
+        impl Drop for FailOnPanic<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    self.0.fail();
+                }
+            }
+        }
+        let _guard = FailOnPanic(self);
         loop {
             if solo.as_deref().is_some_and(|n| *n >= SOLO_DIRS) {
                 return Ok(());
@@ -384,13 +395,17 @@ impl Walk {
                     }
                 }
                 Err(e) => {
-                    let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-                    st.failed = true;
-                    self.more.notify_all();
+                    self.fail();
                     return Err(e);
                 }
             }
         }
+    }
+
+    /// Stops every walker: no task is handed out any more.
+    fn fail(&self) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).failed = true;
+        self.more.notify_all();
     }
 
     /// The next task, waiting while others may still queue some; `None`
@@ -424,6 +439,9 @@ impl Walk {
     /// Lists one directory: its node, and a task per subdirectory.
     fn list_dir(&self, task: Task, c: &mut CName) -> Result<(usize, Node, Vec<Task>), WalkError> {
         let Task { node, parent, name, path } = task;
+        // The panic test's directory (see `a_walker_that_panics_stops_the_others`).
+        #[cfg(test)]
+        assert!(name != b"panic-while-listing", "injected panic");
         let err = |path: &[u8], source| WalkError::Io { path: PathBuf::from(OsStr::from_bytes(path)), source };
         let cname = c.set(&name).map_err(|e| err(&path, e))?;
         let fd = fsat::open_dir(parent.as_deref().map(|p| p.as_fd()), cname).map_err(|e| err(&path, e))?;
@@ -564,6 +582,26 @@ mod tests {
         assert_eq!(l.file_bytes, 3);
         assert_eq!(l.link(&l.entries[5]), b"a");
         assert_eq!(l.entries[5].kind, Kind::Symlink);
+    }
+
+    /// Regression: a walker that panicked left the others waiting for its
+    /// task, and the walk hung instead of failing.
+    #[test]
+    fn a_walker_that_panics_stops_the_others() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("abc-pkg");
+        big_tree(&root);
+        std::fs::create_dir_all(root.join("d5/s20/deep/panic-while-listing")).unwrap();
+        for threads in [1, 2, 4] {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let r = root.clone();
+            std::thread::spawn(move || {
+                let caught = std::panic::catch_unwind(|| list_layer(&[r], threads));
+                let _ = tx.send(caught.is_err());
+            });
+            let panicked = rx.recv_timeout(std::time::Duration::from_secs(20)).expect("the walk ends");
+            assert!(panicked, "{threads} threads");
+        }
     }
 
     #[test]
