@@ -1,7 +1,9 @@
 //! The least work any two-pass streamer does on an input, timed on this
 //! machine: the "work floor" that scripts/bench sets beside nixstream's wall
-//! time.  Usage: `work_floor THREADS STORE_PATH...`; prints the best wall
-//! time of three runs, in seconds.
+//! time.  Usage: `work_floor [--hashing-only] THREADS STORE_PATH...`;
+//! prints the best wall time of three runs, in seconds (`--hashing-only`:
+//! the listing and the first pass alone, what even a streamer with no
+//! second pass would do).
 //!
 //! The hashing pass cannot skip a byte and the streaming pass cannot skip a
 //! small file, so whatever the implementation, each run has to: list every
@@ -144,7 +146,7 @@ fn read_file(dirs: &[Arc<OwnedFd>], f: &File, buf: &mut [u8], mut sha: Option<&m
     }
 }
 
-fn run(threads: usize, roots: &[String]) -> f64 {
+fn run(threads: usize, passes: usize, roots: &[String]) -> f64 {
     let t = Instant::now();
     let mut tops = Vec::new();
     for root in roots {
@@ -156,7 +158,7 @@ fn run(threads: usize, roots: &[String]) -> f64 {
         tops.push((open_at(libc::AT_FDCWD, &parent, libc::O_RDONLY | libc::O_DIRECTORY), vec![name]));
     }
     let (dirs, files) = list(threads, tops);
-    for pass in 0..2 {
+    for pass in 0..passes {
         let next = AtomicUsize::new(0);
         std::thread::scope(|s| {
             for _ in 0..threads {
@@ -181,10 +183,17 @@ fn run(threads: usize, roots: &[String]) -> f64 {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let threads: usize = args.first().and_then(|a| a.parse().ok()).expect("usage: work_floor THREADS STORE_PATH...");
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let passes = if args.first().is_some_and(|a| a == "--hashing-only") {
+        args.remove(0);
+        1
+    } else {
+        2
+    };
+    let threads: usize =
+        args.first().and_then(|a| a.parse().ok()).expect("usage: work_floor [--hashing-only] THREADS STORE_PATH...");
     let roots = &args[1..];
-    run(threads, roots); // warm the page cache and the dentry cache
-    let best = (0..3).map(|_| run(threads, roots)).fold(f64::MAX, f64::min);
+    run(threads, passes, roots); // warm the page cache and the dentry cache
+    let best = (0..3).map(|_| run(threads, passes, roots)).fold(f64::MAX, f64::min);
     println!("{best:.3}");
 }
