@@ -7,9 +7,9 @@
 use std::collections::HashSet;
 use std::time::Instant;
 
-use nixstream::autolayer::auto_layer;
-use nixstream::closure::{ClosureGraph, Node};
-use nixstream::pipeline::{parse, plan_layers};
+use nixstream::input::closure::{ClosureGraph, Node};
+use nixstream::planner::autolayer::auto_layer;
+use nixstream::planner::pipeline::{parse, plan_layers};
 
 fn main() {
     let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(20_000);

@@ -94,7 +94,7 @@ fn list_worker(walk: &Walk) -> Vec<File> {
         };
         let fd = walk.dirs.lock().expect("dirs")[d].clone();
         let names = names.unwrap_or_else(|| {
-            nixstream::fsat::read_dir(fd.as_fd())
+            nixstream::store::fsat::read_dir(fd.as_fd())
                 .expect("read_dir")
                 .into_iter()
                 .map(|n| CString::new(n).expect("name"))

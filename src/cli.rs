@@ -8,18 +8,18 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use crate::archive::{hash_only, write_archive, ArchiveOptions, Hashed, Lookup, SpliceInto, Summary};
-use crate::autolayer::auto_layer;
-use crate::cache::{CachedLayer, DigestCache};
-use crate::closure::ClosureGraph;
-use crate::compress::{Compress, Compressed};
-use crate::conf::{Conf, CustomisationSource};
-use crate::pipeline;
+use crate::engine::archive::{hash_only, write_archive, ArchiveOptions, Hashed, Lookup, SpliceInto, Summary};
+use crate::engine::cache::{CachedLayer, DigestCache};
+use crate::input::closure::ClosureGraph;
+use crate::input::conf::{Conf, CustomisationSource};
+use crate::output::compress::{Compress, Compressed};
+use crate::output::progress::{Mode, Progress};
+use crate::output::splice::Policy;
+use crate::output::writer::Blocking;
 use crate::plan::{ImagePlan, PlannedLayer};
-use crate::progress::{Mode, Progress};
-use crate::splice::Policy;
-use crate::walk::{Kind, Listing};
-use crate::writer::Blocking;
+use crate::planner::autolayer::auto_layer;
+use crate::planner::pipeline;
+use crate::store::walk::{Kind, Listing};
 use std::os::fd::AsRawFd;
 
 /// Exit statuses.
@@ -184,7 +184,7 @@ pub struct OutputArgs {
     #[arg(long)]
     pub no_splice: bool,
     /// Smallest file to splice (for tests).
-    #[arg(long, hide = true, value_name = "BYTES", default_value_t = crate::splice::MIN_SIZE)]
+    #[arg(long, hide = true, value_name = "BYTES", default_value_t = crate::output::splice::MIN_SIZE)]
     pub splice_min: u64,
     #[command(flatten)]
     pub run: RunArgs,
@@ -285,7 +285,7 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
             || c.downcast_ref::<serde_json::Error>().and_then(serde_json::Error::io_error_kind)
                 == Some(io::ErrorKind::BrokenPipe)
     }) || e
-        .downcast_ref::<crate::archive::ArchiveError>()
+        .downcast_ref::<crate::engine::archive::ArchiveError>()
         .and_then(|a| a.output_error())
         .is_some_and(|io| io.kind() == io::ErrorKind::BrokenPipe)
 }
@@ -363,7 +363,7 @@ impl<'p> CacheUse<'p> {
             plan,
             nar_hashes,
             keys: std::sync::Mutex::new(vec![(None, false); plan.layers.len()]),
-            settled_before_ns: crate::splice::settled_before_ns(std::time::SystemTime::now()),
+            settled_before_ns: crate::output::splice::settled_before_ns(std::time::SystemTime::now()),
         })
     }
 
@@ -403,7 +403,7 @@ impl Lookup for CacheUse<'_> {
         let owner = owner.as_ref().unwrap_or(&self.plan.owner);
         let nar: Option<Vec<(&str, &str)>> =
             paths_text.iter().map(|p| self.nar_hashes.get(p).map(|h| (p.as_str(), h.as_str()))).collect();
-        let key = crate::cache::layer_key(listing, owner, nar.as_deref());
+        let key = crate::engine::cache::layer_key(listing, owner, nar.as_deref());
         let files = listing.entries.iter().filter(|e| e.kind == Kind::File).count();
         let hit = c.get(&key, files);
         self.keys.lock().unwrap_or_else(|p| p.into_inner())[layer] = (Some(key), hit.is_some());
@@ -451,17 +451,17 @@ fn digest(a: &DigestArgs) -> anyhow::Result<()> {
 /// The digest-cache key of every store layer of `plan`.
 fn verify(a: &VerifyArgs) -> anyhow::Result<()> {
     let report = if a.archive.as_os_str() == "-" {
-        crate::verify::verify(io::stdin().lock(), "standard input")?
+        crate::read::verify::verify(io::stdin().lock(), "standard input")?
     } else {
         let f = std::fs::File::open(&a.archive).with_context(|| format!("cannot open {}", a.archive.display()))?;
-        crate::verify::verify(f, &a.archive.display().to_string())?
+        crate::read::verify::verify(f, &a.archive.display().to_string())?
     };
     let mut out = io::stdout().lock();
     if a.json {
         serde_json::to_writer_pretty(&mut out, &report)?;
         writeln!(out)?;
     } else {
-        out.write_all(crate::verify::render(&report).as_bytes())?;
+        out.write_all(crate::read::verify::render(&report).as_bytes())?;
     }
     out.flush()?;
     match report.problems.as_slice() {
@@ -502,7 +502,7 @@ fn load_closure(c: &ClosureArgs) -> anyhow::Result<(ClosureGraph, HashSet<String
             if let Ok(bytes) = std::fs::read(p) {
                 if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) {
                     let g = ClosureGraph::from_value(&v)
-                        .map_err(|what| crate::closure::ClosureError::Invalid { path: p.to_path_buf(), what })?;
+                        .map_err(|what| crate::input::closure::ClosureError::Invalid { path: p.to_path_buf(), what })?;
                     return Ok((g, exclude));
                 }
             }
@@ -599,7 +599,7 @@ fn image(a: &ImageArgs) -> anyhow::Result<()> {
     let (closure, exclude) = load_closure(&a.closure)?;
     // nixpkgs' budget: maxLayers, less the customisation layer and the base image's layers.
     let base_layers = match &a.from_image {
-        Some(f) => crate::baseimage::BaseImage::open(f)?.layers.len(),
+        Some(f) => crate::read::baseimage::BaseImage::open(f)?.layers.len(),
         None => 0,
     };
     let used = 1 + base_layers;
@@ -641,7 +641,7 @@ fn image(a: &ImageArgs) -> anyhow::Result<()> {
         "config": config,
         "store_layers": layers,
     });
-    let mut conf = Conf::from_value(v, None, crate::isotime::DateTime::now_utc())?;
+    let mut conf = Conf::from_value(v, None, crate::input::isotime::DateTime::now_utc())?;
     conf.customisation = CustomisationSource::Contents(a.contents.clone());
     let nar_hashes: HashMap<String, String> =
         closure.nodes.iter().filter_map(|n| Some((n.path.clone(), n.nar_hash.clone()?))).collect();

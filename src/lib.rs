@@ -1,35 +1,25 @@
-//! nixstream: Nix store paths to a docker-archive image, streamed.
+//! nixstream: Nix store paths to a container image, streamed.
 //!
-//! The stages, each a module and each testable alone:
-//! [`conf`] (the configuration) → [`plan`] (an [`plan::ImagePlan`]: base
-//! image indexed, store layers to be listed by [`walk`] on first use) → [`archive`] (layers
-//! hashed in parallel by [`layer`] into [`hash`] sinks, then streamed in
-//! order through verifying writers, big files spliced into an output pipe
-//! by [`splice`], with [`image`] building config and manifest).  [`tarheader`] and [`pyjson`] own the bytes that must equal
-//! the reference's.
+//! The flow, a folder per stage, each stage testable alone:
+//! - [`input`]: the configuration, closure graphs, timestamps;
+//! - [`planner`]: which store paths go into which layer;
+//! - [`plan`]: the [`plan::ImagePlan`], everything that decides the bytes,
+//!   checked before the first byte;
+//! - [`store`]: listing store paths ([`store::walk`]) through
+//!   directory-relative system calls ([`store::fsat`]);
+//! - [`render`]: the one layer-tar producer, run by every pass;
+//! - [`engine`]: the hashing pass, digests, the digest cache, the config;
+//! - [`output`]: the writer thread, splicing, progress;
+//! - [`read`]: reading and checking archives;
+//! - [`compat`]: the bytes that must equal CPython's.
 
-pub mod archive;
-pub mod autolayer;
-pub mod baseimage;
-pub mod cache;
 pub mod cli;
-pub mod closure;
-pub mod compress;
-pub mod conf;
-pub mod fsat;
-pub mod hash;
-pub mod image;
-pub mod isotime;
-pub mod layer;
-pub mod owners;
-pub mod pipeline;
+pub mod compat;
+pub mod engine;
+pub mod input;
+pub mod output;
 pub mod plan;
-pub mod progress;
-pub mod pyjson;
-pub mod segment;
-pub mod splice;
-pub mod tarheader;
-pub mod tarread;
-pub mod verify;
-pub mod walk;
-pub mod writer;
+pub mod planner;
+pub mod read;
+pub mod render;
+pub mod store;

@@ -32,7 +32,7 @@ fn fails_with_base(base_bytes: &[u8], needles: &[&str]) {
     for n in needles {
         assert!(err.contains(n), "expected {n:?} in {err:?}");
     }
-    assert!(!nixstream::verify::verify(&out.stdout[..], "stdout").is_ok_and(|r| r.ok()), "loadable output");
+    assert!(!nixstream::read::verify::verify(&out.stdout[..], "stdout").is_ok_and(|r| r.ok()), "loadable output");
 }
 
 /// A one-layer base image; `edit` may change the manifest before writing.
@@ -59,7 +59,7 @@ fn a_sound_synthetic_base_streams() {
     std::fs::write(&base, base_with(|_, _| {})).unwrap();
     let out = bin().args(["stream", "-q"]).arg(conf_with_base(d.path(), &base)).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(nixstream::verify::verify(&out.stdout[..], "stdout").unwrap().ok());
+    assert!(nixstream::read::verify::verify(&out.stdout[..], "stdout").unwrap().ok());
 }
 
 #[test]

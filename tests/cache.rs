@@ -168,12 +168,12 @@ fn an_entry_whose_files_no_longer_match_stops_the_archive() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{how}: {err}");
         assert!(err.contains("bin/tool") && err.contains("differs"), "{how}: {err}");
-        assert!(!nixstream::verify::verify(&out.stdout[..], "out").is_ok_and(|r| r.ok()), "{how}");
+        assert!(!nixstream::read::verify::verify(&out.stdout[..], "out").is_ok_and(|r| r.ok()), "{how}");
     }
 }
 
 fn hex_to_bytes(h: &str) -> [u8; 32] {
-    nixstream::hash::parse_sha256_hex(h).unwrap()
+    nixstream::engine::digest::parse_sha256_hex(h).unwrap()
 }
 
 #[test]

@@ -332,19 +332,19 @@ fn nixstream_image_from_a_store_path() {
 #[test]
 #[ignore = "needs docker, skopeo, umoci, podman and nix: run scripts/test"]
 fn what_a_failed_run_leaves_is_refused_by_every_client() {
-    use nixstream::archive::{write_archive, ArchiveError, ArchiveOptions};
-    use nixstream::hash::LayerDigest;
-    use nixstream::progress::{Mode, Progress};
+    use nixstream::engine::archive::{write_archive, ArchiveError, ArchiveOptions};
+    use nixstream::engine::digest::LayerDigest;
+    use nixstream::output::progress::{Mode, Progress};
     let tmp = tempfile::tempdir().unwrap();
     let tag = "nixstream-e2e/failed:latest";
-    let conf = nixstream::conf::Conf::load(&conf(tmp.path(), tag), None).unwrap();
+    let conf = nixstream::input::conf::Conf::load(&conf(tmp.path(), tag), None).unwrap();
     let plan = nixstream::plan::ImagePlan::from_conf(&conf).unwrap();
     // The third store layer's digest is stale (as if its files changed
     // after the hashing pass): the run must fail, and what it wrote must not
     // load anywhere.
     let stale = LayerDigest { size: 10240, sha256: [0x22; 32] };
     let mut known = vec![None; plan.layers.len()];
-    known[2] = Some(nixstream::archive::Hashed { digest: stale, unchanged_before_ns: i128::MIN, files: None });
+    known[2] = Some(nixstream::engine::archive::Hashed { digest: stale, unchanged_before_ns: i128::MIN, files: None });
     let mut out = Vec::new();
     let e = write_archive(
         &plan,
@@ -385,7 +385,7 @@ fn image_with_a_digest_cache_keyed_by_nar_hash() {
     let (app, _) = closure();
     // The local Nix gives every path's narHash: the cache keys by it.
     // (NIX_REMOTE=local comes from scripts/nix-env.sh, as for every e2e test.)
-    let g = nixstream::closure::ClosureGraph::from_store(&[app.display().to_string()]).unwrap();
+    let g = nixstream::input::closure::ClosureGraph::from_store(&[app.display().to_string()]).unwrap();
     assert!(g.nodes.iter().all(|n| n.nar_hash.as_deref().is_some_and(|h| h.starts_with("sha256"))), "{g:?}");
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("cache");
@@ -402,6 +402,6 @@ fn image_with_a_digest_cache_keyed_by_nar_hash() {
     let entries = std::fs::read_dir(&cache).unwrap().count();
     assert!(entries > 0);
     assert_eq!(image(Some(&cache)), plain, "warm cache");
-    let r = nixstream::verify::verify(&plain[..], "image").unwrap();
+    let r = nixstream::read::verify::verify(&plain[..], "image").unwrap();
     assert!(r.ok(), "{:?}", r.problems);
 }

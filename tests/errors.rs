@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use common::{bin, conf_json, golden_dir, golden_tree, make_customisation};
-use nixstream::archive::{write_archive, ArchiveError, ArchiveOptions, Hashed};
-use nixstream::conf::Conf;
-use nixstream::hash::LayerDigest;
-use nixstream::isotime::DateTime;
+use nixstream::engine::archive::{write_archive, ArchiveError, ArchiveOptions, Hashed};
+use nixstream::engine::digest::LayerDigest;
+use nixstream::input::conf::Conf;
+use nixstream::input::isotime::DateTime;
+use nixstream::output::progress::{Mode, Progress};
 use nixstream::plan::ImagePlan;
-use nixstream::progress::{Mode, Progress};
 
 struct Fixture {
     _tmp: tempfile::TempDir,
@@ -67,7 +67,7 @@ fn fails_with(conf: &Path, needles: &[&str]) {
 /// same checks docker and skopeo make: manifest, config digest, every
 /// layer's diff_id) accepts it.
 fn loadable(stdout: &[u8]) -> bool {
-    nixstream::verify::verify(stdout, "stdout").is_ok_and(|r| r.ok())
+    nixstream::read::verify::verify(stdout, "stdout").is_ok_and(|r| r.ok())
 }
 
 #[test]
@@ -285,7 +285,7 @@ fn digest_alone_names_a_file_changed_after_listing() {
     let mut tool = std::fs::OpenOptions::new().append(true).open(f.pkg.join("bin/tool")).unwrap();
     std::io::Write::write_all(&mut tool, b"more").unwrap();
     drop(tool);
-    let e = nixstream::archive::hash_only(
+    let e = nixstream::engine::archive::hash_only(
         &plan,
         &ArchiveOptions { jobs: 2, ..Default::default() },
         &Progress::new(Mode::Quiet, 0),
@@ -323,7 +323,7 @@ fn streams_ok(conf: &Path) -> Vec<u8> {
 
 /// The entries (name, type, size) of store layer `layer` (0-based) of an archive.
 fn layer_entries(archive: &[u8], layer: usize) -> Vec<(Vec<u8>, tar::EntryType, u64)> {
-    let report = nixstream::verify::verify(archive, "a").unwrap();
+    let report = nixstream::read::verify::verify(archive, "a").unwrap();
     let name = &report.images[0].layers[layer].name;
     let mut outer = tar::Archive::new(archive);
     let mut data = Vec::new();
@@ -386,7 +386,7 @@ fn empty_store_layers_is_an_image_of_the_customisation_layer() {
     let mut c = f.good();
     c["store_layers"] = serde_json::json!([]);
     let out = streams_ok(&f.conf(&c));
-    let r = nixstream::verify::verify(&out[..], "out").unwrap();
+    let r = nixstream::read::verify::verify(&out[..], "out").unwrap();
     assert_eq!(r.images[0].layers.len(), 1);
 }
 
@@ -476,7 +476,7 @@ fn a_hundred_thousand_files_in_one_directory() {
         std::fs::write(big.join(format!("f{i:06}")), b"").unwrap();
     }
     let out = streams_ok(&f.conf(&f.good()));
-    let r = nixstream::verify::verify(&out[..], "out").unwrap();
+    let r = nixstream::read::verify::verify(&out[..], "out").unwrap();
     // /nix, /nix/store, the package, bin, bin/tool, many, 100,000 files, readme.
     assert_eq!(r.images[0].layers[0].entries, Some(100_007));
 }
@@ -562,7 +562,7 @@ fn a_file_over_8_gib_gets_a_pax_size() {
         }
     }
     let mut tee = Tee { inner: child.stdout.take().unwrap(), head: Vec::new() };
-    let report = nixstream::verify::verify(&mut tee, "stdout").unwrap();
+    let report = nixstream::read::verify::verify(&mut tee, "stdout").unwrap();
     assert!(child.wait().unwrap().success());
     assert!(report.ok(), "{:?}", report.problems);
     let record = format!("size={size}\n");

@@ -6,9 +6,9 @@ mod common;
 use std::collections::HashSet;
 use std::path::Path;
 
-use nixstream::autolayer::auto_layer;
-use nixstream::closure::ClosureGraph;
-use nixstream::pipeline::{parse, plan_layers};
+use nixstream::input::closure::ClosureGraph;
+use nixstream::planner::autolayer::auto_layer;
+use nixstream::planner::pipeline::{parse, plan_layers};
 
 fn run_corpus(corpus: &str) {
     let dir = common::golden_dir().join("layering").join(corpus);

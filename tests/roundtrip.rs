@@ -11,11 +11,11 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use nixstream::archive::{write_archive, ArchiveOptions};
-use nixstream::conf::Conf;
-use nixstream::isotime::DateTime;
+use nixstream::engine::archive::{write_archive, ArchiveOptions};
+use nixstream::input::conf::Conf;
+use nixstream::input::isotime::DateTime;
+use nixstream::output::progress::{Mode, Progress};
 use nixstream::plan::ImagePlan;
-use nixstream::progress::{Mode, Progress};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]

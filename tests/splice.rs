@@ -1,4 +1,4 @@
-//! Files spliced into the output pipe (`nixstream::splice`), through the
+//! Files spliced into the output pipe (`nixstream::output::splice`), through the
 //! binary: the same bytes as reading them, and a file changed while its
 //! pages sit in the pipe stops the archive.
 
@@ -91,7 +91,10 @@ fn a_file_changed_while_its_pages_are_in_the_pipe_stops_the_archive() {
     assert_eq!(code, Some(1), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains(&*f.victim.to_string_lossy()) && err.contains("ctime"), "{err}");
-    assert!(!nixstream::verify::verify(&out[..], "out").is_ok_and(|r| r.ok()), "what reached stdout must not verify");
+    assert!(
+        !nixstream::read::verify::verify(&out[..], "out").is_ok_and(|r| r.ok()),
+        "what reached stdout must not verify"
+    );
 }
 
 #[test]
@@ -102,7 +105,7 @@ fn copied_bytes_are_not_affected_by_a_later_change() {
     let f = fixture();
     let (code, err, out) = change_while_in_the_pipe(&f, "--no-splice");
     assert_eq!(code, Some(0), "{err}");
-    assert!(nixstream::verify::verify(&out[..], "out").unwrap().ok());
+    assert!(nixstream::read::verify::verify(&out[..], "out").unwrap().ok());
     validate(&out);
 }
 

@@ -3,10 +3,10 @@
 //! with its diff_id checked).  Any bytes: an error or a result, no panic.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use nixstream::baseimage::BaseImage;
+use nixstream::read::baseimage::BaseImage;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = nixstream::verify::verify(data, "fuzz");
+    let _ = nixstream::read::verify::verify(data, "fuzz");
     let mut f = tempfile::NamedTempFile::new().unwrap();
     std::io::Write::write_all(&mut f, data).unwrap();
     if let Ok(base) = BaseImage::open(f.path()) {

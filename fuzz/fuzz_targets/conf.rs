@@ -2,8 +2,8 @@
 //! keeps the invariants the later stages rely on.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use nixstream::conf::Conf;
-use nixstream::isotime::DateTime;
+use nixstream::input::conf::Conf;
+use nixstream::input::isotime::DateTime;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else { return };

@@ -5,8 +5,8 @@
 use std::collections::HashSet;
 
 use libfuzzer_sys::fuzz_target;
-use nixstream::closure::ClosureGraph;
-use nixstream::pipeline;
+use nixstream::input::closure::ClosureGraph;
+use nixstream::planner::pipeline;
 
 fn graph() -> ClosureGraph {
     let node = |p: &str, refs: &[&str], size: u64| {

@@ -4,8 +4,8 @@
 #![no_main]
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use nixstream::tarheader::{self, typeflag, Header};
-use nixstream::tarread::TarReader;
+use nixstream::compat::tarheader::{self, typeflag, Header};
+use nixstream::read::tarread::TarReader;
 
 #[derive(Arbitrary, Debug)]
 struct Input {

@@ -95,7 +95,7 @@ fn golden_tree_made() -> std::time::Instant {
 }
 
 /// Time for files written just now to be old enough to splice
-/// (`nixstream::splice::SETTLE_NS`, with a margin).
+/// (`nixstream::output::splice::SETTLE_NS`, with a margin).
 pub const SETTLE: std::time::Duration = std::time::Duration::from_millis(2_200);
 
 /// The golden tree, once its files are settled enough to be spliced.

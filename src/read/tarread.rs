@@ -1,7 +1,7 @@
 //! Reading tar archives as a stream, the way CPython's `tarfile` reads them.
 //!
 //! One reader serves every archive nixstream reads: the base image
-//! ([`crate::baseimage`], indexed once and copied through later) and any
+//! ([`crate::read::baseimage`], indexed once and copied through later) and any
 //! docker-archive given to `nixstream verify` (read once, from a pipe if need
 //! be, never held in memory).  [`TarReader`] yields each member's header with
 //! pax, GNU long-name and ustar-prefix handling applied, and then reads that
@@ -13,7 +13,7 @@
 
 use std::io::{self, BufRead, Read};
 
-use crate::tarheader::{self, typeflag, Header};
+use crate::compat::tarheader::{self, typeflag, Header};
 
 /// Largest pax or GNU long-name extended header read into memory.
 pub const MAX_EXTENDED: u64 = 16 << 20;

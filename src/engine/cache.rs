@@ -16,7 +16,7 @@
 //! settled before the run that stored the entry
 //! ([`CachedLayer::unchanged_before_ns`]), which are spliced into an
 //! output pipe unread (their unchanged ctime is the proof, as for the files
-//! a run hashes itself; see [`crate::splice`]).  Entries are written to a temporary file and renamed
+//! a run hashes itself; see [`crate::output::splice`]).  Entries are written to a temporary file and renamed
 //! into place, so runs sharing the directory never see half an entry.
 
 use std::io::{self, Write};
@@ -24,9 +24,9 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::hash::{hex, LayerDigest};
-use crate::layer::Owner;
-use crate::walk::{Kind, Listing};
+use crate::engine::digest::{hex, LayerDigest};
+use crate::render::layer::Owner;
+use crate::store::walk::{Kind, Listing};
 
 const MAGIC: &[u8; 8] = b"NXSCACH2";
 
@@ -41,7 +41,7 @@ pub enum CacheError {
 pub struct CachedLayer {
     pub digest: LayerDigest,
     pub files: Vec<u128>,
-    /// [`crate::splice::SETTLE_NS`] before the start of the run that hashed
+    /// [`crate::output::splice::SETTLE_NS`] before the start of the run that hashed
     /// the layer: a file whose ctime (part of an identity key) is older than
     /// this had, when it was hashed, the content it has while its key still
     /// matches (a change after that run's listing would have moved its ctime
@@ -188,7 +188,7 @@ fn decode(data: &[u8], key: &[u8; 32]) -> Option<CachedLayer> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::walk::list_layer;
+    use crate::store::walk::list_layer;
 
     fn owner() -> Owner {
         Owner { uid: 0, gid: 0, uname: b"root".to_vec(), gname: b"root".to_vec(), mtime: 1 }

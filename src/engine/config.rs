@@ -10,9 +10,9 @@
 
 use serde_json::{json, Map, Value};
 
-use crate::hash::{hex, HashSink};
+use crate::compat::pyjson::{dumps_indent4, repr_str_list};
+use crate::engine::digest::{hex, HashSink};
 use crate::plan::ImagePlan;
-use crate::pyjson::{dumps_indent4, repr_str_list};
 
 /// The config and manifest members, ready to write.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,8 +1,8 @@
 //! The one producer of store-layer tars, generic over `Write`.
 //!
-//! The hashing pass runs it into a [`crate::hash::HashSink`]; the streaming
+//! The hashing pass runs it into a [`crate::engine::digest::HashSink`]; the streaming
 //! pass runs it again into the output through a
-//! [`crate::hash::VerifyingWriter`].  There is no second code path that has
+//! [`crate::engine::digest::VerifyingWriter`].  There is no second code path that has
 //! to agree with this one.  The bytes are those of `archive_paths_to` in
 //! `stream_layered_image.py`: `/nix` and `/nix/store` directories (mode 0755)
 //! first, then every listed entry with the configured owner and mtime, hard
@@ -24,7 +24,7 @@
 //!
 //! Into an output pipe, the streaming pass passes big settled files on by
 //! reference instead of reading them ([`FileCheck::Verify`] with a
-//! [`Policy`]; see [`crate::splice`]), after checking them against the
+//! [`Policy`]; see [`crate::output::splice`]), after checking them against the
 //! listing, ctime included.
 //!
 //! Files are read with large `read` calls, not `mmap`: a mapped file that is
@@ -38,10 +38,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::fsat::{self, CName, Stat};
-use crate::splice::{FileRef, Policy};
-use crate::tarheader::{self, typeflag, Header};
-use crate::walk::{Entry, Kind, Listing, Seen, NO_PARENT};
+use crate::compat::tarheader::{self, typeflag, Header};
+use crate::output::splice::{FileRef, Policy};
+use crate::store::fsat::{self, CName, Stat};
+use crate::store::walk::{Entry, Kind, Listing, Seen, NO_PARENT};
 
 /// Owner and time applied to every store-layer entry (`apply_filters`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -64,7 +64,7 @@ pub enum FileCheck<'a> {
     Record(&'a mut Vec<u128>, Identity),
     /// Streaming pass: each file's xxh3-128 must equal the recorded one;
     /// or, for a file the [`Policy`] picks, the file is passed on by
-    /// reference to be spliced ([`crate::splice`]), once it is checked to be
+    /// reference to be spliced ([`crate::output::splice`]), once it is checked to be
     /// what the listing saw, ctime included.
     Verify(&'a [u128], Option<Policy>),
 }
@@ -159,7 +159,7 @@ pub fn write_entries<W: LayerOut>(
     let mut out = Counting { out, written: 0 };
 
     // Open directories from the current entry up: each entry is opened
-    // relative to its parent's descriptor (see `crate::fsat`).
+    // relative to its parent's descriptor (see `crate::store::fsat`).
     let mut dirs: Vec<(u32, OwnedFd)> = Vec::new();
     if let Some(first) = listing.entries.get(range.start) {
         open_ancestors(listing, first.parent, &mut dirs, &mut scratch.name)?;
@@ -408,7 +408,7 @@ fn copy_file<W: LayerOut>(
     let p = || PathBuf::from(std::ffi::OsStr::from_bytes(path));
     let changed = |what: String| LayerError::Changed { path: p(), what };
     let failed = |err: io::Error| {
-        if err.get_ref().is_some_and(|r| r.is::<crate::writer::WriterGone>()) {
+        if err.get_ref().is_some_and(|r| r.is::<crate::output::writer::WriterGone>()) {
             LayerError::Output(err)
         } else if err.raw_os_error() == Some(libc::EISDIR) {
             changed("it is no longer a regular file".into())
@@ -453,7 +453,7 @@ fn copy_file<W: LayerOut>(
 }
 
 /// A layer producer's output.  Where it has a buffer of its own (the chunks
-/// of [`crate::writer`]), file data is read straight into it, saving a copy
+/// of [`crate::output::writer`]), file data is read straight into it, saving a copy
 /// of every byte; elsewhere the producer reads into its scratch buffer and
 /// writes.
 pub trait LayerOut: Write {
@@ -465,7 +465,7 @@ pub trait LayerOut: Write {
     }
 
     /// Passes `file`'s bytes on by reference, as the output's next bytes.
-    /// Only outputs that end in a [`crate::splice::Splicer`] can.
+    /// Only outputs that end in a [`crate::output::splice::Splicer`] can.
     fn pass_file(&mut self, file: FileRef) -> io::Result<()> {
         Err(io::Error::other(format!("{}: this output cannot take a file by reference", file.path.display())))
     }
@@ -483,15 +483,15 @@ impl<T: LayerOut + ?Sized> LayerOut for &mut T {
 
 impl LayerOut for Vec<u8> {}
 impl LayerOut for io::Sink {}
-impl LayerOut for crate::hash::HashSink {}
+impl LayerOut for crate::engine::digest::HashSink {}
 
-impl LayerOut for crate::writer::Chunks {
+impl LayerOut for crate::output::writer::Chunks {
     fn read_into(&mut self, fd: BorrowedFd<'_>, max: usize) -> Option<io::Result<&[u8]>> {
         Some(self.read_from(fd, max))
     }
 
     fn pass_file(&mut self, file: FileRef) -> io::Result<()> {
-        crate::writer::Chunks::pass_file(self, file)
+        crate::output::writer::Chunks::pass_file(self, file)
     }
 }
 
@@ -516,8 +516,8 @@ impl<W: LayerOut> LayerOut for Counting<'_, W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hash::HashSink;
-    use crate::walk::list_layer;
+    use crate::engine::digest::HashSink;
+    use crate::store::walk::list_layer;
 
     fn owner() -> Owner {
         Owner { uid: 0, gid: 0, uname: b"root".to_vec(), gname: b"root".to_vec(), mtime: 1 }

@@ -10,7 +10,7 @@
 //! mtime are recorded so a pass can tell when a file changed underneath us
 //! (and its ctime, for the digest cache's key).  Each entry also records its
 //! parent directory's index: the walk and both passes reach an entry through
-//! its parent's descriptor and its base name ([`crate::fsat`]), never through
+//! its parent's descriptor and its base name ([`crate::store::fsat`]), never through
 //! its absolute path.  A big tree is listed by several threads, one
 //! directory per task, then put in order from the per-directory results
 //! (`Walk`): the listing does not depend on the number of threads.
@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, Condvar, Mutex};
 
-use crate::fsat::{self, CName, Stat};
+use crate::store::fsat::{self, CName, Stat};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WalkError {
@@ -68,7 +68,7 @@ pub struct Entry {
     pub dev: u64,
     pub ino: u64,
     pub mtime_ns: i128,
-    /// Part of the digest cache's key (see [`crate::cache`]).
+    /// Part of the digest cache's key (see [`crate::engine::cache`]).
     pub ctime_ns: i128,
 }
 

@@ -18,18 +18,18 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
-use crate::baseimage::BaseError;
-use crate::hash::{hex, HashSink, LayerDigest, OverrunError, VerifyingWriter};
-use crate::image::{image_meta, ImageMeta};
-use crate::layer::{FileCheck, Identity, LayerError, LayerOut, Owner};
+use crate::compat::pyjson::repr_str_list;
+use crate::compat::tarheader::{self, Header};
+use crate::engine::config::{image_meta, ImageMeta};
+use crate::engine::digest::{hex, HashSink, LayerDigest, OverrunError, VerifyingWriter};
+use crate::output::progress::Progress;
+use crate::output::splice::{Changed, FileRef, Policy, Splicer};
+use crate::output::writer;
 use crate::plan::{Customisation, ImagePlan, PlannedLayer};
-use crate::progress::Progress;
-use crate::pyjson::repr_str_list;
-use crate::segment::render_layer;
-use crate::splice::{Changed, FileRef, Policy, Splicer};
-use crate::tarheader::{self, Header};
-use crate::walk::{Listing, WalkError};
-use crate::writer;
+use crate::read::baseimage::BaseError;
+use crate::render::layer::{FileCheck, Identity, LayerError, LayerOut, Owner};
+use crate::render::segment::render_layer;
+use crate::store::walk::{Listing, WalkError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
@@ -95,7 +95,7 @@ pub struct Hashed {
     /// was hashed, so the streaming pass may splice them unread; it reads
     /// and checks the others.  `i128::MAX` when this run's hashing pass read
     /// them right after the listing; from the digest cache, the entry's
-    /// [`crate::cache::CachedLayer::unchanged_before_ns`] (`i128::MIN` for a
+    /// [`crate::engine::cache::CachedLayer::unchanged_before_ns`] (`i128::MIN` for a
     /// narHash key or a digest known otherwise).
     pub unchanged_before_ns: i128,
     /// Each file's xxh3-128, which the streaming pass checks file by file;
@@ -218,7 +218,7 @@ pub struct ArchiveOptions<'a> {
     /// by the listing): a hit skips that layer's hashing pass, as `known`.
     pub lookup: Option<&'a dyn Lookup>,
     /// Splice big files into this pipe instead of copying them (see
-    /// [`crate::splice`]): unread where their content is known to be what
+    /// [`crate::output::splice`]): unread where their content is known to be what
     /// was hashed ([`Hashed::unchanged_before_ns`]), else read and checked
     /// first.
     pub splice: Option<SpliceInto>,
@@ -239,7 +239,7 @@ pub struct SpliceInto {
 }
 
 /// Hashes and streams the image described by `plan` into `out`, which a
-/// writer thread of its own owns (see [`crate::writer`]).
+/// writer thread of its own owns (see [`crate::output::writer`]).
 pub fn write_archive<W: Write + Send>(
     plan: &ImagePlan,
     out: W,
@@ -502,7 +502,7 @@ fn hash_layer(
     Ok(Hashed { digest: sink.finish(), unchanged_before_ns: i128::MAX, files: Some(files) })
 }
 
-/// Reader threads per layer ([`crate::segment`]): one per core.
+/// Reader threads per layer ([`crate::render::segment`]): one per core.
 fn readers(jobs: usize) -> usize {
     jobs.clamp(1, 8)
 }

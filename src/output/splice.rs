@@ -4,7 +4,7 @@
 //! not read a big file's bytes at all: `splice(2)` moves references to its
 //! page-cache pages into the pipe, and the consumer copies them out.  That
 //! saves the read copy, the pipe write copy (and its page allocation) and
-//! the per-file xxh3 of [`crate::layer`]: on the `large` benchmark input,
+//! the per-file xxh3 of [`crate::render::layer`]: on the `large` benchmark input,
 //! files of 64 KiB and more are 75% of the bytes, and moving them took a
 //! quarter of the CPU that reading and writing them did.
 //!
@@ -40,8 +40,8 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-use crate::fsat;
-use crate::walk::{Entry, Kind, Seen};
+use crate::store::fsat;
+use crate::store::walk::{Entry, Kind, Seen};
 
 /// How long before the run a spliced file's ctime must be.
 pub const SETTLE_NS: i128 = 2_000_000_000;
@@ -69,7 +69,7 @@ pub struct Policy {
     /// Files whose ctime is at or after this are read and compared with
     /// their xxh3 before they are spliced: for a layer whose digest came
     /// from the cache, the files that entry cannot vouch for (see
-    /// [`crate::archive::Hashed::unchanged_before_ns`]).
+    /// [`crate::engine::archive::Hashed::unchanged_before_ns`]).
     pub unread_before_ns: i128,
 }
 
@@ -167,7 +167,7 @@ impl Splicer {
                 continue;
             }
             if n == 0 {
-                return Err(changed(&f, crate::layer::ended_early(f.fd.as_fd(), f.len, f.len - off as u64)));
+                return Err(changed(&f, crate::render::layer::ended_early(f.fd.as_fd(), f.len, f.len - off as u64)));
             }
             let e = io::Error::last_os_error();
             match e.raw_os_error() {
@@ -184,7 +184,7 @@ impl Splicer {
                         libc::fcntl(f.fd.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
                     }
                 }
-                Some(libc::EAGAIN) => crate::writer::wait_writable(self.pipe)?,
+                Some(libc::EAGAIN) => crate::output::writer::wait_writable(self.pipe)?,
                 _ => return Err(e),
             }
         }
@@ -361,7 +361,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir(d.path().join("pkg")).unwrap();
         std::fs::write(d.path().join("pkg/f"), b"x").unwrap();
-        let listing = crate::walk::list_layer(&[d.path().join("pkg")], 2).unwrap();
+        let listing = crate::store::walk::list_layer(&[d.path().join("pkg")], 2).unwrap();
         let mut e = listing.entries.iter().find(|e| e.kind == Kind::File).unwrap().clone();
         let s = |secs: i128| secs * 1_000_000_000;
         (e.size, e.ctime_ns, e.mtime_ns) = (MIN_SIZE, s(997), s(1));

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
-use crate::isotime::DateTime;
+use crate::input::isotime::DateTime;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfError {

@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::hash::{hex, parse_sha256_hex, HashSink};
-use crate::tarread::{read_full, TarError, TarReader};
-pub use crate::tarread::{Compression, Member};
+use crate::engine::digest::{hex, parse_sha256_hex, HashSink};
+use crate::read::tarread::{read_full, TarError, TarReader};
+pub use crate::read::tarread::{Compression, Member};
 
 /// Largest manifest.json or config we read (real ones are a few KiB).
 pub const MAX_JSON: u64 = 16 << 20;

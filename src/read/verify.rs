@@ -18,8 +18,8 @@ use std::io::{self, BufRead, BufReader, Read};
 
 use serde_json::Value;
 
-use crate::hash::{hex, parse_sha256_hex, HashSink, LayerDigest};
-use crate::tarread::{Compression, TarError, TarReader};
+use crate::engine::digest::{hex, parse_sha256_hex, HashSink, LayerDigest};
+use crate::read::tarread::{Compression, TarError, TarReader};
 
 /// Largest manifest.json read (real ones are a few KiB; a bound keeps a
 /// hostile archive from exhausting memory).
@@ -164,7 +164,7 @@ fn read_member<R: Read>(t: &mut TarReader<R>, size: u64, kept_total: &mut u64) -
         (compression, diff.sink.finish(), entries)
     };
     // Whatever the layer reader left (after a damaged inner tar) still counts.
-    crate::tarread::discard(&mut br)?;
+    crate::read::tarread::discard(&mut br)?;
     drop(br);
     let raw = raw.sink.finish();
     if raw.size != size {

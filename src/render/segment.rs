@@ -2,7 +2,7 @@
 //!
 //! A store layer's tar is a prologue (`/nix`, `/nix/store`), its members,
 //! and the end padding; the members of any run of entries can be written
-//! without the others ([`crate::layer::write_entries`] opens the directories
+//! without the others ([`crate::render::layer::write_entries`] opens the directories
 //! above a run's first entry itself).  So a layer is cut into segments of
 //! about [`SEGMENT_BYTES`] of file data or [`SEGMENT_ENTRIES`] entries, and
 //! `readers` threads render alternate segments into chunk channels of their
@@ -11,7 +11,7 @@
 //! pass.  Opening, reading and checking files (most of a small-file layer's
 //! cost) then runs on several cores even when one store path dominates the
 //! image, whose layer would otherwise be hashed and streamed by one thread
-//! each.  The bytes are those of [`crate::layer::write_store_layer`] whatever
+//! each.  The bytes are those of [`crate::render::layer::write_store_layer`] whatever
 //! the number of readers (tested), and memory stays bounded: each reader has
 //! [`POOL`] chunks of [`CHUNK`] bytes.
 
@@ -20,12 +20,12 @@ use std::sync::atomic::AtomicBool;
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::layer::{
+use crate::output::splice::Policy;
+use crate::output::writer::{self, Chunks, Piece};
+use crate::render::layer::{
     write_entries, write_epilogue, write_prologue, Counting, FileCheck, Identity, LayerError, LayerOut, Owner, Scratch,
 };
-use crate::splice::Policy;
-use crate::walk::{Kind, Listing};
-use crate::writer::{self, Chunks, Piece};
+use crate::store::walk::{Kind, Listing};
 
 /// File bytes after which a segment ends.
 pub const SEGMENT_BYTES: u64 = 4 << 20;
@@ -65,7 +65,7 @@ pub fn segments(listing: &Listing) -> Vec<Segment> {
 
 /// Renders the layer tar for `listing` into `out` with up to `readers`
 /// threads reading (at least one, never the calling thread); returns its
-/// length.  Same contract as [`crate::layer::write_store_layer`].
+/// length.  Same contract as [`crate::render::layer::write_store_layer`].
 pub fn render_layer<W: LayerOut>(
     listing: &Listing,
     owner: &Owner,
@@ -213,8 +213,8 @@ fn merge<W: LayerOut>(out: &mut W, ends: Vec<Ends>, segments: usize) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layer::write_store_layer;
-    use crate::walk::list_layer;
+    use crate::render::layer::write_store_layer;
+    use crate::store::walk::list_layer;
     use std::io::Write;
 
     fn owner() -> Owner {

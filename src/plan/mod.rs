@@ -10,10 +10,12 @@
 //! hashing it, so the bottom layer is hashed (and the archive's first byte
 //! written) without waiting for the walk of every other layer (the digest
 //! cache, whose keys are made from the listings, is looked up by those
-//! workers too, see [`crate::archive::Lookup`]); callers that want every
+//! workers too, see [`crate::engine::archive::Lookup`]); callers that want every
 //! listing up front call [`ImagePlan::list_all`].  Nothing is hashed here;
 //! the next stage
-//! ([`crate::archive`]) hashes and streams from this value.
+//! ([`crate::engine::archive`]) hashes and streams from this value.
+
+pub mod owners;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
@@ -22,11 +24,11 @@ use std::sync::{Arc, OnceLock};
 
 use serde_json::{Map, Value};
 
-use crate::baseimage::{BaseError, BaseImage};
-use crate::conf::{Conf, CustomisationSource};
-use crate::hash::parse_sha256_hex;
-use crate::layer::Owner;
-use crate::walk::{list_contents, list_layer, Listing, WalkError};
+use crate::engine::digest::parse_sha256_hex;
+use crate::input::conf::{Conf, CustomisationSource};
+use crate::read::baseimage::{BaseError, BaseImage};
+use crate::render::layer::Owner;
+use crate::store::walk::{list_contents, list_layer, Listing, WalkError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
@@ -62,7 +64,7 @@ pub enum PlannedLayer {
         index: usize,
     },
     /// Store paths (or `--contents`), archived by
-    /// [`crate::layer::write_store_layer`]; `owner` overrides the image's
+    /// [`crate::render::layer::write_store_layer`]; `owner` overrides the image's
     /// owner settings (numeric 0:0 for `--contents`).
     Store {
         paths_text: Vec<String>,
@@ -118,7 +120,7 @@ impl ImagePlan {
             CustomisationSource::Prebuilt { dir, text } => PlannedLayer::Customisation(customisation(dir, text)?),
             CustomisationSource::Contents(dir) => {
                 let listing = match dir {
-                    Some(d) => list_contents(d, crate::walk::default_threads())
+                    Some(d) => list_contents(d, crate::store::walk::default_threads())
                         .map_err(|source| PlanError::Walk { layer: 0, source: Arc::new(source) })?,
                     None => Listing::default(),
                 };
@@ -242,8 +244,8 @@ fn customisation(dir: &std::path::Path, text: &str) -> Result<Customisation, Pla
         uid: u64::from(md.uid()),
         gid: u64::from(md.gid()),
         // gettarinfo fills owner names from the user and group databases.
-        uname: crate::owners::user_name(md.uid()).unwrap_or_default(),
-        gname: crate::owners::group_name(md.gid()).unwrap_or_default(),
+        uname: crate::plan::owners::user_name(md.uid()).unwrap_or_default(),
+        gname: crate::plan::owners::group_name(md.gid()).unwrap_or_default(),
         ino: md.ino(),
         mtime_ns: i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec()),
     })

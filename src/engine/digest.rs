@@ -147,10 +147,10 @@ impl<W: Write> Write for VerifyingWriter<W> {
     }
 }
 
-impl<W: crate::layer::LayerOut> crate::layer::LayerOut for VerifyingWriter<W> {
+impl<W: crate::render::layer::LayerOut> crate::render::layer::LayerOut for VerifyingWriter<W> {
     /// Passes a file on, counting its size; only a size-only writer can (the
     /// bytes are never seen here).
-    fn pass_file(&mut self, file: crate::splice::FileRef) -> io::Result<()> {
+    fn pass_file(&mut self, file: crate::output::splice::FileRef) -> io::Result<()> {
         if self.hashing {
             return Err(io::Error::other("a hashing writer cannot pass a file on unread"));
         }

@@ -19,7 +19,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::closure::ClosureGraph;
+use crate::input::closure::ClosureGraph;
 
 /// `path_key`: (name, hash) for `/nix/store/HASH-name`.
 fn path_key(path: &str) -> (&str, &str) {
@@ -144,7 +144,7 @@ pub fn auto_layer(graph: &ClosureGraph, ignore: &HashSet<String>, limit: usize) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::closure::Node;
+    use crate::input::closure::Node;
 
     fn node(p: &str, r: &[&str], s: u64) -> Node {
         Node {

@@ -24,8 +24,8 @@ use std::collections::{HashMap, HashSet};
 use num_bigint::BigUint;
 use serde_json::Value;
 
-use crate::closure::ClosureGraph;
-use crate::conf::type_name as kind;
+use crate::input::closure::ClosureGraph;
+use crate::input::conf::type_name as kind;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("layering pipeline, step {at}: {what}")]
@@ -838,7 +838,7 @@ pub fn plan_layers(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::closure::Node;
+    use crate::input::closure::Node;
     use serde_json::json;
 
     /// The example of the reference's popularity docstring: A-B-C-D-F,

@@ -12,7 +12,7 @@
 //! later layers).  The chunk boundaries never change the bytes written.
 //!
 //! Besides chunks, the channel carries files to splice into the output
-//! ([`Piece::File`], see [`crate::splice`]), which the writer thread hands
+//! ([`Piece::File`], see [`crate::output::splice`]), which the writer thread hands
 //! to its [`Splicer`], and a barrier that waits until the consumer has read
 //! and the splicer checked every spliced file.
 
@@ -21,7 +21,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
-use crate::splice::{FileRef, Splicer};
+use crate::output::splice::{FileRef, Splicer};
 
 /// Bytes per chunk.
 pub const CHUNK: usize = 1 << 20;
@@ -35,7 +35,7 @@ pub enum Piece {
     Bytes(Vec<u8>),
     /// A file's content, by reference.
     File(Box<FileRef>),
-    /// The end of one part of the stream (a segment, see [`crate::segment`]).
+    /// The end of one part of the stream (a segment, see [`crate::render::segment`]).
     EndPart,
     /// Wait for the consumer to read every spliced file (the writer thread).
     Barrier,
@@ -73,7 +73,7 @@ impl Chunks {
     }
 
     /// Hands over the current chunk, then a marker that ends one part of the
-    /// stream (a segment, see [`crate::segment`]).
+    /// stream (a segment, see [`crate::render::segment`]).
     pub fn end_part(&mut self) -> io::Result<()> {
         self.hand_over()?;
         self.send(Piece::EndPart)

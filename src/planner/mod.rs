@@ -1,0 +1,5 @@
+//! Layer planners: which store paths go into which layer.  Each takes a
+//! closure graph and returns a list of layers (lists of store paths).
+
+pub mod autolayer;
+pub mod pipeline;
