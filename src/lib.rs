@@ -9,12 +9,14 @@
 //!   directory-relative system calls ([`store::fsat`]);
 //! - [`render`]: the one layer-tar producer, run by every pass;
 //! - [`engine`]: the hashing pass, digests, the digest cache, the config;
+//! - [`dest`]: destinations, each consuming an [`engine::image::Image`];
 //! - [`output`]: the writer thread, splicing, progress;
 //! - [`read`]: reading and checking archives;
 //! - [`compat`]: the bytes that must equal CPython's.
 
 pub mod cli;
 pub mod compat;
+pub mod dest;
 pub mod engine;
 pub mod input;
 pub mod output;

@@ -5,3 +5,4 @@ pub mod archive;
 pub mod cache;
 pub mod config;
 pub mod digest;
+pub mod image;

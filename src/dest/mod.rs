@@ -1,0 +1,5 @@
+//! Destinations: what consumes an [`crate::engine::image::Image`].  Each
+//! writes the same image in its own layout: a docker-archive stream, an
+//! oci-archive stream, an OCI image layout directory, a registry.
+
+pub mod manifest;
