@@ -8,8 +8,11 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use crate::engine::archive::{hash_only, write_archive, ArchiveOptions, Hashed, Lookup, SpliceInto, Summary};
+use crate::dest::tarstream::with_tar_stream;
+use crate::dest::{docker_archive, oci_archive, oci_layout};
 use crate::engine::cache::{CachedLayer, DigestCache};
+use crate::engine::image::Compression;
+use crate::engine::{Blobs, EngineError, EngineOptions, Hashed, Lookup, Summary};
 use crate::input::closure::ClosureGraph;
 use crate::input::conf::{Conf, CustomisationSource};
 use crate::output::compress::{Compress, Compressed};
@@ -175,8 +178,44 @@ pub struct ImageArgs {
     pub output: OutputArgs,
 }
 
+/// The output format on stdout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// A `docker save` archive, byte for byte as nixpkgs' stream_layered_image.py writes it.
+    DockerArchive,
+    /// An OCI image layout as a tar (what `skopeo copy oci-archive:` and `podman load` read).
+    OciArchive,
+}
+
+/// Layer compression of the OCI outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LayerCompression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+impl From<LayerCompression> for Compression {
+    fn from(c: LayerCompression) -> Compression {
+        match c {
+            LayerCompression::None => Compression::None,
+            LayerCompression::Gzip => Compression::Gzip,
+            LayerCompression::Zstd => Compression::Zstd,
+        }
+    }
+}
+
 #[derive(clap::Args, Debug)]
 pub struct OutputArgs {
+    /// The format written to stdout.
+    #[arg(long, value_enum, default_value = "docker-archive")]
+    pub format: Format,
+    /// Write the image into this OCI image layout directory (created if missing; other images in it are kept, a tag already there is replaced) instead of stdout.
+    #[arg(long, value_name = "DIR")]
+    pub oci_layout: Option<PathBuf>,
+    /// Layer compression of the OCI outputs (gzip: every client reads it; zstd: faster and smaller, read by newer clients). Deterministic whatever --jobs.
+    #[arg(long, value_enum, value_name = "none|gzip|zstd")]
+    pub layer_compression: Option<LayerCompression>,
     /// Compress the whole output stream. `zstd` lets `skopeo copy docker-archive:/dev/stdin` read from a pipe; `docker load` reads `gzip`.
     #[arg(long, value_enum, default_value = "none")]
     pub compress: Compress,
@@ -199,6 +238,9 @@ pub struct RunArgs {
     /// No progress output on stderr.
     #[arg(short, long)]
     pub quiet: bool,
+    /// Print what the run did (layers from the cache, bytes spliced, blobs written) as one JSON line on stderr at the end.
+    #[arg(long)]
+    pub stats: bool,
     /// Keep layer digests in DIR, so a later run skips the hashing pass for layers whose files are unchanged (keyed by narHash when the closure gives one, else by every file's identity; every file is still checked while streaming). Safe to share between runs.
     #[arg(long, value_name = "DIR")]
     pub cache: Option<PathBuf>,
@@ -285,7 +327,7 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
             || c.downcast_ref::<serde_json::Error>().and_then(serde_json::Error::io_error_kind)
                 == Some(io::ErrorKind::BrokenPipe)
     }) || e
-        .downcast_ref::<crate::engine::archive::ArchiveError>()
+        .downcast_ref::<EngineError>()
         .and_then(|a| a.output_error())
         .is_some_and(|io| io.kind() == io::ErrorKind::BrokenPipe)
 }
@@ -298,40 +340,89 @@ fn stream(a: &StreamArgs) -> anyhow::Result<()> {
     emit(&a.conf.load()?, &a.output, &HashMap::new())
 }
 
-/// Plans and streams the image for `conf` to stdout.  `nar_hashes` (store
-/// path to narHash, possibly empty) keys the digest cache where it covers a
-/// whole layer.
+/// Plans the image for `conf` and writes it where `o` says.  `nar_hashes`
+/// (store path to narHash, possibly empty) keys the digest cache where it
+/// covers a whole layer.
 fn emit(conf: &Conf, o: &OutputArgs, nar_hashes: &HashMap<String, String>) -> anyhow::Result<()> {
     let jobs = o.run.jobs.unwrap_or_else(default_jobs).max(1);
+    let oci = o.format == Format::OciArchive || o.oci_layout.is_some();
+    anyhow::ensure!(
+        oci || o.layer_compression.is_none(),
+        "--layer-compression is for the OCI outputs (--format oci-archive, --oci-layout); a docker-archive holds plain layers, as the reference writes them (--compress compresses the whole stream)"
+    );
+    anyhow::ensure!(
+        !(o.oci_layout.is_some() && o.format == Format::OciArchive),
+        "--oci-layout writes a directory instead of stdout: leave out --format oci-archive"
+    );
+    let blobs = if oci {
+        Blobs::Encoded(o.layer_compression.unwrap_or(LayerCompression::Gzip).into())
+    } else {
+        Blobs::DockerArchive
+    };
     // As `docker save` does: an archive on a terminal helps nobody.
     anyhow::ensure!(
-        !io::stdout().is_terminal(),
+        o.oci_layout.is_some() || !io::stdout().is_terminal(),
         "refusing to write an image archive to a terminal; pipe it into `docker load` or redirect it to a file"
     );
     let plan = ImagePlan::from_conf(conf)?;
-    let cache = CacheUse::new(&plan, o.run.cache.as_deref(), nar_hashes)?;
+    let cache = CacheUse::new(&plan, o.run.cache.as_deref(), nar_hashes, blobs)?;
     let progress = Progress::new(Mode::detect(o.run.quiet), plan.layers.len());
-    let stdout = stdout_file();
-    let pipe = grow_pipe(&stdout);
-    // The archive writer hands over 1 MiB chunks, and smaller ones only
-    // when it must wait: plain output goes straight to the fd, unbuffered.
-    let buffer = if o.compress == Compress::None { 0 } else { 1 << 20 };
-    let mut out = Compressed::new(BufWriter::with_capacity(buffer, Blocking(&stdout)), o.compress, jobs)?;
-    // Plain output into a pipe: big files go in by reference.
-    let splice = (pipe && o.compress == Compress::None && !o.no_splice).then(|| SpliceInto {
-        pipe: stdout.as_raw_fd(),
-        policy: Policy::new(std::time::SystemTime::now(), o.splice_min),
-    });
-    let summary = write_archive(
-        &plan,
-        &mut out,
-        &ArchiveOptions { jobs, lookup: cache.lookup(), splice, ..Default::default() },
-        &progress,
-    )?;
-    out.finish()?.flush()?;
+    let mut opts = EngineOptions { jobs, blobs, lookup: cache.lookup(), ..Default::default() };
+    let mut stats = Stats { layers: plan.layers.len(), ..Default::default() };
+
+    let summary = if let Some(dir) = &o.oci_layout {
+        let (written, summary) = crate::engine::run(&plan, &opts, &progress, |engine| oci_layout::write(engine, dir))?;
+        stats.blobs_written = written.blobs_written;
+        stats.blobs_present = written.blobs_present;
+        summary
+    } else {
+        let stdout = stdout_file();
+        let pipe = grow_pipe(&stdout);
+        // The writer hands over 1 MiB chunks, and smaller ones only when it
+        // must wait: plain output goes straight to the fd, unbuffered.
+        let buffer = if o.compress == Compress::None { 0 } else { 1 << 20 };
+        let mut out = Compressed::new(BufWriter::with_capacity(buffer, Blocking(&stdout)), o.compress, jobs)?;
+        // Plain output into a pipe: big files go in by reference.
+        let splice = pipe && o.compress == Compress::None && !o.no_splice && blobs.compression() == Compression::None;
+        opts.splice = splice.then(|| Policy::new(std::time::SystemTime::now(), o.splice_min));
+        let splice_into = splice.then(|| stdout.as_raw_fd());
+        let ((_, written), summary) = crate::engine::run(&plan, &opts, &progress, |engine| {
+            with_tar_stream(&mut out, splice_into, &progress, |tar| match o.format {
+                Format::DockerArchive => docker_archive::write(engine, tar).map(|_| ()),
+                Format::OciArchive => oci_archive::write(engine, tar).map(|_| ()),
+            })
+        })?;
+        out.finish()?.flush()?;
+        stats.bytes_out = written.bytes;
+        stats.bytes_spliced = written.spliced;
+        summary
+    };
     progress.finish();
     cache.store(&summary);
+    stats.layers_from_cache = summary.layers_known;
+    stats.layers_written = summary.layers_written;
+    if o.run.stats {
+        let _ = writeln!(io::stderr(), "nixstream: stats {}", serde_json::to_string(&stats)?);
+    }
     Ok(())
+}
+
+/// What a run did, for `--stats`: what tests assert to see that the cache
+/// and the splice path really worked.
+#[derive(Debug, Default, serde::Serialize)]
+struct Stats {
+    layers: usize,
+    /// Layers whose digests came from the digest cache.
+    layers_from_cache: usize,
+    /// Layers whose bytes were written.
+    layers_written: usize,
+    /// Bytes written to the output stream (before `--compress`).
+    bytes_out: u64,
+    /// Of those, bytes spliced from files by reference.
+    bytes_spliced: u64,
+    /// OCI layout: blobs written, and blobs already there (checked).
+    blobs_written: usize,
+    blobs_present: usize,
 }
 
 /// The digest cache for one run: each store layer looked up once it is
@@ -343,6 +434,7 @@ struct CacheUse<'p> {
     cache: Option<DigestCache>,
     plan: &'p ImagePlan,
     nar_hashes: &'p HashMap<String, String>,
+    blobs: Blobs,
     /// Per plan index: the key made from the listing, and whether it hit.
     keys: std::sync::Mutex<Vec<(Option<[u8; 32]>, bool)>>,
     /// Taken before any layer is listed: what entries stored by this run
@@ -356,35 +448,46 @@ impl<'p> CacheUse<'p> {
         plan: &'p ImagePlan,
         dir: Option<&Path>,
         nar_hashes: &'p HashMap<String, String>,
+        blobs: Blobs,
     ) -> anyhow::Result<CacheUse<'p>> {
         let cache = dir.map(DigestCache::open).transpose()?;
         Ok(CacheUse {
             cache,
             plan,
             nar_hashes,
+            blobs,
             keys: std::sync::Mutex::new(vec![(None, false); plan.layers.len()]),
             settled_before_ns: crate::output::splice::settled_before_ns(std::time::SystemTime::now()),
         })
     }
 
-    /// What the archive stage looks layers up in, with a cache.
+    /// What the engine looks layers up in, with a cache.
     fn lookup(&self) -> Option<&dyn Lookup> {
         self.cache.as_ref().map(|_| self as &dyn Lookup)
     }
 
-    /// Stores the layers this run hashed.  A cache that cannot be written
-    /// costs speed, not the image: a warning.
+    /// Stores the layers this run hashed (and their encoded blobs' digests).
+    /// A cache that cannot be written costs speed, not the image: a warning.
     fn store(&self, summary: &Summary) {
         let Some(c) = &self.cache else { return };
         let keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         for (i, (key, hit)) in keys.iter().enumerate() {
-            if let (Some(key), false, Some(files)) = (key, hit, &summary.files[i]) {
+            let Some(key) = key else { continue };
+            let mut entries = Vec::new();
+            if let (false, Some(files)) = (hit, &summary.files[i]) {
                 let entry = CachedLayer {
                     digest: summary.digests[i],
                     files: files.clone(),
                     unchanged_before_ns: self.settled_before_ns,
                 };
-                if let Err(e) = c.put(key, &entry) {
+                entries.push((*key, entry));
+            }
+            if let (Some(blob), true) = (summary.blobs[i], summary.files[i].is_some()) {
+                let bkey = crate::engine::cache::blob_key(key, self.blobs.compression());
+                entries.push((bkey, CachedLayer { digest: blob, files: Vec::new(), unchanged_before_ns: 0 }));
+            }
+            for (k, entry) in entries {
+                if let Err(e) = c.put(&k, &entry) {
                     let _ = writeln!(
                         io::stderr(),
                         "nixstream: warning: {e} (the image is complete; the next run hashes again)"
@@ -406,12 +509,19 @@ impl Lookup for CacheUse<'_> {
         let key = crate::engine::cache::layer_key(listing, owner, nar.as_deref());
         let files = listing.entries.iter().filter(|e| e.kind == Kind::File).count();
         let hit = c.get(&key, files);
-        self.keys.lock().unwrap_or_else(|p| p.into_inner())[layer] = (Some(key), hit.is_some());
-        let hit = hit?;
+        // An encoded blob needs its own entry too; without it the layer is
+        // hashed (and both entries stored) again.
+        let blob = match self.blobs.compression() {
+            Compression::None => None,
+            comp => c.get(&crate::engine::cache::blob_key(&key, comp), 0).map(|b| b.digest),
+        };
+        let usable = hit.is_some() && (self.blobs.compression() == Compression::None || blob.is_some());
+        self.keys.lock().unwrap_or_else(|p| p.into_inner())[layer] = (Some(key), usable);
+        let hit = hit.filter(|_| usable)?;
         // A narHash key says nothing of the files' ctimes: every file is
         // read and checked.
         let unchanged_before_ns = if nar.is_some() { i128::MIN } else { hit.unchanged_before_ns };
-        Some(Hashed { digest: hit.digest, unchanged_before_ns, files: Some(hit.files) })
+        Some(Hashed { digest: hit.digest, blob, unchanged_before_ns, files: Some(hit.files) })
     }
 }
 
@@ -420,28 +530,31 @@ fn digest(a: &DigestArgs) -> anyhow::Result<()> {
     let jobs = a.run.jobs.unwrap_or_else(default_jobs).max(1);
     let plan = ImagePlan::from_conf(&conf)?;
     let no_nar_hashes = HashMap::new();
-    let cache = CacheUse::new(&plan, a.run.cache.as_deref(), &no_nar_hashes)?;
+    let cache = CacheUse::new(&plan, a.run.cache.as_deref(), &no_nar_hashes, Blobs::DockerArchive)?;
     let progress = Progress::new(Mode::detect(a.run.quiet), plan.layers.len());
-    let summary = hash_only(&plan, &ArchiveOptions { jobs, lookup: cache.lookup(), ..Default::default() }, &progress)?;
+    // No streaming pass follows to compare the entries: the hashing pass does.
+    let opts = EngineOptions { jobs, lookup: cache.lookup(), ..Default::default() };
+    let summary = crate::engine::hash_only(&plan, &opts, &progress)?;
+    let config = summary.config.clone().expect("hash_only makes the config");
+    let meta = docker_archive::image_meta(&plan, config, &summary.digests.iter().map(|d| d.sha256).collect::<Vec<_>>());
     progress.finish();
     cache.store(&summary);
-    let id = summary.meta.config_name.trim_end_matches(".json");
+    let id = meta.config_name.trim_end_matches(".json");
     let mut out = io::stdout().lock();
     if a.json {
-        let layers: Vec<serde_json::Value> = summary
-            .meta
+        let layers: Vec<serde_json::Value> = meta
             .layer_paths
             .iter()
             .zip(&summary.digests)
             .map(|(p, d)| serde_json::json!({"path": p, "diff_id": format!("sha256:{}", d.hex()), "size": d.size}))
             .collect();
-        let v = serde_json::json!({"id": format!("sha256:{id}"), "config": summary.meta.config_name, "layers": layers});
+        let v = serde_json::json!({"id": format!("sha256:{id}"), "config": meta.config_name, "layers": layers});
         serde_json::to_writer_pretty(&mut out, &v)?;
         writeln!(out)?;
     } else {
         // The lines of nixpkgs' golden expected.txt, less the archive's own digest.
-        writeln!(out, "config {}", summary.meta.config_name)?;
-        for (p, d) in summary.meta.layer_paths.iter().zip(&summary.digests) {
+        writeln!(out, "config {}", meta.config_name)?;
+        for (p, d) in meta.layer_paths.iter().zip(&summary.digests) {
             writeln!(out, "layer {p} sha256:{}", d.hex())?;
         }
     }

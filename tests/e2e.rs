@@ -332,8 +332,9 @@ fn nixstream_image_from_a_store_path() {
 #[test]
 #[ignore = "needs docker, skopeo, umoci, podman and nix: run scripts/test"]
 fn what_a_failed_run_leaves_is_refused_by_every_client() {
-    use nixstream::engine::archive::{write_archive, ArchiveError, ArchiveOptions};
+    use nixstream::dest::docker_archive::write_archive;
     use nixstream::engine::digest::LayerDigest;
+    use nixstream::engine::{EngineError, EngineOptions};
     use nixstream::output::progress::{Mode, Progress};
     let tmp = tempfile::tempdir().unwrap();
     let tag = "nixstream-e2e/failed:latest";
@@ -344,16 +345,17 @@ fn what_a_failed_run_leaves_is_refused_by_every_client() {
     // load anywhere.
     let stale = LayerDigest { size: 10240, sha256: [0x22; 32] };
     let mut known = vec![None; plan.layers.len()];
-    known[2] = Some(nixstream::engine::archive::Hashed { digest: stale, unchanged_before_ns: i128::MIN, files: None });
+    known[2] =
+        Some(nixstream::engine::Hashed { digest: stale, blob: None, unchanged_before_ns: i128::MIN, files: None });
     let mut out = Vec::new();
     let e = write_archive(
         &plan,
         &mut out,
-        &ArchiveOptions { jobs: 2, known, ..Default::default() },
+        &EngineOptions { jobs: 2, known, ..Default::default() },
         &Progress::new(Mode::Quiet, 0),
     )
     .unwrap_err();
-    assert!(matches!(e, ArchiveError::DigestMismatch { layer: 3, .. }), "{e}");
+    assert!(matches!(e, EngineError::DigestMismatch { layer: 3, .. }), "{e}");
     assert!(out.len() > 100_000, "the failed run wrote its first layers ({} bytes)", out.len());
     let partial = tmp.path().join("partial.tar");
     std::fs::write(&partial, &out).unwrap();

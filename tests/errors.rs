@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use common::{bin, conf_json, golden_dir, golden_tree, make_customisation};
-use nixstream::engine::archive::{write_archive, ArchiveError, ArchiveOptions, Hashed};
+use nixstream::dest::docker_archive::write_archive;
 use nixstream::engine::digest::LayerDigest;
+use nixstream::engine::{EngineError, EngineOptions, Hashed};
 use nixstream::input::conf::Conf;
 use nixstream::input::isotime::DateTime;
 use nixstream::output::progress::{Mode, Progress};
@@ -218,8 +219,8 @@ fn full_disk_is_an_error() {
 /// The fixture's plan with every layer listed: what a test changes next
 /// happens after the listing.
 /// Streams `plan` into `out` with `jobs` workers, expecting an error.
-fn stream_failing(plan: &ImagePlan, jobs: usize, out: &mut Vec<u8>) -> ArchiveError {
-    let opts = ArchiveOptions { jobs, ..Default::default() };
+fn stream_failing(plan: &ImagePlan, jobs: usize, out: &mut Vec<u8>) -> EngineError {
+    let opts = EngineOptions { jobs, ..Default::default() };
     write_archive(plan, out, &opts, &Progress::new(Mode::Quiet, 0)).unwrap_err()
 }
 
@@ -238,13 +239,13 @@ fn content_changed_between_passes_stops_before_manifest() {
     let plan = plan_of(&f);
     let stale = LayerDigest { size: 10240 * 31, sha256: [0x11; 32] };
     let mut out = Vec::new();
-    let opts = ArchiveOptions {
+    let opts = EngineOptions {
         jobs: 2,
-        known: vec![Some(Hashed { digest: stale, unchanged_before_ns: i128::MIN, files: None }), None],
+        known: vec![Some(Hashed { digest: stale, blob: None, unchanged_before_ns: i128::MIN, files: None }), None],
         ..Default::default()
     };
     let e = write_archive(&plan, &mut out, &opts, &Progress::new(Mode::Quiet, 0)).unwrap_err();
-    assert!(matches!(e, ArchiveError::DigestMismatch { layer: 1, .. }), "{e}");
+    assert!(matches!(e, EngineError::DigestMismatch { layer: 1, .. }), "{e}");
     assert!(e.to_string().contains("aaaa-pkg"), "{e}");
     assert!(!loadable(&out));
 }
@@ -285,9 +286,9 @@ fn digest_alone_names_a_file_changed_after_listing() {
     let mut tool = std::fs::OpenOptions::new().append(true).open(f.pkg.join("bin/tool")).unwrap();
     std::io::Write::write_all(&mut tool, b"more").unwrap();
     drop(tool);
-    let e = nixstream::engine::archive::hash_only(
+    let e = nixstream::engine::hash_only(
         &plan,
-        &ArchiveOptions { jobs: 2, ..Default::default() },
+        &EngineOptions { jobs: 2, ..Default::default() },
         &Progress::new(Mode::Quiet, 0),
     )
     .unwrap_err();

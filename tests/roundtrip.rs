@@ -11,7 +11,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use nixstream::engine::archive::{write_archive, ArchiveOptions};
+use nixstream::dest::docker_archive::write_archive;
+use nixstream::engine::EngineOptions;
 use nixstream::input::conf::Conf;
 use nixstream::input::isotime::DateTime;
 use nixstream::output::progress::{Mode, Progress};
@@ -150,7 +151,7 @@ fn stream(conf: &serde_json::Value) -> Vec<u8> {
     let conf = Conf::from_value(conf.clone(), None, DateTime::now_utc()).unwrap();
     let plan = ImagePlan::from_conf(&conf).unwrap();
     let mut out = Vec::new();
-    write_archive(&plan, &mut out, &ArchiveOptions { jobs: 2, ..Default::default() }, &Progress::new(Mode::Quiet, 0))
+    write_archive(&plan, &mut out, &EngineOptions { jobs: 2, ..Default::default() }, &Progress::new(Mode::Quiet, 0))
         .unwrap();
     out
 }

@@ -109,6 +109,17 @@ pub fn layer_key(listing: &Listing, owner: &Owner, nar_hashes: Option<&[(&str, &
     k.0.finalize().into()
 }
 
+/// The cache key of a layer's encoded blob: its layer key with the
+/// compressor's identity ([`crate::engine::compress::identity`]).  Its entry
+/// is a [`CachedLayer`] with no files whose digest is the blob's.
+pub fn blob_key(layer_key: &[u8; 32], c: crate::engine::image::Compression) -> [u8; 32] {
+    let mut k = KeyHasher(Sha256::new());
+    k.bytes(b"nixstream digest cache, encoded blob");
+    k.bytes(layer_key);
+    k.bytes(crate::engine::compress::identity(c).as_bytes());
+    k.0.finalize().into()
+}
+
 impl DigestCache {
     /// Opens (creating it if need be) the cache directory.
     pub fn open(dir: &Path) -> Result<DigestCache, CacheError> {

@@ -87,7 +87,7 @@ pub struct LayerInfo {
 
 /// An error from the engine, as a destination sees it: it names the layer
 /// or file at fault; a destination only adds where it was writing.
-pub type EngineError = crate::engine::archive::ArchiveError;
+pub use crate::engine::hashing::EngineError;
 
 /// What a destination consumes.
 pub trait Image: Sync {

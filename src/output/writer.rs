@@ -206,13 +206,15 @@ pub fn channel_sized(size: usize, pool: usize) -> (Chunks, Receiver<Piece>, Send
 /// an output error it stops at once (dropping its ends, so the streaming pass
 /// stops too) and returns the error.  Files are spliced by `splicer`, which
 /// must splice into the pipe `out` writes to, unbuffered; without one, a
-/// file piece is an error (nothing sends one then).
+/// file piece is an error (nothing sends one then).  Returns `out` and the
+/// bytes spliced.
 pub fn run<W: Write>(
     mut out: W,
     full: Receiver<Piece>,
     empty: Sender<Vec<u8>>,
     mut splicer: Option<Splicer>,
-) -> io::Result<W> {
+) -> io::Result<(W, u64)> {
+    let mut spliced = 0u64;
     for piece in full.iter() {
         match piece {
             Piece::Bytes(mut chunk) => {
@@ -227,6 +229,7 @@ pub fn run<W: Write>(
             Piece::File(file) => {
                 let s = splicer.as_mut().ok_or_else(|| io::Error::other("a file to splice, but no pipe"))?;
                 out.flush()?;
+                spliced += file.len;
                 s.splice(*file)?;
             }
             Piece::Barrier => {
@@ -239,7 +242,7 @@ pub fn run<W: Write>(
         }
     }
     out.flush()?;
-    Ok(out)
+    Ok((out, spliced))
 }
 
 #[cfg(test)]
@@ -261,7 +264,7 @@ mod tests {
         }
         chunks.flush().unwrap();
         drop(chunks);
-        assert_eq!(writer.join().unwrap().unwrap(), want);
+        assert_eq!(writer.join().unwrap().unwrap().0, want);
     }
 
     #[test]

@@ -1,0 +1,300 @@
+//! The three kinds of layer and how each becomes bytes, in both passes:
+//! store paths (rendered by [`crate::render`]), a base image's layer (its
+//! member, copied or decompressed), the customisation layer (its
+//! `layer.tar`).  This is the one place the kinds differ; the hashing pass
+//! ([`hash`]) and the streaming pass ([`write_blob`]) both come through it,
+//! so they cannot disagree on what a layer's bytes are.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::sync::atomic::AtomicBool;
+
+use crate::compat::pyjson::repr_str_list;
+use crate::engine::compress::Encoder;
+use crate::engine::digest::{HashSink, LayerDigest, OverrunError, VerifyingWriter};
+use crate::engine::hashing::{Blobs, EngineError, EngineOptions, Hashed, Slots};
+use crate::engine::image::Compression;
+use crate::output::splice::Policy;
+use crate::plan::{Customisation, ImagePlan, PlannedLayer};
+use crate::read::baseimage::BaseError;
+use crate::render::layer::{FileCheck, Identity, LayerError, LayerOut};
+use crate::render::segment::render_layer;
+
+/// The line the reference prints before writing layer `i` (0-based).
+pub(crate) fn describe(plan: &ImagePlan, i: usize) -> String {
+    let num = i + 1;
+    match &plan.layers[i] {
+        PlannedLayer::Base { index } => {
+            let bl = &plan.base.as_ref().expect("base layer without base").layers[*index];
+            format!("Adding base layer {} from {}", index + 1, bl.member.name_lossy())
+        }
+        PlannedLayer::Store { paths_text, .. } => {
+            format!("Creating layer {num} from paths: {}", repr_str_list(paths_text))
+        }
+        PlannedLayer::Customisation(_) => format!("Creating layer {num} with customisation..."),
+    }
+}
+
+/// A sha256 of the plain tar and, for an encoded blob, of its encoding.
+struct Tee {
+    plain: HashSink,
+    encoded: Option<Encoder<HashSink>>,
+}
+
+impl Tee {
+    fn new(c: Compression, threads: usize) -> io::Result<Tee> {
+        let encoded = match c {
+            Compression::None => None,
+            c => Some(Encoder::new(HashSink::new(), c, threads)?),
+        };
+        Ok(Tee { plain: HashSink::new(), encoded })
+    }
+
+    fn finish(self, layer: usize) -> Result<(LayerDigest, Option<LayerDigest>), EngineError> {
+        let blob = self.encoded.map(|e| e.finish()).transpose();
+        let blob = blob.map_err(|source| EngineError::Compress { layer, source })?;
+        Ok((self.plain.finish(), blob.map(HashSink::finish)))
+    }
+}
+
+impl Write for Tee {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_all(buf).map(|_| buf.len())
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.plain.write_all(buf)?;
+        if let Some(e) = &mut self.encoded {
+            e.write_all(buf)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LayerOut for Tee {}
+
+/// The hashing pass for layer `i` (0-based): its digests, from the lookup
+/// (the cache) where it knows them, else by reading it.
+pub(crate) fn hash(
+    plan: &ImagePlan,
+    i: usize,
+    opts: &EngineOptions,
+    readers: usize,
+    identity: Identity,
+    abort: &AtomicBool,
+) -> Result<Hashed, EngineError> {
+    let num = i + 1;
+    let c = opts.blobs.compression();
+    let mut sink = Tee::new(c, readers).map_err(|source| EngineError::Compress { layer: num, source })?;
+    match &plan.layers[i] {
+        PlannedLayer::Store { listing, owner, .. } => {
+            let listed = listing.get(readers).map_err(|source| EngineError::Walk { layer: num, source })?;
+            if let Some(hit) = opts.lookup.and_then(|l| l.lookup(i, listed)) {
+                if c == Compression::None || hit.blob.is_some() {
+                    return Ok(hit);
+                }
+            }
+            let owner = owner.as_ref().unwrap_or(&plan.owner);
+            let mut files = Vec::new();
+            render_layer(listed, owner, &mut sink, FileCheck::Record(&mut files, identity), Some(abort), readers)
+                .map_err(|source| EngineError::Layer { layer: num, source })?;
+            let (digest, blob) = sink.finish(num)?;
+            Ok(Hashed { digest, blob, unchanged_before_ns: i128::MAX, files: Some(files) })
+        }
+        PlannedLayer::Base { index } => {
+            base_plain(plan, *index, &mut sink)?;
+            let (digest, blob) = sink.finish(num)?;
+            Ok(Hashed { digest, blob, unchanged_before_ns: i128::MIN, files: None })
+        }
+        PlannedLayer::Customisation(cust) => {
+            copy_customisation(cust, &mut sink)?;
+            let (digest, blob) = sink.finish(num)?;
+            Ok(Hashed { digest, blob, unchanged_before_ns: i128::MIN, files: None })
+        }
+    }
+}
+
+/// What the streaming pass needs besides the layer.
+pub(crate) struct Stream<'a> {
+    pub blobs: Blobs,
+    pub readers: usize,
+    pub splice: Option<Policy>,
+    pub slots: &'a Slots,
+}
+
+/// The streaming pass for layer `i`: its blob into `out`, checked against
+/// `h` (the hashing pass's digests) as it goes.  Returns the per-file
+/// hashes it confirmed (what the digest cache keeps).
+pub(crate) fn write_blob(
+    plan: &ImagePlan,
+    i: usize,
+    h: &Hashed,
+    out: &mut dyn LayerOut,
+    s: &Stream,
+) -> Result<Option<Vec<u128>>, EngineError> {
+    let num = i + 1;
+    let c = s.blobs.compression();
+    let layer = &plan.layers[i];
+    match (s.blobs, layer) {
+        (Blobs::DockerArchive, PlannedLayer::Base { index }) => {
+            let base = plan.base.as_ref().expect("base layer without base");
+            base.copy_layer(*index, &mut &mut *out).map_err(EngineError::Output)??;
+            return Ok(None);
+        }
+        (Blobs::DockerArchive | Blobs::Encoded(Compression::None), PlannedLayer::Customisation(cust)) => {
+            copy_customisation(cust, out)?;
+            return Ok(None);
+        }
+        _ => {}
+    }
+    let expected = if c == Compression::None { h.digest } else { h.blob.expect("an encoded layer's blob digest") };
+    let paths = plan.history_paths(layer);
+    let mismatch = |actual: Option<LayerDigest>| mismatch(num, &paths, expected, actual);
+    // Uncompressed, with per-file hashes: each file is checked by its
+    // xxh3 (or spliced, by metadata), the layer by its size only.
+    let per_file = c == Compression::None && h.files.is_some();
+    let mut v = if per_file { VerifyingWriter::size_only(out, expected) } else { VerifyingWriter::new(out, expected) };
+    let mut enc = Encoder::new(&mut v, c, s.readers).map_err(|source| EngineError::Compress { layer: num, source })?;
+    match layer {
+        PlannedLayer::Store { listing, owner, .. } => {
+            let listing = listing.get(s.readers).map_err(|source| EngineError::Walk { layer: num, source })?;
+            let owner = owner.as_ref().unwrap_or(&plan.owner);
+            let policy =
+                if c == Compression::None { s.splice.map(|p| p.unread_before(h.unchanged_before_ns)) } else { None };
+            let check = match &h.files {
+                Some(f) => FileCheck::Verify(f, policy),
+                None => FileCheck::Off,
+            };
+            match render_layer(listing, owner, &mut enc, check, Some(&s.slots.abort), s.readers) {
+                Ok(_) => {}
+                Err(LayerError::Aborted) => {
+                    return Err(s.slots.first_error().unwrap_or(EngineError::Worker("aborted".into())))
+                }
+                Err(LayerError::Output(e)) if is_overrun(&e) => return Err(mismatch(None)),
+                Err(source) => return Err(EngineError::Layer { layer: num, source }),
+            }
+        }
+        PlannedLayer::Base { index } => base_plain(plan, *index, &mut enc)?,
+        PlannedLayer::Customisation(cust) => copy_customisation(cust, &mut enc)?,
+    }
+    match enc.finish() {
+        Ok(_) => {}
+        Err(e) if is_overrun(&e) => return Err(mismatch(None)),
+        Err(source) => return Err(EngineError::Compress { layer: num, source }),
+    }
+    if let Err(m) = v.finish() {
+        return Err(mismatch(Some(m.actual)));
+    }
+    Ok(h.files.clone())
+}
+
+fn is_overrun(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|r| r.is::<OverrunError>())
+}
+
+fn mismatch(layer: usize, paths: &[String], expected: LayerDigest, actual: Option<LayerDigest>) -> EngineError {
+    EngineError::DigestMismatch {
+        layer,
+        paths: repr_str_list(paths),
+        expected: expected.hex(),
+        expected_size: expected.size,
+        actual: actual.map(|a| a.hex()).unwrap_or_else(|| "?".into()),
+        actual_size: actual.map(|a| a.size).unwrap_or(expected.size + 1),
+    }
+}
+
+/// A writer that decompresses what it is given (gzip or zstd, found by
+/// the first bytes; anything else passes through) into `out`.
+enum Decompress<'a> {
+    Undecided(&'a mut dyn Write),
+    Plain(&'a mut dyn Write),
+    Gzip(flate2::write::MultiGzDecoder<&'a mut dyn Write>),
+    Zstd(zstd::stream::write::Decoder<'static, &'a mut dyn Write>),
+    Gone,
+}
+
+impl Write for Decompress<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Decompress::Undecided(_) = self {
+            let Decompress::Undecided(out) = std::mem::replace(self, Decompress::Gone) else { unreachable!() };
+            *self = if buf.starts_with(&[0x1f, 0x8b]) {
+                Decompress::Gzip(flate2::write::MultiGzDecoder::new(out))
+            } else if buf.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+                Decompress::Zstd(zstd::stream::write::Decoder::new(out)?)
+            } else {
+                Decompress::Plain(out)
+            };
+        }
+        match self {
+            Decompress::Plain(w) => w.write(buf),
+            Decompress::Gzip(w) => w.write(buf),
+            Decompress::Zstd(w) => w.write(buf),
+            _ => unreachable!("decided above"),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Decompress::Gzip(w) => w.try_finish(),
+            Decompress::Zstd(w) => w.flush(),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Base layer `index` as a plain tar into `out`, its diff_id checked.
+fn base_plain(plan: &ImagePlan, index: usize, out: &mut dyn Write) -> Result<(), EngineError> {
+    let base = plan.base.as_ref().expect("base layer without base");
+    let mut d = Decompress::Undecided(out);
+    base.copy_layer(index, &mut d).map_err(EngineError::Output)??;
+    d.flush().map_err(|e| {
+        EngineError::Base(BaseError::Invalid {
+            path: base.path.clone(),
+            what: format!("layer {} cannot be decompressed: {e}", base.layers[index].path),
+        })
+    })
+}
+
+/// The customisation layer's `layer.tar` into `out`, checked against its
+/// checksum file and against the file the plan stat'ed.
+pub(crate) fn copy_customisation(c: &Customisation, out: &mut dyn Write) -> Result<(), EngineError> {
+    let err = |what: String| EngineError::Customisation { path: c.tar_path.clone(), what };
+    let expected = LayerDigest { size: c.size, sha256: c.digest };
+    let mut f = File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&c.tar_path)
+        .map_err(|e| err(format!("cannot open: {e}")))?;
+    let md = f.metadata().map_err(|e| err(format!("cannot stat: {e}")))?;
+    let mtime_ns = i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec());
+    if md.size() != c.size || md.ino() != c.ino || mtime_ns != c.mtime_ns {
+        return Err(err("changed while the image was being written".into()));
+    }
+    let mut v = VerifyingWriter::new(out, expected);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = c.size;
+    while left > 0 {
+        let want = buf.len().min(left as usize);
+        let n = match f.read(&mut buf[..want]) {
+            Ok(0) => return Err(err("it ended early".into())),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(err(format!("cannot read: {e}"))),
+        };
+        v.write_all(&buf[..n]).map_err(EngineError::Output)?;
+        left -= n as u64;
+    }
+    if let Err(m) = v.finish() {
+        return Err(err(format!(
+            "its sha256 is {}, but its checksum file says {}; the customisation layer is corrupt",
+            m.actual.hex(),
+            m.expected.hex()
+        )));
+    }
+    Ok(())
+}
