@@ -166,8 +166,8 @@ fn sync_dir(dir: &Path) -> Result<(), LayoutError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
 }
 
-/// `index.json` with `manifest` tagged `tag` added (any entry with the
-/// same tag removed), replaced atomically.
+/// `index.json` with `manifest` tagged `tag` added (an entry with the same
+/// tag replaced), replaced atomically.
 fn update_index(dir: &Path, md: &Descriptor, tag: &str) -> Result<(), LayoutError> {
     let path = dir.join("index.json");
     let mut entries: Vec<Value> = match fs::read(&path) {
@@ -182,9 +182,19 @@ fn update_index(dir: &Path, md: &Descriptor, tag: &str) -> Result<(), LayoutErro
         Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(io_err(&path)(e)),
     };
-    entries
-        .retain(|m| m.pointer("/annotations/org.opencontainers.image.ref.name").and_then(Value::as_str) != Some(tag));
-    entries.push(manifest::descriptor_json(md, &[(REF_NAME.to_string(), tag.to_string())]));
+    // The tag's entry is replaced where it stands (any other entry with
+    // that tag dropped); a new tag goes last.
+    let ours = manifest::descriptor_json(md, &[(REF_NAME.to_string(), tag.to_string())]);
+    let tagged =
+        |m: &Value| m.pointer("/annotations/org.opencontainers.image.ref.name").and_then(Value::as_str) == Some(tag);
+    match entries.iter().position(tagged) {
+        Some(at) => {
+            entries[at] = ours;
+            let mut seen = false;
+            entries.retain(|m| !tagged(m) || !std::mem::replace(&mut seen, true));
+        }
+        None => entries.push(ours),
+    }
     let mut index = serde_json::Map::new();
     index.insert("schemaVersion".into(), serde_json::json!(2));
     index.insert("mediaType".into(), Value::String(manifest::OCI_INDEX.into()));

@@ -28,8 +28,12 @@ use crate::engine::image::Compression;
 
 /// Uncompressed bytes per independently deflated gzip block.
 pub const GZIP_BLOCK: usize = 1 << 20;
-/// zlib's default level: what `gzip` and most registries' clients write.
-pub const GZIP_LEVEL: u32 = 6;
+/// Fastest deflate, as go-containerregistry (crane, ko) writes layers: each
+/// OCI output compresses a layer twice (a tar member's header needs the
+/// blob's size and digest first), and level 1 costs about a third of level
+/// 6's CPU for about a tenth more bytes (`gzip -1` against `gzip -6` on
+/// 200 MB of /usr/lib: 3.4 s against 10.1 s of CPU, 83.5 MB against 76.1 MB).
+pub const GZIP_LEVEL: u32 = 1;
 /// zstd's default level.
 pub const ZSTD_LEVEL: i32 = 3;
 
