@@ -268,7 +268,7 @@ fn a_layer_that_changed_between_the_passes_stops_before_the_index() {
         let r = nixstream::engine::run(&plan, &opts, &progress, |engine| {
             with_tar_stream(&mut out, None, &progress, |tar| oci_archive::write(engine, tar))
         });
-        let e = r.err().expect("a stale digest must fail");
+        let Err(e) = r else { panic!("{c:?}: a stale digest must fail") };
         assert!(matches!(e, EngineError::DigestMismatch { layer: 2, .. }), "{c:?}: {e}");
         assert!(e.to_string().contains("changed between the hashing and streaming passes"), "{e}");
         let names: Vec<String> = tar::Archive::new(&out[..])
