@@ -407,3 +407,92 @@ fn image_with_a_digest_cache_keyed_by_nar_hash() {
     let r = nixstream::read::verify::verify(&plain[..], "image").unwrap();
     assert!(r.ok(), "{:?}", r.problems);
 }
+
+/// The OCI outputs of an image of about 250 MB (the test closure plus a
+/// bulk store path), in every layer compression: `skopeo inspect` reads the
+/// oci-archive; gzip and plain ones go through `skopeo copy` into a
+/// docker-archive that `docker load` takes and runs (Debian's docker and
+/// skopeo do not take zstd layers into a docker-archive; podman loads the
+/// zstd one); the OCI layout (gzip) is read by `skopeo copy oci:` and
+/// unpacked by umoci with every file, mode and link equal to the store; the
+/// config (so the image ID and every diff_id) equals the docker-archive's.
+#[test]
+#[ignore = "needs docker, skopeo, umoci, podman and nix: run scripts/test"]
+fn oci_outputs_of_a_big_closure_load_run_and_unpack() {
+    let out = run(Command::new("nix-build")
+        .env("NIX_REMOTE", "local")
+        .arg("--no-out-link")
+        .args(nix_opts())
+        .arg(repo().join("tests/fixtures/bulk.nix")));
+    let bulk = PathBuf::from(stdout(&out).trim());
+    let (app, paths) = closure();
+    let tmp = tempfile::tempdir().unwrap();
+    let cust = common::make_customisation(tmp.path());
+    let mut layers: Vec<Vec<PathBuf>> = paths.iter().map(|p| vec![p.clone()]).collect();
+    layers.push(vec![bulk.clone()]);
+    let mut c = common::conf_json(Path::new("/nix/store"), &layers, &cust);
+    let tag = "nixstream-e2e/oci:latest";
+    c["repo_tag"] = serde_json::json!(tag);
+    c["config"] = serde_json::json!({ "Cmd": [app.join("bin/app")] });
+    let conf = tmp.path().join("conf.json");
+    std::fs::write(&conf, serde_json::to_vec(&c).unwrap()).unwrap();
+
+    let docker_archive = tmp.path().join("docker.tar");
+    stream_to_file(&conf, &docker_archive);
+    let id =
+        common::validate(&std::fs::read(&docker_archive).unwrap()).config_name.trim_end_matches(".json").to_string();
+
+    for compression in ["gzip", "none", "zstd"] {
+        let archive = tmp.path().join(format!("oci-{compression}.tar"));
+        let f = std::fs::File::create(&archive).unwrap();
+        run(common::bin()
+            .args(["stream", "-q", "--format", "oci-archive", "--layer-compression", compression])
+            .arg(&conf)
+            .stdout(f));
+        let inspect = run(Command::new("skopeo").arg("inspect").arg(format!("oci-archive:{}", archive.display())));
+        let v: serde_json::Value = serde_json::from_str(&stdout(&inspect)).unwrap();
+        assert_eq!(v["Layers"].as_array().unwrap().len(), layers.len() + 1, "{compression}: {v}");
+        if compression == "zstd" {
+            let _podman = podman_lock();
+            let podman_tag = format!("localhost/{tag}");
+            let _ = Command::new("podman").args(["--storage-driver", "vfs", "rmi", "-f", &podman_tag]).output();
+            let load = run(Command::new("podman").args(["--storage-driver", "vfs", "load", "-i"]).arg(&archive));
+            let text = stdout(&load) + &String::from_utf8_lossy(&load.stderr);
+            assert!(text.contains(&format!("Loaded image: {podman_tag}")), "{text}");
+            let _ = Command::new("podman").args(["--storage-driver", "vfs", "rmi", "-f", &podman_tag]).output();
+            continue;
+        }
+        let copied = tmp.path().join(format!("copied-{compression}.tar"));
+        run(Command::new("skopeo")
+            .args(["copy", "-q"])
+            .arg(format!("oci-archive:{}", archive.display()))
+            .arg(format!("docker-archive:{}:{tag}", copied.display())));
+        let _ = Command::new("docker").args(["rmi", "-f", tag]).output();
+        let load = run(Command::new("docker").args(["load", "-i"]).arg(&copied));
+        assert!(stdout(&load).contains(&format!("Loaded image: {tag}")), "{}", stdout(&load));
+        let inspect = run(Command::new("docker").args(["image", "inspect", "--format", "{{.Id}}", tag]));
+        assert_eq!(stdout(&inspect).trim(), format!("sha256:{id}"), "{compression}: the docker-archive's image ID");
+        let out = run(Command::new("docker").args(["run", "--rm", "--network=none", tag]));
+        assert_eq!(stdout(&out), EXPECTED_RUN);
+        let _ = Command::new("docker").args(["rmi", "-f", tag]).output();
+    }
+
+    let layout = tmp.path().join("layout");
+    run(common::bin().args(["stream", "-q", "--oci-layout"]).arg(&layout).arg(&conf));
+    let copied = tmp.path().join("from-layout.tar");
+    run(Command::new("skopeo")
+        .args(["copy", "-q"])
+        .arg(format!("oci:{}:{tag}", layout.display()))
+        .arg(format!("docker-archive:{}:{tag}", copied.display())));
+    let _ = Command::new("docker").args(["rmi", "-f", tag]).output();
+    run(Command::new("docker").args(["load", "-i"]).arg(&copied));
+    let out = run(Command::new("docker").args(["run", "--rm", "--network=none", tag]));
+    assert_eq!(stdout(&out), EXPECTED_RUN);
+    let _ = Command::new("docker").args(["rmi", "-f", tag]).output();
+    let bundle = tmp.path().join("bundle");
+    run(Command::new("umoci").args(["unpack", "--image"]).arg(format!("{}:{tag}", layout.display())).arg(&bundle));
+    let mut all = paths.clone();
+    all.push(bulk);
+    let n = compare_rootfs(&bundle.join("rootfs"), &all);
+    assert!(n >= 100, "compared {n} entries");
+}
