@@ -37,14 +37,22 @@ fn fixture() -> Fixture {
 }
 
 fn stream(conf: &Path, cache: Option<&Path>) -> Vec<u8> {
+    stream_stats(conf, cache, &[]).0
+}
+
+/// The archive, and what the run says it did (`--stats`): layers whose
+/// digests came from the cache, bytes spliced into the pipe.
+fn stream_stats(conf: &Path, cache: Option<&Path>, extra: &[&str]) -> (Vec<u8>, serde_json::Value) {
     let mut cmd = bin();
-    cmd.args(["stream", "-q"]).arg(conf);
+    cmd.args(["stream", "-q", "--stats"]).args(extra).arg(conf);
     if let Some(c) = cache {
         cmd.arg("--cache").arg(c);
     }
     let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    out.stdout
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let line = err.lines().find_map(|l| l.strip_prefix("nixstream: stats ")).expect("a stats line");
+    (out.stdout, serde_json::from_str(line).unwrap())
 }
 
 fn entries(cache: &Path) -> Vec<PathBuf> {
@@ -62,10 +70,14 @@ fn entries(cache: &Path) -> Vec<PathBuf> {
 fn a_warm_run_gives_the_same_bytes() {
     let f = fixture();
     let plain = stream(&f.conf, None);
-    assert_eq!(stream(&f.conf, Some(&f.cache)), plain, "cold");
+    let (cold, stats) = stream_stats(&f.conf, Some(&f.cache), &[]);
+    assert_eq!(cold, plain, "cold");
+    assert_eq!(stats["layers_from_cache"], 0, "{stats}");
     assert_eq!(entries(&f.cache).len(), 2, "one entry per store layer");
     let before: Vec<_> = entries(&f.cache).iter().map(|p| std::fs::metadata(p).unwrap().modified().unwrap()).collect();
-    assert_eq!(stream(&f.conf, Some(&f.cache)), plain, "warm");
+    let (warm, stats) = stream_stats(&f.conf, Some(&f.cache), &[]);
+    assert_eq!(warm, plain, "warm");
+    assert_eq!(stats["layers_from_cache"], 2, "both store layers from the cache: {stats}");
     let after: Vec<_> = entries(&f.cache).iter().map(|p| std::fs::metadata(p).unwrap().modified().unwrap()).collect();
     assert_eq!(before, after, "hits are not written again");
 }
@@ -79,7 +91,11 @@ fn a_warm_run_over_settled_files_gives_the_same_bytes() {
     std::thread::sleep(common::SETTLE);
     let plain = stream(&f.conf, None);
     assert_eq!(stream(&f.conf, Some(&f.cache)), plain, "cold");
-    assert_eq!(stream(&f.conf, Some(&f.cache)), plain, "warm");
+    let (warm, stats) = stream_stats(&f.conf, Some(&f.cache), &[]);
+    assert_eq!(warm, plain, "warm");
+    assert_eq!(stats["layers_from_cache"], 2, "{stats}");
+    // bin/tool (300,000 bytes) went into the pipe by reference, unread.
+    assert!(stats["bytes_spliced"].as_u64().unwrap() >= 300_000, "{stats}");
     let tool = f.pkg.join("bin/tool");
     let mtime = std::fs::metadata(&tool).unwrap().modified().unwrap();
     let fh = std::fs::OpenOptions::new().write(true).open(&tool).unwrap();
@@ -88,7 +104,9 @@ fn a_warm_run_over_settled_files_gives_the_same_bytes() {
     drop(fh);
     let fresh = stream(&f.conf, None);
     assert_ne!(fresh, plain);
-    assert_eq!(stream(&f.conf, Some(&f.cache)), fresh, "rewritten since");
+    let (again, stats) = stream_stats(&f.conf, Some(&f.cache), &[]);
+    assert_eq!(again, fresh, "rewritten since");
+    assert_eq!(stats["layers_from_cache"], 1, "only the unchanged layer hits: {stats}");
 }
 
 #[test]
@@ -103,7 +121,9 @@ fn a_file_rewritten_in_place_is_hashed_again() {
     fh.set_modified(mtime).unwrap();
     drop(fh);
     let fresh = stream(&f.conf, None);
-    assert_eq!(stream(&f.conf, Some(&f.cache)), fresh);
+    let (again, stats) = stream_stats(&f.conf, Some(&f.cache), &[]);
+    assert_eq!(again, fresh);
+    assert_eq!(stats["layers_from_cache"], 1, "the changed layer misses: {stats}");
     assert_eq!(entries(&f.cache).len(), 3, "a new entry for the changed layer");
 }
 
@@ -118,10 +138,15 @@ fn damaged_entries_are_misses() {
     let mut b = std::fs::read(&list[1]).unwrap();
     b[50] ^= 1;
     std::fs::write(&list[1], &b).unwrap();
-    assert_eq!(stream(&f.conf, Some(&f.cache)), plain);
+    let (again, stats) = stream_stats(&f.conf, Some(&f.cache), &[]);
+    assert_eq!(again, plain);
+    assert_eq!(stats["layers_from_cache"], 0, "{stats}");
     // Both were rewritten whole by that run.
+    assert_eq!(std::fs::read(&list[0]).unwrap().len(), a.len(), "the torn entry is whole again");
     assert_eq!(std::fs::read(&list[1]).unwrap().len(), b.len());
     assert_ne!(std::fs::read(&list[1]).unwrap(), b);
+    // And hit next time.
+    assert_eq!(stream_stats(&f.conf, Some(&f.cache), &[]).1["layers_from_cache"], 2);
 }
 
 #[test]
@@ -205,4 +230,24 @@ fn an_unusable_cache_dir_is_an_error_up_front() {
     assert_eq!(out.status.code(), Some(1), "an unusable --cache is an error up front: {err}");
     assert!(err.contains("digest cache") && err.contains("blocked"), "{err}");
     let _ = f.root;
+}
+
+/// OCI outputs keep each layer's compressed digest too (keyed by the
+/// compressor's identity): a warm run writes the same bytes without a
+/// hashing pass, and another compression is a miss for the blob.
+#[test]
+fn a_warm_oci_run_knows_the_compressed_digests() {
+    let f = fixture();
+    for c in ["gzip", "zstd"] {
+        let args = ["--format", "oci-archive", "--layer-compression", c];
+        let (plain, _) = stream_stats(&f.conf, None, &args);
+        let (cold, stats) = stream_stats(&f.conf, Some(&f.cache), &args);
+        assert_eq!(cold, plain, "{c} cold");
+        assert_eq!(stats["layers_from_cache"], 0, "{c}: {stats}");
+        let (warm, stats) = stream_stats(&f.conf, Some(&f.cache), &args);
+        assert_eq!(warm, plain, "{c} warm");
+        assert_eq!(stats["layers_from_cache"], 2, "{c}: {stats}");
+    }
+    // Two layer entries, and a blob entry per layer and compression.
+    assert_eq!(entries(&f.cache).len(), 2 + 2 * 2);
 }

@@ -51,9 +51,18 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 fn spliced_and_copied_archives_are_the_same_bytes() {
     let f = fixture();
     let mut outs = Vec::new();
-    for how in ["--jobs=2", "--splice-min=1", "--no-splice"] {
-        let out = bin().args(["stream", "-q", how]).arg(&f.conf).output().unwrap();
-        assert!(out.status.success(), "{how}: {}", String::from_utf8_lossy(&out.stderr));
+    // Files of 64 KiB and more by default; every non-empty file with
+    // --splice-min=1; none with --no-splice.
+    let big: u64 = 600_000 + 65_536 + 70_001 + (3 << 20) + 1_048_577;
+    let all: u64 = big + 65_535 + 100 + 5_000;
+    for (how, spliced) in [("--jobs=2", big), ("--splice-min=1", all), ("--no-splice", 0)] {
+        let out = bin().args(["stream", "-q", "--stats", how]).arg(&f.conf).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{how}: {err}");
+        let stats: serde_json::Value =
+            serde_json::from_str(err.lines().find_map(|l| l.strip_prefix("nixstream: stats ")).expect("stats"))
+                .unwrap();
+        assert_eq!(stats["bytes_spliced"], spliced, "{how}: {stats}");
         validate(&out.stdout);
         outs.push(out.stdout);
     }
