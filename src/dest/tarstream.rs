@@ -15,7 +15,7 @@ use crate::engine::EngineError;
 use crate::output::progress::Progress;
 use crate::output::splice::{Changed, FileRef, Splicer};
 use crate::output::writer::{self, Chunks};
-use crate::render::layer::LayerOut;
+use crate::render::sink::LayerOut;
 
 /// The outer tar, counting its offset.
 pub struct TarStream<'p> {

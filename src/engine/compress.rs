@@ -109,7 +109,7 @@ impl<W: Write> Write for Encoder<W> {
     }
 }
 
-impl<W: crate::render::layer::LayerOut> crate::render::layer::LayerOut for Encoder<W> {
+impl<W: crate::render::sink::LayerOut> crate::render::sink::LayerOut for Encoder<W> {
     fn read_into(&mut self, fd: std::os::fd::BorrowedFd<'_>, max: usize) -> Option<io::Result<&[u8]>> {
         match self {
             Encoder::Plain(w) => w.read_into(fd, max),

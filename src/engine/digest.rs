@@ -6,6 +6,8 @@ use std::io::{self, Write};
 
 use sha2::{Digest, Sha256};
 
+use crate::render::sink::{FileRef, LayerOut};
+
 /// A layer's size and sha256, as the hashing pass found them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LayerDigest {
@@ -147,10 +149,12 @@ impl<W: Write> Write for VerifyingWriter<W> {
     }
 }
 
-impl<W: crate::render::layer::LayerOut> crate::render::layer::LayerOut for VerifyingWriter<W> {
+impl LayerOut for HashSink {}
+
+impl<W: LayerOut> LayerOut for VerifyingWriter<W> {
     /// Passes a file on, counting its size; only a size-only writer can (the
     /// bytes are never seen here).
-    fn pass_file(&mut self, file: crate::output::splice::FileRef) -> io::Result<()> {
+    fn pass_file(&mut self, file: FileRef) -> io::Result<()> {
         if self.hashing {
             return Err(io::Error::other("a hashing writer cannot pass a file on unread"));
         }

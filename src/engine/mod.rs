@@ -26,7 +26,7 @@ use crate::engine::hashing::{with_hashers, Slots};
 use crate::engine::image::{Compression, Descriptor, Image, LayerInfo};
 use crate::output::progress::Progress;
 use crate::plan::{ImagePlan, PlannedLayer};
-use crate::render::layer::LayerOut;
+use crate::render::sink::LayerOut;
 
 pub use crate::engine::hashing::{Blobs, EngineError, EngineOptions, Hashed, Lookup};
 

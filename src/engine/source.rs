@@ -18,8 +18,9 @@ use crate::engine::image::Compression;
 use crate::output::splice::Policy;
 use crate::plan::{Customisation, ImagePlan, PlannedLayer};
 use crate::read::baseimage::BaseError;
-use crate::render::layer::{FileCheck, Identity, LayerError, LayerOut};
+use crate::render::layer::{FileCheck, Identity, LayerError};
 use crate::render::segment::render_layer;
+use crate::render::sink::LayerOut;
 
 /// The line the reference prints before writing layer `i` (0-based).
 pub(crate) fn describe(plan: &ImagePlan, i: usize) -> String {

@@ -36,12 +36,13 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
+pub use crate::render::sink::FileRef;
 use crate::store::fsat;
-use crate::store::walk::{Entry, Kind, Seen};
+use crate::store::walk::{Entry, Kind};
 
 /// How long before the run a spliced file's ctime must be.
 pub const SETTLE_NS: i128 = 2_000_000_000;
@@ -95,16 +96,6 @@ impl Policy {
             && e.ctime_ns < self.settled_before_ns
             && e.mtime_ns < self.settled_before_ns
     }
-}
-
-/// A file whose bytes go into the output by reference: the reader checked
-/// it on opening; the writer thread splices it and checks it again later.
-#[derive(Debug)]
-pub struct FileRef {
-    pub fd: OwnedFd,
-    pub len: u64,
-    pub path: PathBuf,
-    pub seen: Seen,
 }
 
 /// A spliced file that changed.  The archive stops there, before
@@ -167,7 +158,7 @@ impl Splicer {
                 continue;
             }
             if n == 0 {
-                return Err(changed(&f, crate::render::layer::ended_early(f.fd.as_fd(), f.len, f.len - off as u64)));
+                return Err(changed(&f, fsat::ended_early(f.fd.as_fd(), f.len, f.len - off as u64)));
             }
             let e = io::Error::last_os_error();
             match e.raw_os_error() {
@@ -184,7 +175,7 @@ impl Splicer {
                         libc::fcntl(f.fd.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
                     }
                 }
-                Some(libc::EAGAIN) => crate::output::writer::wait_writable(self.pipe)?,
+                Some(libc::EAGAIN) => wait_writable(self.pipe)?,
                 _ => return Err(e),
             }
         }
@@ -251,9 +242,29 @@ fn check(f: &FileRef) -> io::Result<()> {
     }
 }
 
+/// Waits until `fd` takes more bytes; a reader that left is a broken pipe.
+pub fn wait_writable(fd: std::os::fd::RawFd) -> io::Result<()> {
+    let mut pfd = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
+    loop {
+        // SAFETY: one pollfd we own.
+        let r = unsafe { libc::poll(&mut pfd, 1, -1) };
+        if r >= 0 {
+            if pfd.revents & libc::POLLERR != 0 {
+                return Err(io::Error::from(io::ErrorKind::BrokenPipe));
+            }
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::walk::Seen;
     use std::io::{Read, Write};
 
     /// A consumer: reads the pipe to its end on a thread of its own.

@@ -21,7 +21,8 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
-use crate::output::splice::{FileRef, Splicer};
+use crate::output::splice::{wait_writable, Splicer};
+use crate::render::sink::{FileRef, LayerOut, WriterGone};
 
 /// Bytes per chunk.
 pub const CHUNK: usize = 1 << 20;
@@ -48,11 +49,6 @@ pub struct Chunks {
     current: Vec<u8>,
     size: usize,
 }
-
-/// Why a chunk could not be sent: the writer stopped (its own error says why).
-#[derive(Debug, thiserror::Error)]
-#[error("the output writer stopped")]
-pub struct WriterGone;
 
 impl Chunks {
     /// Sends the current chunk, however full, to the writer.
@@ -165,25 +161,6 @@ impl Write for Blocking<'_> {
     }
 }
 
-/// Waits until `fd` takes more bytes; a reader that left is a broken pipe.
-pub fn wait_writable(fd: std::os::fd::RawFd) -> io::Result<()> {
-    let mut pfd = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
-    loop {
-        // SAFETY: one pollfd we own.
-        let r = unsafe { libc::poll(&mut pfd, 1, -1) };
-        if r >= 0 {
-            if pfd.revents & libc::POLLERR != 0 {
-                return Err(io::Error::from(io::ErrorKind::BrokenPipe));
-            }
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-}
-
 /// A connected pair for the output: the [`Chunks`] writer and the receiving
 /// end for [`run`], with [`POOL`] chunks of [`CHUNK`] bytes.
 pub fn channel() -> (Chunks, Receiver<Piece>, Sender<Vec<u8>>) {
@@ -243,6 +220,16 @@ pub fn run<W: Write>(
     }
     out.flush()?;
     Ok((out, spliced))
+}
+
+impl LayerOut for Chunks {
+    fn read_into(&mut self, fd: BorrowedFd<'_>, max: usize) -> Option<io::Result<&[u8]>> {
+        Some(self.read_from(fd, max))
+    }
+
+    fn pass_file(&mut self, file: FileRef) -> io::Result<()> {
+        Chunks::pass_file(self, file)
+    }
 }
 
 #[cfg(test)]

@@ -39,7 +39,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::compat::tarheader::{self, typeflag, Header};
-use crate::output::splice::{FileRef, Policy};
+use crate::output::splice::Policy;
+use crate::render::sink::{FileRef, LayerOut};
 use crate::store::fsat::{self, CName, Stat};
 use crate::store::walk::{Entry, Kind, Listing, Seen, NO_PARENT};
 
@@ -387,15 +388,6 @@ fn open_entry(
     Ok((fd, Some(st)))
 }
 
-/// Why a file ended with `left` of its `listed` bytes unread: its size
-/// changed, or (same size) it was cut and grown again.
-pub(crate) fn ended_early(f: BorrowedFd<'_>, listed: u64, left: u64) -> String {
-    match fsat::fstat(f) {
-        Ok(st) if st.size != listed => format!("size {listed} became {}", st.size),
-        _ => format!("it ended {left} bytes early"),
-    }
-}
-
 /// Copies the file's content; returns its xxh3-128 when `hash` is set.
 fn copy_file<W: LayerOut>(
     e: &Entry,
@@ -408,7 +400,7 @@ fn copy_file<W: LayerOut>(
     let p = || PathBuf::from(std::ffi::OsStr::from_bytes(path));
     let changed = |what: String| LayerError::Changed { path: p(), what };
     let failed = |err: io::Error| {
-        if err.get_ref().is_some_and(|r| r.is::<crate::output::writer::WriterGone>()) {
+        if err.get_ref().is_some_and(|r| r.is::<crate::render::sink::WriterGone>()) {
             LayerError::Output(err)
         } else if err.raw_os_error() == Some(libc::EISDIR) {
             changed("it is no longer a regular file".into())
@@ -445,54 +437,11 @@ fn copy_file<W: LayerOut>(
             }
         };
         if n == 0 {
-            return Err(changed(ended_early(f.as_fd(), e.size, left)));
+            return Err(changed(fsat::ended_early(f.as_fd(), e.size, left)));
         }
         left -= n as u64;
     }
     Ok(xxh.map_or(0, |x| x.digest128()))
-}
-
-/// A layer producer's output.  Where it has a buffer of its own (the chunks
-/// of [`crate::output::writer`]), file data is read straight into it, saving a copy
-/// of every byte; elsewhere the producer reads into its scratch buffer and
-/// writes.
-pub trait LayerOut: Write {
-    /// Reads up to `max` bytes of `fd` into the output as its next bytes and
-    /// returns them (empty at the end of the file); `None` when the output
-    /// has no buffer of its own.
-    fn read_into(&mut self, _fd: BorrowedFd<'_>, _max: usize) -> Option<io::Result<&[u8]>> {
-        None
-    }
-
-    /// Passes `file`'s bytes on by reference, as the output's next bytes.
-    /// Only outputs that end in a [`crate::output::splice::Splicer`] can.
-    fn pass_file(&mut self, file: FileRef) -> io::Result<()> {
-        Err(io::Error::other(format!("{}: this output cannot take a file by reference", file.path.display())))
-    }
-}
-
-impl<T: LayerOut + ?Sized> LayerOut for &mut T {
-    fn read_into(&mut self, fd: BorrowedFd<'_>, max: usize) -> Option<io::Result<&[u8]>> {
-        (**self).read_into(fd, max)
-    }
-
-    fn pass_file(&mut self, file: FileRef) -> io::Result<()> {
-        (**self).pass_file(file)
-    }
-}
-
-impl LayerOut for Vec<u8> {}
-impl LayerOut for io::Sink {}
-impl LayerOut for crate::engine::digest::HashSink {}
-
-impl LayerOut for crate::output::writer::Chunks {
-    fn read_into(&mut self, fd: BorrowedFd<'_>, max: usize) -> Option<io::Result<&[u8]>> {
-        Some(self.read_from(fd, max))
-    }
-
-    fn pass_file(&mut self, file: FileRef) -> io::Result<()> {
-        crate::output::writer::Chunks::pass_file(self, file)
-    }
 }
 
 impl<W: LayerOut> LayerOut for Counting<'_, W> {

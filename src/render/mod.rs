@@ -3,3 +3,4 @@
 
 pub mod layer;
 pub mod segment;
+pub mod sink;

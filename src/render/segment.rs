@@ -23,8 +23,9 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::output::splice::Policy;
 use crate::output::writer::{self, Chunks, Piece};
 use crate::render::layer::{
-    write_entries, write_epilogue, write_prologue, Counting, FileCheck, Identity, LayerError, LayerOut, Owner, Scratch,
+    write_entries, write_epilogue, write_prologue, Counting, FileCheck, Identity, LayerError, Owner, Scratch,
 };
+use crate::render::sink::LayerOut;
 use crate::store::walk::{Kind, Listing};
 
 /// File bytes after which a segment ends.

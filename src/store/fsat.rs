@@ -173,6 +173,15 @@ pub fn read_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
     }
 }
 
+/// Why a file ended with `left` of its `listed` bytes unread: its size
+/// changed, or (same size) it was cut and grown again.
+pub fn ended_early(f: std::os::fd::BorrowedFd<'_>, listed: u64, left: u64) -> String {
+    match fstat(f) {
+        Ok(st) if st.size != listed => format!("size {listed} became {}", st.size),
+        _ => format!("it ended {left} bytes early"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
