@@ -367,7 +367,8 @@ fn emit(conf: &Conf, o: &OutputArgs, nar_hashes: &HashMap<String, String>) -> an
     let plan = ImagePlan::from_conf(conf)?;
     let cache = CacheUse::new(&plan, o.run.cache.as_deref(), nar_hashes, blobs)?;
     let progress = Progress::new(Mode::detect(o.run.quiet), plan.layers.len());
-    let mut opts = EngineOptions { jobs, blobs, lookup: cache.lookup(), ..Default::default() };
+    let mut opts =
+        EngineOptions { jobs, blobs, lookup: cache.lookup(), nar_hashes: Some(nar_hashes), ..Default::default() };
     let mut stats = Stats { layers: plan.layers.len(), ..Default::default() };
 
     let summary = if let Some(dir) = &o.oci_layout {

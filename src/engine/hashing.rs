@@ -170,6 +170,10 @@ pub struct EngineOptions<'a> {
     /// Whether the hashing pass compares every entry with the listing
     /// itself: needed when no streaming pass follows (`digest`).
     pub check_in_hashing_pass: bool,
+    /// Store path to narHash, where the closure gives them: a store layer
+    /// all of whose paths have one gets a content key
+    /// ([`crate::engine::image::LayerInfo::key`]).
+    pub nar_hashes: Option<&'a std::collections::HashMap<String, String>>,
 }
 
 /// Digests known for some layers once they are listed.

@@ -175,6 +175,21 @@ impl Engine<'_> {
         Ok(())
     }
 
+    /// Layer `i`'s content key: for a store layer whose every path has a
+    /// narHash, the digest cache's key of its blob (the listing's names,
+    /// modes, sizes and links, the owner settings, the narHashes, this
+    /// version and the compressor's identity), as `sha256:<hex>`.  It
+    /// decides the blob's bytes without any file being read.
+    pub fn content_key(&self, i: usize) -> Option<String> {
+        let nar = self.opts.nar_hashes?;
+        let PlannedLayer::Store { paths_text, listing, owner } = &self.plan.layers[i] else { return None };
+        let hashes: Vec<(&str, &str)> =
+            paths_text.iter().map(|p| nar.get(p).map(|h| (p.as_str(), h.as_str()))).collect::<Option<_>>()?;
+        let listing = listing.get(hashing::readers(self.opts.jobs)).ok()?;
+        let key = cache::layer_key(listing, owner.as_ref().unwrap_or(&self.plan.owner), Some(&hashes));
+        Some(format!("sha256:{}", digest::hex(&cache::blob_key(&key, self.compression()))))
+    }
+
     fn summary(self) -> Summary {
         let n = self.plan.layers.len();
         let mut files = self.confirmed.into_inner().unwrap_or_else(|p| p.into_inner());
@@ -236,7 +251,7 @@ impl Image for Engine<'_> {
         Ok(LayerInfo {
             diff_id: h.digest,
             blob: Descriptor { media_type: c.oci_layer_media_type().into(), digest: blob.sha256, size: blob.size },
-            key: None,
+            key: self.content_key(i),
         })
     }
 
