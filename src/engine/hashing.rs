@@ -37,17 +37,10 @@ pub enum EngineError {
     Customisation { path: PathBuf, what: String },
     #[error(
         "layer {layer} ({paths}) changed between the hashing and streaming passes \
-         (sha256:{expected}, {expected_size} bytes, became sha256:{actual}, {actual_size} bytes); \
-         the archive was stopped before manifest.json"
+         (sha256:{expected}, {expected_size} bytes, {became}); the output was stopped before it could \
+         become an image"
     )]
-    DigestMismatch {
-        layer: usize,
-        paths: String,
-        expected: String,
-        expected_size: u64,
-        actual: String,
-        actual_size: u64,
-    },
+    DigestMismatch { layer: usize, paths: String, expected: String, expected_size: u64, became: String },
     #[error("writing the output failed: {0}")]
     Output(#[source] std::io::Error),
     #[error("layer {layer}: compressing failed: {source}")]

@@ -204,8 +204,10 @@ fn mismatch(layer: usize, paths: &[String], expected: LayerDigest, actual: Optio
         paths: repr_str_list(paths),
         expected: expected.hex(),
         expected_size: expected.size,
-        actual: actual.map(|a| a.hex()).unwrap_or_else(|| "?".into()),
-        actual_size: actual.map(|a| a.size).unwrap_or(expected.size + 1),
+        became: match actual {
+            Some(a) => format!("became sha256:{}, {} bytes", a.hex(), a.size),
+            None => format!("grew past {} bytes", expected.size),
+        },
     }
 }
 
