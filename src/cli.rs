@@ -372,7 +372,13 @@ fn emit(conf: &Conf, o: &OutputArgs, nar_hashes: &HashMap<String, String>) -> an
     let mut stats = Stats { layers: plan.layers.len(), ..Default::default() };
 
     let summary = if let Some(dir) = &o.oci_layout {
-        let (written, summary) = crate::engine::run(&plan, &opts, &progress, |engine| oci_layout::write(engine, dir))?;
+        // The hashing pass writes each blob into the layout as it makes it.
+        let layout = oci_layout::Layout::open(dir)?;
+        opts.blob_sink = Some(&layout);
+        // No streaming pass follows for the blobs written so: the hashing
+        // pass checks every entry against the listing itself.
+        opts.check_in_hashing_pass = true;
+        let (written, summary) = crate::engine::run(&plan, &opts, &progress, |engine| layout.write(engine))?;
         stats.blobs_written = written.blobs_written;
         stats.blobs_present = written.blobs_present;
         summary

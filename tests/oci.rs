@@ -177,7 +177,11 @@ fn a_layout_takes_several_images_and_rewrites_nothing() {
         serde_json::from_str::<serde_json::Value>(line).unwrap()
     };
     for conf in &confs {
-        run(conf);
+        // The hashing pass writes every blob into the layout: nothing is
+        // rendered a second time.
+        let stats = run(conf);
+        assert_eq!(stats["layers_written"], 0, "one pass: {stats}");
+        assert!(stats["blobs_written"].as_u64().unwrap() >= 1, "{stats}");
         let layout = read_layout(&dir);
         let archive = read_archive(&stream(conf, &["--format", "oci-archive"]));
         // The layout's entry for this tag is the archive's manifest.
@@ -279,4 +283,37 @@ fn a_layer_that_changed_between_the_passes_stops_before_the_index() {
             .unwrap_or_default();
         assert!(!names.iter().any(|n| n == "index.json"), "{c:?}: {names:?}");
     }
+}
+
+/// With the digests known from the cache there is no hashing pass: the
+/// layout's missing blobs are then written by the streaming pass, checked
+/// against the cached digests.
+#[test]
+fn a_layout_from_a_warm_cache_writes_the_blobs_in_a_second_pass() {
+    golden_tree();
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let conf = golden_dir().join("cases/grouped/conf.json");
+    let run = |dir: &Path| {
+        let out = bin()
+            .args(["stream", "-q", "--stats", "--cache"])
+            .arg(&cache)
+            .arg("--oci-layout")
+            .arg(dir)
+            .arg(&conf)
+            .output()
+            .unwrap();
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(out.status.success(), "{err}");
+        let line = err.lines().find_map(|l| l.strip_prefix("nixstream: stats ")).expect("stats line");
+        serde_json::from_str::<serde_json::Value>(line).unwrap()
+    };
+    let first = run(&tmp.path().join("a"));
+    assert_eq!(first["layers_from_cache"], 0, "{first}");
+    let second = run(&tmp.path().join("b"));
+    assert_eq!(second["layers_from_cache"], 2, "{second}");
+    assert_eq!(second["layers_written"], 2, "{second}");
+    let (a, b) = (read_layout(&tmp.path().join("a")), read_layout(&tmp.path().join("b")));
+    assert_eq!(a.index, b.index);
+    assert!(a.layers == b.layers && a.config == b.config);
 }

@@ -8,19 +8,28 @@
 //! replaced atomically last, keeping its other entries and replacing any
 //! entry with the same tag.  An interrupted run leaves the layout as it was,
 //! plus at most some unreferenced blobs or temporary files.
+//!
+//! A layout can name a blob once it is written, so [`Layout`] is also the
+//! engine's [`BlobSink`]: the hashing pass writes each blob it makes into a
+//! temporary file here and renames it to its digest, and the streaming pass
+//! then finds it present and renders nothing again (one pass, one
+//! compression); only layers whose digests came from the cache are written
+//! by a second pass.
 
+use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::dest::manifest::{self, Format, REF_NAME};
 use crate::dest::oci_archive::{manifest_for, OCI_LAYOUT};
-use crate::engine::digest::hex;
+use crate::engine::digest::{hex, LayerDigest};
 use crate::engine::image::{Descriptor, Image};
-use crate::engine::EngineError;
+use crate::engine::{BlobSink, BlobWriter, EngineError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
@@ -46,58 +55,137 @@ fn io_err(path: &Path) -> impl Fn(io::Error) -> LayoutError + '_ {
     move |source| LayoutError::Io { path: path.to_path_buf(), source }
 }
 
-/// Writes `image` into the layout at `dir` (created if missing), tagged
-/// with its repo_tag.
-pub fn write(image: &dyn Image, dir: &Path) -> Result<LayoutSummary, LayoutError> {
-    fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let layout_file = dir.join("oci-layout");
-    match fs::read(&layout_file) {
-        Ok(bytes) => {
-            let v: Value = serde_json::from_slice(&bytes)
-                .map_err(|e| LayoutError::Invalid { path: layout_file.clone(), what: format!("not JSON: {e}") })?;
-            if v.get("imageLayoutVersion").and_then(Value::as_str) != Some("1.0.0") {
-                return Err(LayoutError::Invalid {
-                    path: layout_file,
-                    what: "imageLayoutVersion is not \"1.0.0\"".into(),
-                });
+/// An OCI layout directory, opened for writing.
+#[derive(Debug)]
+pub struct Layout {
+    dir: PathBuf,
+    blobs: PathBuf,
+    /// Blobs this run wrote and hashed as it wrote them (no need to read
+    /// them back to check them).
+    written: Arc<Mutex<HashSet<[u8; 32]>>>,
+}
+
+impl Layout {
+    /// Opens the layout at `dir`, creating it (and its `oci-layout` file)
+    /// if missing.
+    pub fn open(dir: &Path) -> Result<Layout, LayoutError> {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let layout_file = dir.join("oci-layout");
+        match fs::read(&layout_file) {
+            Ok(bytes) => {
+                let v: Value = serde_json::from_slice(&bytes)
+                    .map_err(|e| LayoutError::Invalid { path: layout_file.clone(), what: format!("not JSON: {e}") })?;
+                if v.get("imageLayoutVersion").and_then(Value::as_str) != Some("1.0.0") {
+                    return Err(LayoutError::Invalid {
+                        path: layout_file,
+                        what: "imageLayoutVersion is not \"1.0.0\"".into(),
+                    });
+                }
             }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => replace_file(&layout_file, OCI_LAYOUT)?,
+            Err(e) => return Err(io_err(&layout_file)(e)),
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            replace_file(&layout_file, OCI_LAYOUT)?;
-        }
-        Err(e) => return Err(io_err(&layout_file)(e)),
+        let blobs = dir.join("blobs").join("sha256");
+        fs::create_dir_all(&blobs).map_err(io_err(&blobs))?;
+        Ok(Layout { dir: dir.to_path_buf(), blobs, written: Default::default() })
     }
-    let blobs = dir.join("blobs").join("sha256");
-    fs::create_dir_all(&blobs).map_err(io_err(&blobs))?;
-    let mut summary = LayoutSummary::default();
-    for i in 0..image.layer_count() {
-        let d = image.layer(i)?.blob;
-        let path = blobs.join(hex(&d.digest));
-        if present(&path, &d)? {
-            summary.blobs_present += 1;
-            continue;
-        }
-        write_blob(&blobs, &path, |w| image.write_layer(i, w).map_err(LayoutError::from))?;
-        summary.blobs_written += 1;
+
+    fn written(&self) -> std::sync::MutexGuard<'_, HashSet<[u8; 32]>> {
+        self.written.lock().unwrap_or_else(|p| p.into_inner())
     }
-    let (manifest, config) = manifest_for(image)?;
-    let cd = manifest::config_descriptor(Format::Oci, &config);
-    let md =
-        Descriptor { media_type: manifest::OCI_MANIFEST.into(), ..manifest::config_descriptor(Format::Oci, &manifest) };
-    for (d, bytes) in [(&cd, &config), (&md, &manifest)] {
-        let path = blobs.join(hex(&d.digest));
-        if present(&path, d)? {
-            summary.blobs_present += 1;
-        } else {
-            write_blob(&blobs, &path, |w| w.write_all(bytes).map_err(io_err(&path)))?;
+
+    /// Whether the blob `d` is in the layout (checked, unless this run wrote it).
+    fn has(&self, d: &Descriptor) -> Result<bool, LayoutError> {
+        if self.written().contains(&d.digest) {
+            return Ok(true);
+        }
+        present(&self.blobs.join(hex(&d.digest)), d)
+    }
+
+    /// Writes `image` into the layout, tagged with its repo_tag.
+    pub fn write(&self, image: &dyn Image) -> Result<LayoutSummary, LayoutError> {
+        let mut summary = LayoutSummary::default();
+        for i in 0..image.layer_count() {
+            let d = image.layer(i)?.blob;
+            if self.has(&d)? {
+                summary.blobs_present += 1;
+                continue;
+            }
+            let path = self.blobs.join(hex(&d.digest));
+            write_blob(&self.blobs, &path, |w| image.write_layer(i, w).map_err(LayoutError::from))?;
             summary.blobs_written += 1;
         }
+        let (manifest, config) = manifest_for(image)?;
+        let cd = manifest::config_descriptor(Format::Oci, &config);
+        let md = Descriptor {
+            media_type: manifest::OCI_MANIFEST.into(),
+            ..manifest::config_descriptor(Format::Oci, &manifest)
+        };
+        for (d, bytes) in [(&cd, &config), (&md, &manifest)] {
+            if self.has(d)? {
+                summary.blobs_present += 1;
+            } else {
+                let path = self.blobs.join(hex(&d.digest));
+                write_blob(&self.blobs, &path, |w| w.write_all(bytes).map_err(io_err(&path)))?;
+                summary.blobs_written += 1;
+            }
+        }
+        // Blobs the hashing pass wrote count as written, not as present.
+        let by_hashing = self.written().len();
+        summary.blobs_present -= by_hashing.min(summary.blobs_present);
+        summary.blobs_written += by_hashing;
+        update_index(&self.dir, &md, image.repo_tag())?;
+        sync_dir(&self.blobs)?;
+        sync_dir(&self.dir)?;
+        summary.manifest_digest = md.digest_ref();
+        Ok(summary)
     }
-    update_index(dir, &md, image.repo_tag())?;
-    sync_dir(&blobs)?;
-    sync_dir(dir)?;
-    summary.manifest_digest = md.digest_ref();
-    Ok(summary)
+}
+
+/// A blob the hashing pass writes into the layout.
+struct TempBlob {
+    file: BufWriter<tempfile::NamedTempFile>,
+    blobs: PathBuf,
+    written: Arc<Mutex<HashSet<[u8; 32]>>>,
+}
+
+impl Write for TempBlob {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.file.write(buf)
+    }
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.file.write_all(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl BlobWriter for TempBlob {
+    fn commit(self: Box<Self>, digest: &LayerDigest) -> io::Result<()> {
+        let TempBlob { file, blobs, written } = *self;
+        let path = blobs.join(hex(&digest.sha256));
+        let d = Descriptor { media_type: String::new(), digest: digest.sha256, size: digest.size };
+        // Already there: checked, and the new copy dropped.
+        if present(&path, &d).map_err(|e| io::Error::other(e.to_string()))? {
+            return Ok(());
+        }
+        let tmp = file.into_inner().map_err(|e| e.into_error())?;
+        keep(tmp, &path)?;
+        written.lock().unwrap_or_else(|p| p.into_inner()).insert(digest.sha256);
+        Ok(())
+    }
+}
+
+impl BlobSink for Layout {
+    fn open(&self, _layer: usize) -> io::Result<Box<dyn BlobWriter>> {
+        let tmp = tempfile::Builder::new().prefix(".nixstream-").tempfile_in(&self.blobs)?;
+        Ok(Box::new(TempBlob {
+            file: BufWriter::with_capacity(1 << 20, tmp),
+            blobs: self.blobs.clone(),
+            written: Arc::clone(&self.written),
+        }))
+    }
 }
 
 /// Whether a blob is at `path` with `d`'s size and digest; one with other
@@ -149,10 +237,15 @@ fn write_blob(
     let mut w = BufWriter::with_capacity(1 << 20, tmp);
     fill(&mut w)?;
     let tmp = w.into_inner().map_err(|e| io_err(path)(e.into_error()))?;
-    // Readable by all, as any file the user writes (a temporary file is 0600).
-    tmp.as_file().set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644)).map_err(io_err(path))?;
-    tmp.as_file().sync_all().map_err(io_err(path))?;
-    tmp.persist(path).map_err(|e| io_err(path)(e.error))?;
+    keep(tmp, path).map_err(io_err(path))
+}
+
+/// Makes a written temporary file `path`: readable by all (as any file the
+/// user writes; a temporary file is 0600), synced, renamed.
+fn keep(tmp: tempfile::NamedTempFile, path: &Path) -> io::Result<()> {
+    tmp.as_file().set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
     Ok(())
 }
 

@@ -43,6 +43,8 @@ pub enum EngineError {
     DigestMismatch { layer: usize, paths: String, expected: String, expected_size: u64, became: String },
     #[error("writing the output failed: {0}")]
     Output(#[source] std::io::Error),
+    #[error("layer {layer}: writing its blob failed: {what}")]
+    Sink { layer: usize, what: String },
     #[error("layer {layer}: compressing failed: {source}")]
     Compress { layer: usize, source: std::io::Error },
     /// A spliced file that changed (found by the writer thread, which does
@@ -163,10 +165,27 @@ pub struct EngineOptions<'a> {
     /// Whether the hashing pass compares every entry with the listing
     /// itself: needed when no streaming pass follows (`digest`).
     pub check_in_hashing_pass: bool,
+    /// Where the hashing pass also writes each blob it makes, for a
+    /// destination that can name a blob once it is written (an OCI layout):
+    /// then the streaming pass need not render that layer again.
+    pub blob_sink: Option<&'a dyn BlobSink>,
     /// Store path to narHash, where the closure gives them: a store layer
     /// all of whose paths have one gets a content key
     /// ([`crate::engine::image::LayerInfo::key`]).
     pub nar_hashes: Option<&'a std::collections::HashMap<String, String>>,
+}
+
+/// A destination's store for blobs written by the hashing pass.
+pub trait BlobSink: Sync + std::fmt::Debug {
+    /// Where layer `layer`'s blob bytes go as the hashing pass makes them.
+    fn open(&self, layer: usize) -> std::io::Result<Box<dyn BlobWriter>>;
+}
+
+/// A blob being written by the hashing pass.
+pub trait BlobWriter: std::io::Write + Send {
+    /// All of the blob is written and its digest is `digest`: keep it.  A
+    /// writer dropped without this (the pass failed) keeps nothing.
+    fn commit(self: Box<Self>, digest: &LayerDigest) -> std::io::Result<()>;
 }
 
 /// Digests known for some layers once they are listed.

@@ -28,7 +28,7 @@ use crate::output::progress::Progress;
 use crate::plan::{ImagePlan, PlannedLayer};
 use crate::render::sink::LayerOut;
 
-pub use crate::engine::hashing::{Blobs, EngineError, EngineOptions, Hashed, Lookup};
+pub use crate::engine::hashing::{BlobSink, BlobWriter, Blobs, EngineError, EngineOptions, Hashed, Lookup};
 
 /// What a run learnt, for the digest cache and for reports.
 #[derive(Debug, Clone)]

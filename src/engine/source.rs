@@ -13,7 +13,7 @@ use std::sync::atomic::AtomicBool;
 use crate::compat::pyjson::repr_str_list;
 use crate::engine::compress::Encoder;
 use crate::engine::digest::{HashSink, LayerDigest, OverrunError, VerifyingWriter};
-use crate::engine::hashing::{Blobs, EngineError, EngineOptions, Hashed, Slots};
+use crate::engine::hashing::{BlobWriter, Blobs, EngineError, EngineOptions, Hashed, Slots};
 use crate::engine::image::Compression;
 use crate::output::splice::Policy;
 use crate::plan::{Customisation, ImagePlan, PlannedLayer};
@@ -37,25 +37,64 @@ pub(crate) fn describe(plan: &ImagePlan, i: usize) -> String {
     }
 }
 
-/// A sha256 of the plain tar and, for an encoded blob, of its encoding.
+/// A sha256 of the plain tar and, for an encoded blob, of its encoding;
+/// with a [`BlobSink`], the blob's bytes go to it as well.
 struct Tee {
     plain: HashSink,
-    encoded: Option<Encoder<HashSink>>,
+    encoded: Option<Encoder<BlobHash>>,
+    /// For a plain blob kept by the sink: the sink's writer.
+    plain_copy: Option<Box<dyn BlobWriter>>,
+}
+
+/// The encoded blob's sha256, and the sink's writer if there is one.
+struct BlobHash {
+    hash: HashSink,
+    copy: Option<Box<dyn BlobWriter>>,
+}
+
+impl Write for BlobHash {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_all(buf).map(|_| buf.len())
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.hash.write_all(buf)?;
+        if let Some(c) = &mut self.copy {
+            c.write_all(buf)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 impl Tee {
-    fn new(c: Compression, threads: usize) -> io::Result<Tee> {
-        let encoded = match c {
-            Compression::None => None,
-            c => Some(Encoder::new(HashSink::new(), c, threads)?),
-        };
-        Ok(Tee { plain: HashSink::new(), encoded })
+    fn new(c: Compression, threads: usize, copy: Option<Box<dyn BlobWriter>>) -> io::Result<Tee> {
+        Ok(match c {
+            Compression::None => Tee { plain: HashSink::new(), encoded: None, plain_copy: copy },
+            c => {
+                let blob = BlobHash { hash: HashSink::new(), copy };
+                Tee { plain: HashSink::new(), encoded: Some(Encoder::new(blob, c, threads)?), plain_copy: None }
+            }
+        })
     }
 
-    fn finish(self, layer: usize) -> Result<(LayerDigest, Option<LayerDigest>), EngineError> {
-        let blob = self.encoded.map(|e| e.finish()).transpose();
-        let blob = blob.map_err(|source| EngineError::Compress { layer, source })?;
-        Ok((self.plain.finish(), blob.map(HashSink::finish)))
+    /// The plain and encoded digests, and the sink's writer.
+    #[allow(clippy::type_complexity)]
+    fn finish(
+        self,
+        layer: usize,
+    ) -> Result<(LayerDigest, Option<LayerDigest>, Option<Box<dyn BlobWriter>>), EngineError> {
+        let plain = self.plain.finish();
+        match self.encoded {
+            None => Ok((plain, None, self.plain_copy)),
+            Some(e) => {
+                let blob = e.finish().map_err(|source| EngineError::Compress { layer, source })?;
+                Ok((plain, Some(blob.hash.finish()), blob.copy))
+            }
+        }
     }
 }
 
@@ -68,6 +107,9 @@ impl Write for Tee {
         self.plain.write_all(buf)?;
         if let Some(e) = &mut self.encoded {
             e.write_all(buf)?;
+        }
+        if let Some(c) = &mut self.plain_copy {
+            c.write_all(buf)?;
         }
         Ok(())
     }
@@ -91,7 +133,20 @@ pub(crate) fn hash(
 ) -> Result<Hashed, EngineError> {
     let num = i + 1;
     let c = opts.blobs.compression();
-    let mut sink = Tee::new(c, readers).map_err(|source| EngineError::Compress { layer: num, source })?;
+    let tee = |layer: usize| -> Result<Tee, EngineError> {
+        let copy = match opts.blob_sink {
+            Some(s) => Some(s.open(layer).map_err(|e| EngineError::Sink { layer: num, what: e.to_string() })?),
+            None => None,
+        };
+        Tee::new(c, readers, copy).map_err(|source| EngineError::Compress { layer: num, source })
+    };
+    let done = |sink: Tee, files: Option<Vec<u128>>, unchanged_before_ns: i128| -> Result<Hashed, EngineError> {
+        let (digest, blob, copy) = sink.finish(num)?;
+        if let Some(w) = copy {
+            w.commit(&blob.unwrap_or(digest)).map_err(|e| EngineError::Sink { layer: num, what: e.to_string() })?;
+        }
+        Ok(Hashed { digest, blob, unchanged_before_ns, files })
+    };
     match &plan.layers[i] {
         PlannedLayer::Store { listing, owner, .. } => {
             let listed = listing.get(readers).map_err(|source| EngineError::Walk { layer: num, source })?;
@@ -102,20 +157,20 @@ pub(crate) fn hash(
             }
             let owner = owner.as_ref().unwrap_or(&plan.owner);
             let mut files = Vec::new();
+            let mut sink = tee(i)?;
             render_layer(listed, owner, &mut sink, FileCheck::Record(&mut files, identity), Some(abort), readers)
                 .map_err(|source| EngineError::Layer { layer: num, source })?;
-            let (digest, blob) = sink.finish(num)?;
-            Ok(Hashed { digest, blob, unchanged_before_ns: i128::MAX, files: Some(files) })
+            done(sink, Some(files), i128::MAX)
         }
         PlannedLayer::Base { index } => {
+            let mut sink = tee(i)?;
             base_plain(plan, *index, &mut sink)?;
-            let (digest, blob) = sink.finish(num)?;
-            Ok(Hashed { digest, blob, unchanged_before_ns: i128::MIN, files: None })
+            done(sink, None, i128::MIN)
         }
         PlannedLayer::Customisation(cust) => {
+            let mut sink = tee(i)?;
             copy_customisation(cust, &mut sink)?;
-            let (digest, blob) = sink.finish(num)?;
-            Ok(Hashed { digest, blob, unchanged_before_ns: i128::MIN, files: None })
+            done(sink, None, i128::MIN)
         }
     }
 }
