@@ -152,8 +152,14 @@ pub struct ImageArgs {
     #[arg(long, value_name = "FILE")]
     pub from_image: Option<PathBuf>,
     /// Files to place at / (the customisation layer): sorted, with --mtime and numeric owners 0:0.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with = "contents_link")]
     pub contents: Option<PathBuf>,
+    /// As nixpkgs' `contents`: merge this store path's tree at / in the customisation layer as symlinks into the store (repeatable; the first path listed wins a name).
+    #[arg(long, value_name = "STORE_PATH")]
+    pub contents_link: Vec<PathBuf>,
+    /// Write a stream configuration into DIR instead of the archive: DIR/conf.json with the planned layers and DIR/customisation/{layer.tar,checksum}; `nixstream stream DIR` streams it later.
+    #[arg(long, value_name = "DIR", conflicts_with = "output")]
+    pub emit_conf: Option<PathBuf>,
     /// Creation time (ISO 8601 or "now").
     #[arg(long, default_value = "1970-01-01T00:00:01Z")]
     pub created: String,
@@ -216,6 +222,9 @@ pub struct OutputArgs {
     /// Layer compression of the OCI outputs (gzip: every client reads it; zstd: faster and smaller, read by newer clients). Deterministic whatever --jobs.
     #[arg(long, value_enum, value_name = "none|gzip|zstd")]
     pub layer_compression: Option<LayerCompression>,
+    /// Write the image to FILE instead of standard output (docker-archive and oci-archive).
+    #[arg(short = 'o', long = "output", value_name = "FILE", conflicts_with = "oci_layout")]
+    pub output: Option<PathBuf>,
     /// Compress the whole output stream. `zstd` lets `skopeo copy docker-archive:/dev/stdin` read from a pipe; `docker load` reads `gzip`.
     #[arg(long, value_enum, default_value = "none")]
     pub compress: Compress,
@@ -249,7 +258,8 @@ pub struct RunArgs {
 /// The configuration, as `stream` and `digest` take it.
 #[derive(clap::Args, Debug)]
 pub struct ConfArgs {
-    /// The configuration JSON nixpkgs' streamLayeredImage writes.
+    /// The configuration JSON nixpkgs' streamLayeredImage writes, or the script `nix-build` of a streamLayeredImage gives (./result), or a file `nixstream image --emit-conf` wrote.
+    #[arg(value_name = "CONF|RESULT")]
     pub conf: PathBuf,
     /// Override the configuration's repo_tag (NAME:TAG).
     #[arg(short = 't', long = "repo-tag", visible_alias = "repo_tag", value_name = "NAME:TAG")]
@@ -258,7 +268,10 @@ pub struct ConfArgs {
 
 impl ConfArgs {
     fn load(&self) -> anyhow::Result<Conf> {
-        Ok(Conf::load(&self.conf, self.repo_tag.as_deref())?)
+        // `nix-build` of a streamLayeredImage gives its wrapper script.
+        let found = crate::input::wrapper::resolve(&self.conf)?;
+        let repo_tag = self.repo_tag.as_deref().or(found.repo_tag.as_deref());
+        Ok(Conf::load(&found.conf, repo_tag)?)
     }
 }
 
@@ -361,8 +374,8 @@ fn emit(conf: &Conf, o: &OutputArgs, nar_hashes: &HashMap<String, String>) -> an
     };
     // As `docker save` does: an archive on a terminal helps nobody.
     anyhow::ensure!(
-        o.oci_layout.is_some() || !io::stdout().is_terminal(),
-        "refusing to write an image archive to a terminal; pipe it into `docker load` or redirect it to a file"
+        o.oci_layout.is_some() || o.output.is_some() || !io::stdout().is_terminal(),
+        "refusing to write an image archive to a terminal; pipe it into `docker load`, redirect it or use -o FILE"
     );
     let plan = ImagePlan::from_conf(conf)?;
     let cache = CacheUse::new(&plan, o.run.cache.as_deref(), nar_hashes, blobs)?;
@@ -383,7 +396,12 @@ fn emit(conf: &Conf, o: &OutputArgs, nar_hashes: &HashMap<String, String>) -> an
         stats.blobs_present = written.blobs_present;
         summary
     } else {
-        let stdout = stdout_file();
+        let stdout = match &o.output {
+            Some(path) => std::mem::ManuallyDrop::new(
+                std::fs::File::create(path).with_context(|| format!("cannot create the output {}", path.display()))?,
+            ),
+            None => stdout_file(),
+        };
         let pipe = grow_pipe(&stdout);
         // The writer hands over 1 MiB chunks, and smaller ones only when it
         // must wait: plain output goes straight to the fd, unbuffered.
@@ -400,6 +418,10 @@ fn emit(conf: &Conf, o: &OutputArgs, nar_hashes: &HashMap<String, String>) -> an
             })
         })?;
         out.finish()?.flush()?;
+        if o.output.is_some() {
+            // The file is ours to close (ManuallyDrop keeps stdout open).
+            drop(std::mem::ManuallyDrop::into_inner(stdout));
+        }
         stats.bytes_out = written.bytes;
         stats.bytes_spliced = written.spliced;
         summary
@@ -761,8 +783,25 @@ fn image(a: &ImageArgs) -> anyhow::Result<()> {
         "config": config,
         "store_layers": layers,
     });
-    let mut conf = Conf::from_value(v, None, crate::input::isotime::DateTime::now_utc())?;
-    conf.customisation = CustomisationSource::Contents(a.contents.clone());
+    let mut conf = Conf::from_value(v.clone(), None, crate::input::isotime::DateTime::now_utc())?;
+    // nixpkgs' contents: a symlink tree, made in a scratch directory that
+    // lives until the layer is written.
+    let links = if a.contents_link.is_empty() {
+        None
+    } else {
+        let dir = tempfile::tempdir().context("cannot make a scratch directory for --contents-link")?;
+        crate::input::contents::link_tree(dir.path(), &a.contents_link)?;
+        Some(dir)
+    };
+    let contents = links.as_ref().map(|d| d.path().to_path_buf()).or_else(|| a.contents.clone());
+    if let Some(dir) = &a.emit_conf {
+        let path = crate::output::confdir::write(dir, v, contents.as_deref(), conf.mtime)?;
+        if !a.output.run.quiet {
+            let _ = writeln!(io::stderr(), "nixstream: wrote {}", path.display());
+        }
+        return Ok(());
+    }
+    conf.customisation = CustomisationSource::Contents(contents);
     let nar_hashes: HashMap<String, String> =
         closure.nodes.iter().filter_map(|n| Some((n.path.clone(), n.nar_hash.clone()?))).collect();
     emit(&conf, &a.output, &nar_hashes)
