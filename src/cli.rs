@@ -51,17 +51,71 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Write the image described by CONF (nixpkgs' streamLayeredImage configuration) to stdout as a docker-archive.
+    #[command(after_help = EXAMPLES_STREAM)]
     Stream(StreamArgs),
     /// Print the layers planned for a closure, as a JSON list of lists of store paths (the format nixpkgs' planners print).
+    #[command(after_help = EXAMPLES_LAYERS)]
     Layers(LayersArgs),
     /// Show the layers planned for a closure: paths, bytes and largest paths per layer.
+    #[command(after_help = EXAMPLES_PLAN)]
     Plan(PlanArgs),
     /// Build an image from a closure in one command: plan its layers and stream the docker-archive to stdout.
+    #[command(after_help = EXAMPLES_IMAGE)]
     Image(Box<ImageArgs>),
     /// Print the image ID and every layer's diff_id for CONF without writing the archive (the hashing pass alone).
+    #[command(after_help = EXAMPLES_DIGEST)]
     Digest(DigestArgs),
     /// Check a docker-archive (a file, or - for stdin; plain or compressed): every layer's sha256 against its diff_id, the config against its name, manifest.json's shape. Exit 0 only when everything matches.
+    #[command(after_help = EXAMPLES_VERIFY)]
     Verify(VerifyArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish or powershell).
+    #[command(after_help = EXAMPLES_COMPLETIONS)]
+    Completions(CompletionsArgs),
+    /// Print the manual page (roff), or write one page per command into a directory.
+    #[command(after_help = EXAMPLES_MAN)]
+    Man(ManArgs),
+}
+
+const EXAMPLES_STREAM: &str = "Examples:
+  nixstream stream $(nix-build -A myImage) | docker load      # a streamLayeredImage result, as is
+  nixstream stream -o image.tar ./result                      # into a file
+  nixstream stream --compress zstd conf.json | skopeo copy docker-archive:/dev/stdin oci:img:latest";
+const EXAMPLES_LAYERS: &str = "Examples:
+  nixstream layers /nix/store/...-app --auto-layer 99
+  nixstream layers graph.json --pipeline '[[\"popularity_contest\"], [\"limit_layers\", 99]]'";
+const EXAMPLES_PLAN: &str = "Examples:
+  nixstream plan /nix/store/...-app --auto-layer 99
+  nixstream plan graph.json --pipeline @pipeline.json --json";
+const EXAMPLES_IMAGE: &str = "Examples:
+  nixstream image /nix/store/...-app --config '{\"Cmd\": [\"/nix/store/...-app/bin/app\"]}' | docker load
+  nixstream image /nix/store/...-app --contents-link /nix/store/...-app -t app:1 -o app.tar
+  nixstream image /nix/store/...-app --emit-conf app-conf && nixstream stream app-conf | docker load";
+const EXAMPLES_DIGEST: &str = "Examples:
+  nixstream digest ./result
+  nixstream digest --json --cache ~/.cache/nixstream conf.json";
+const EXAMPLES_VERIFY: &str = "Examples:
+  nixstream verify image.tar
+  nixstream stream ./result | nixstream verify -";
+const EXAMPLES_COMPLETIONS: &str = "Examples:
+  nixstream completions bash > /etc/bash_completion.d/nixstream
+  nixstream completions zsh > \"${fpath[1]}/_nixstream\"
+  nixstream completions fish > ~/.config/fish/completions/nixstream.fish";
+const EXAMPLES_MAN: &str = "Examples:
+  nixstream man | man -l -
+  nixstream man --dir /usr/local/share/man/man1";
+
+#[derive(clap::Args, Debug)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ManArgs {
+    /// Write nixstream.1 and a nixstream-COMMAND.1 per command into DIR instead of printing nixstream.1.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -83,6 +137,9 @@ pub struct VerifyArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Print no report: the exit status (and one line on stderr for a problem) says it all.
+    #[arg(short, long)]
+    pub quiet: bool,
 }
 
 /// Where the closure comes from.
@@ -303,6 +360,8 @@ where
         Command::Image(a) => report(image(&a)),
         Command::Verify(a) => report(verify(&a)),
         Command::Digest(a) => report(digest(&a)),
+        Command::Completions(a) => report(completions(&a)),
+        Command::Man(a) => report(man(&a)),
     }
 }
 
@@ -599,7 +658,9 @@ fn verify(a: &VerifyArgs) -> anyhow::Result<()> {
         crate::read::verify::verify(f, &a.archive.display().to_string())?
     };
     let mut out = io::stdout().lock();
-    if a.json {
+    if a.quiet {
+        // The exit status and the problem line below say it all.
+    } else if a.json {
         serde_json::to_writer_pretty(&mut out, &report)?;
         writeln!(out)?;
     } else {
@@ -828,4 +889,31 @@ fn stdout_file() -> std::mem::ManuallyDrop<std::fs::File> {
     // SAFETY: fd 1 stays open for the life of the process; ManuallyDrop
     // keeps it from being closed when this value is dropped.
     std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(1) })
+}
+
+fn completions(a: &CompletionsArgs) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    let mut out = io::stdout().lock();
+    clap_complete::generate(a.shell, &mut cmd, "nixstream", &mut out);
+    out.flush()?;
+    Ok(())
+}
+
+fn man(a: &ManArgs) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    match &a.dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            clap_mangen::generate_to(cmd, dir)
+                .with_context(|| format!("cannot write the pages into {}", dir.display()))?;
+        }
+        None => {
+            let mut out = io::stdout().lock();
+            clap_mangen::Man::new(cmd).render(&mut out)?;
+            out.flush()?;
+        }
+    }
+    Ok(())
 }

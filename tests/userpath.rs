@@ -65,6 +65,39 @@ fn scripts_that_are_not_wrappers_are_refused_in_one_line() {
     }
 }
 
+/// Completions and the manual page come from the same clap definitions as
+/// the parser: every command is in them; every command's help ends with
+/// examples.
+#[test]
+fn completions_man_page_and_examples_cover_every_command() {
+    let commands = ["stream", "image", "layers", "plan", "digest", "verify", "completions", "man"];
+    for shell in ["bash", "zsh", "fish"] {
+        let out = bin().args(["completions", shell]).output().unwrap();
+        assert!(out.status.success(), "{shell}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        for c in commands {
+            assert!(text.contains(c), "{shell} completion lacks {c}");
+        }
+        assert!(text.contains("--contents-link"), "{shell}: options of subcommands too");
+    }
+    let bad = bin().args(["completions", "cmd.exe"]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    let man = bin().arg("man").output().unwrap();
+    let page = String::from_utf8(man.stdout).unwrap();
+    assert!(page.starts_with(".ie") && page.contains(".TH nixstream 1"), "{page}");
+    let dir = tempfile::tempdir().unwrap();
+    assert!(bin().args(["man", "--dir"]).arg(dir.path()).status().unwrap().success());
+    for c in commands {
+        let page = std::fs::read_to_string(dir.path().join(format!("nixstream-{c}.1"))).unwrap();
+        assert!(page.contains("Examples:"), "nixstream-{c}.1");
+        let help = bin().args([c, "--help"]).output().unwrap();
+        let help = String::from_utf8(help.stdout).unwrap();
+        let tail = &help[help.rfind("Examples:").unwrap_or_else(|| panic!("{c} --help has no examples"))..];
+        let examples = tail.lines().filter(|l| l.trim_start().starts_with("nixstream ")).count();
+        assert!((2..=3).contains(&examples), "{c}: {examples} examples:\n{tail}");
+    }
+}
+
 // --- The Nix library ------------------------------------------------------
 
 fn repo() -> PathBuf {
