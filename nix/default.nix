@@ -15,9 +15,12 @@
 , system ? builtins.currentSystem
 }:
 let
+  # A derivation's bin/nixstream; a Nix path is copied into the store (a
+  # new binary is a new builder); a string is used as it is.
   exe =
     if builtins.isAttrs nixstream then "${nixstream}/bin/nixstream"
-    else toString nixstream;
+    else if builtins.isPath nixstream then "${nixstream}"
+    else nixstream;
 
   # The image's architecture in Go's naming, as nixpkgs writes it.
   goArch = {

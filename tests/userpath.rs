@@ -117,7 +117,7 @@ fn run(cmd: &mut Command) -> Output {
 }
 
 /// `nix-build -A attr tests/fixtures/library.nix` (single-user, as
-/// scripts/nix-env.sh sets it up), the debug binary as the builder.
+/// scripts/nix-env.sh sets it up), the test binary as the builder.
 fn nix_build(attr: &str, check: bool) -> PathBuf {
     let mut c = Command::new("nix-build");
     c.env("NIX_REMOTE", "local").arg("--no-out-link").args([
@@ -134,7 +134,9 @@ fn nix_build(attr: &str, check: bool) -> PathBuf {
     if check {
         c.arg("--check");
     }
-    c.args(["--argstr", "nixstream", env!("CARGO_BIN_EXE_nixstream"), "-A", attr])
+    // A Nix path, not a string: the binary is copied into the store, so a
+    // rebuilt nixstream is a new builder and the outputs are built again.
+    c.args(["--arg", "nixstream", env!("CARGO_BIN_EXE_nixstream"), "-A", attr])
         .arg(repo().join("tests/fixtures/library.nix"));
     PathBuf::from(String::from_utf8(run(&mut c).stdout).unwrap().trim())
 }
