@@ -315,7 +315,7 @@ pub struct RunArgs {
 /// The configuration, as `stream` and `digest` take it.
 #[derive(clap::Args, Debug)]
 pub struct ConfArgs {
-    /// The configuration JSON nixpkgs' streamLayeredImage writes, or the script `nix-build` of a streamLayeredImage gives (./result), or a file `nixstream image --emit-conf` wrote.
+    /// The configuration JSON nixpkgs' streamLayeredImage writes, or the script `nix-build` of a streamLayeredImage gives (./result), or a directory holding conf.json (what `nixstream image --emit-conf` and the Nix library's streamImage write).
     #[arg(value_name = "CONF|RESULT")]
     pub conf: PathBuf,
     /// Override the configuration's repo_tag (NAME:TAG).
