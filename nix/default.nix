@@ -64,12 +64,37 @@ rec {
     , planner ? "auto"
     , layeringPipeline ? null
     , architecture ? goArch
-    }:
+      # Hash each store layer in a derivation of its own (see docs/nix.md).
+    , layerDigests ? false
+    }@args:
     assert builtins.elem planner [ "auto" "popularity" ];
     let
       contentsList = if builtins.isList contents then contents else [ contents ];
       configJSON = builtins.toJSON config;
       roots = contentsList ++ storePathsIn configJSON;
+
+      # The plan is read back at evaluation time (import from derivation):
+      # one derivation per store layer, named and parameterised by nothing
+      # but the layer's paths and owner settings, so an unchanged layer is
+      # the same derivation from one image version to the next.
+      planned = streamImage (args // { layerDigests = false; });
+      # The paths get their context back one by one (storePath, below).
+      plan = builtins.fromJSON (builtins.unsafeDiscardStringContext (builtins.readFile "${planned}/conf.json"));
+      layerDigest = paths: derivation {
+        name = "nixstream-layer-${builtins.substring 33 60 (builtins.baseNameOf (builtins.head paths))}";
+        inherit system;
+        builder = exe;
+        args = [ "layer-digest" "--quiet"
+          "--uid" (toString uid) "--gid" (toString gid) "--uname" uname "--gname" gname
+          "--mtime" mtime "--store-dir" builtins.storeDir
+          "--output" (placeholder "out") ]
+          # storePath gives each path its context back: the layer's paths
+          # are this derivation's inputs (a remote builder gets them).
+          ++ map builtins.storePath paths;
+      };
+      digestArgs = if layerDigests
+        then builtins.concatMap (d: [ "--known-digests" "${d}" ]) (map layerDigest plan.store_layers)
+        else [ ];
     in
     derivation {
       name = "${baseNameOf' name}-stream-conf";
@@ -91,12 +116,14 @@ rec {
       ++ (if layeringPipeline != null then [ "--pipeline" (builtins.toJSON layeringPipeline) ]
           else if planner == "popularity" then [ "--popularity" ] else [ "--auto-layer" ])
       ++ flag "from-image" fromImage
-      ++ builtins.concatMap (p: [ "--contents-link" "${p}" ]) contentsList;
+      ++ builtins.concatMap (p: [ "--contents-link" "${p}" ]) contentsList
+      ++ digestArgs;
       # The closure graph (paths, references, narSize, narHash) arrives in
       # .attrs.json under "closure", the key nixstream reads it from.
       __structuredAttrs = true;
       exportReferencesGraph.closure = roots;
-    } // { imageName = name; imageTag = tag; };
+    } // { imageName = name; imageTag = tag; }
+      // (if layerDigests then { layerDigestDrvs = map layerDigest plan.store_layers; } else { });
 
   buildImage = args:
     let conf = streamImage args;

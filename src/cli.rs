@@ -68,6 +68,9 @@ pub enum Command {
     /// Check a docker-archive (a file, or - for stdin; plain or compressed): every layer's sha256 against its diff_id, the config against its name, manifest.json's shape. Exit 0 only when everything matches.
     #[command(after_help = EXAMPLES_VERIFY)]
     Verify(VerifyArgs),
+    /// Compute one store layer's digest (diff_id and size) into a small JSON file that `stream --known-digests` takes: the builder of the Nix library's per-layer digest derivations.
+    #[command(after_help = EXAMPLES_LAYER_DIGEST)]
+    LayerDigest(LayerDigestArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish or powershell).
     #[command(after_help = EXAMPLES_COMPLETIONS)]
     Completions(CompletionsArgs),
@@ -96,6 +99,10 @@ const EXAMPLES_DIGEST: &str = "Examples:
 const EXAMPLES_VERIFY: &str = "Examples:
   nixstream verify image.tar
   nixstream stream ./result | nixstream verify -";
+const EXAMPLES_LAYER_DIGEST: &str = "Examples:
+  nixstream layer-digest /nix/store/...-glibc -o glibc.json
+  nixstream layer-digest --uid 1000 --uname app /nix/store/...-app /nix/store/...-data -o app.json
+  nixstream stream --known-digests glibc.json --known-digests app.json conf.json | docker load";
 const EXAMPLES_COMPLETIONS: &str = "Examples:
   nixstream completions bash > /etc/bash_completion.d/nixstream
   nixstream completions zsh > \"${fpath[1]}/_nixstream\"
@@ -103,6 +110,32 @@ const EXAMPLES_COMPLETIONS: &str = "Examples:
 const EXAMPLES_MAN: &str = "Examples:
   nixstream man | man -l -
   nixstream man --dir /usr/local/share/man/man1";
+
+#[derive(clap::Args, Debug)]
+pub struct LayerDigestArgs {
+    /// The layer's store paths, in the layer's order.
+    #[arg(required = true, value_name = "STORE_PATH")]
+    pub paths: Vec<String>,
+    #[arg(long, default_value_t = 0)]
+    pub uid: u32,
+    #[arg(long, default_value_t = 0)]
+    pub gid: u32,
+    #[arg(long, default_value = "root")]
+    pub uname: String,
+    #[arg(long, default_value = "root")]
+    pub gname: String,
+    /// File modification time in the layer (ISO 8601), as the image's mtime.
+    #[arg(long, default_value = "1970-01-01T00:00:01Z")]
+    pub mtime: String,
+    /// The Nix store directory.
+    #[arg(long, default_value = "/nix/store")]
+    pub store_dir: PathBuf,
+    /// Write the JSON to FILE instead of standard output.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
 
 #[derive(clap::Args, Debug)]
 pub struct CompletionsArgs {
@@ -279,6 +312,9 @@ pub struct OutputArgs {
     /// Layer compression of the OCI outputs (gzip: every client reads it; zstd: faster and smaller, read by newer clients). Deterministic whatever --jobs.
     #[arg(long, value_enum, value_name = "none|gzip|zstd")]
     pub layer_compression: Option<LayerCompression>,
+    /// Layer digests computed elsewhere (`nixstream layer-digest` files, or directories of them): a store layer one describes exactly skips the hashing pass and is hashed again as it is written, the run stopping before manifest.json if it differs (docker-archive output).
+    #[arg(long, value_name = "FILE|DIR")]
+    pub known_digests: Vec<PathBuf>,
     /// Write the image to FILE instead of standard output (docker-archive and oci-archive).
     #[arg(short = 'o', long = "output", value_name = "FILE", conflicts_with = "oci_layout")]
     pub output: Option<PathBuf>,
@@ -360,6 +396,7 @@ where
         Command::Image(a) => report(image(&a)),
         Command::Verify(a) => report(verify(&a)),
         Command::Digest(a) => report(digest(&a)),
+        Command::LayerDigest(a) => report(layer_digest(&a)),
         Command::Completions(a) => report(completions(&a)),
         Command::Man(a) => report(man(&a)),
     }
@@ -409,13 +446,26 @@ pub fn default_jobs() -> usize {
 }
 
 fn stream(a: &StreamArgs) -> anyhow::Result<()> {
-    emit(&a.conf.load()?, &a.output, &HashMap::new())
+    let conf = a.conf.load()?;
+    let mut digests = a.output.known_digests.clone();
+    // A conf directory (image --emit-conf) may carry its layers' digests.
+    let beside = a.conf.conf.join(crate::output::confdir::DIGESTS);
+    if a.conf.conf.is_dir() && beside.is_dir() {
+        digests.push(beside);
+    }
+    let known = crate::input::layerdigest::read_all(&digests)?;
+    emit(&conf, &a.output, &HashMap::new(), &known)
 }
 
 /// Plans the image for `conf` and writes it where `o` says.  `nar_hashes`
 /// (store path to narHash, possibly empty) keys the digest cache where it
 /// covers a whole layer.
-fn emit(conf: &Conf, o: &OutputArgs, nar_hashes: &HashMap<String, String>) -> anyhow::Result<()> {
+fn emit(
+    conf: &Conf,
+    o: &OutputArgs,
+    nar_hashes: &HashMap<String, String>,
+    known: &[crate::input::layerdigest::LayerDigestFile],
+) -> anyhow::Result<()> {
     let jobs = o.run.jobs.unwrap_or_else(default_jobs).max(1);
     let oci = o.format == Format::OciArchive || o.oci_layout.is_some();
     anyhow::ensure!(
@@ -441,6 +491,9 @@ fn emit(conf: &Conf, o: &OutputArgs, nar_hashes: &HashMap<String, String>) -> an
     let progress = Progress::new(Mode::detect(o.run.quiet), plan.layers.len());
     let mut opts =
         EngineOptions { jobs, blobs, lookup: cache.lookup(), nar_hashes: Some(nar_hashes), ..Default::default() };
+    if blobs == Blobs::DockerArchive && !known.is_empty() {
+        opts.known = crate::input::layerdigest::known_for(&plan, known);
+    }
     let mut stats = Stats { layers: plan.layers.len(), ..Default::default() };
 
     let summary = if let Some(dir) = &o.oci_layout {
@@ -845,6 +898,7 @@ fn image(a: &ImageArgs) -> anyhow::Result<()> {
         "store_layers": layers,
     });
     let mut conf = Conf::from_value(v.clone(), None, crate::input::isotime::DateTime::now_utc())?;
+    let known = crate::input::layerdigest::read_all(&a.output.known_digests)?;
     // nixpkgs' contents: a symlink tree, made in a scratch directory that
     // lives until the layer is written.
     let links = if a.contents_link.is_empty() {
@@ -856,7 +910,7 @@ fn image(a: &ImageArgs) -> anyhow::Result<()> {
     };
     let contents = links.as_ref().map(|d| d.path().to_path_buf()).or_else(|| a.contents.clone());
     if let Some(dir) = &a.emit_conf {
-        let path = crate::output::confdir::write(dir, v, contents.as_deref(), conf.mtime)?;
+        let path = crate::output::confdir::write(dir, v, contents.as_deref(), conf.mtime, &known)?;
         if !a.output.run.quiet {
             let _ = writeln!(io::stderr(), "nixstream: wrote {}", path.display());
         }
@@ -865,7 +919,7 @@ fn image(a: &ImageArgs) -> anyhow::Result<()> {
     conf.customisation = CustomisationSource::Contents(contents);
     let nar_hashes: HashMap<String, String> =
         closure.nodes.iter().filter_map(|n| Some((n.path.clone(), n.nar_hash.clone()?))).collect();
-    emit(&conf, &a.output, &nar_hashes)
+    emit(&conf, &a.output, &nar_hashes, &known)
 }
 
 /// When `out` is a pipe, asks for a 1 MiB pipe buffer (the default 64 KiB
@@ -914,6 +968,35 @@ fn man(a: &ManArgs) -> anyhow::Result<()> {
             clap_mangen::Man::new(cmd).render(&mut out)?;
             out.flush()?;
         }
+    }
+    Ok(())
+}
+
+fn layer_digest(a: &LayerDigestArgs) -> anyhow::Result<()> {
+    let v = serde_json::json!({
+        "architecture": host_architecture(),
+        "created": a.mtime, "mtime": a.mtime,
+        "uid": a.uid, "gid": a.gid, "uname": a.uname, "gname": a.gname,
+        "store_dir": a.store_dir,
+        "from_image": null,
+        "repo_tag": "layer-digest:latest",
+        "customisation_layer": "(none)",
+        "config": {},
+        "store_layers": [a.paths],
+    });
+    let mut conf = Conf::from_value(v, None, crate::input::isotime::DateTime::now_utc())?;
+    conf.customisation = CustomisationSource::Contents(None);
+    let plan = ImagePlan::from_conf(&conf)?;
+    let jobs = a.run.jobs.unwrap_or_else(default_jobs).max(1);
+    let progress = Progress::new(Mode::detect(a.run.quiet), plan.layers.len());
+    let summary = crate::engine::hash_only(&plan, &EngineOptions { jobs, ..Default::default() }, &progress)?;
+    progress.finish();
+    let file = crate::input::layerdigest::LayerDigestFile::new(a.paths.clone(), &plan.owner, &summary.digests[0]);
+    let mut text = serde_json::to_vec_pretty(&file)?;
+    text.push(b'\n');
+    match &a.output {
+        Some(p) => std::fs::write(p, text).with_context(|| format!("cannot write {}", p.display()))?,
+        None => io::stdout().lock().write_all(&text)?,
     }
     Ok(())
 }

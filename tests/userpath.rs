@@ -119,8 +119,14 @@ fn run(cmd: &mut Command) -> Output {
 /// `nix-build -A attr tests/fixtures/library.nix` (single-user, as
 /// scripts/nix-env.sh sets it up), the test binary as the builder.
 fn nix_build(attr: &str, check: bool) -> PathBuf {
-    let mut c = Command::new("nix-build");
-    c.env("NIX_REMOTE", "local").arg("--no-out-link").args([
+    nix("nix-build", attr, check, &[]).into_iter().next().unwrap()
+}
+
+/// `tool` (nix-build or nix-instantiate) on tests/fixtures/library.nix;
+/// the paths it prints.
+fn nix(tool: &str, attr: &str, check: bool, extra: &[&str]) -> Vec<PathBuf> {
+    let mut c = Command::new(tool);
+    c.env("NIX_REMOTE", "local").args(if tool == "nix-build" { &["--no-out-link"][..] } else { &[] }).args([
         "--option",
         "sandbox",
         "false",
@@ -137,8 +143,9 @@ fn nix_build(attr: &str, check: bool) -> PathBuf {
     // A Nix path, not a string: the binary is copied into the store, so a
     // rebuilt nixstream is a new builder and the outputs are built again.
     c.args(["--arg", "nixstream", env!("CARGO_BIN_EXE_nixstream"), "-A", attr])
+        .args(extra)
         .arg(repo().join("tests/fixtures/library.nix"));
-    PathBuf::from(String::from_utf8(run(&mut c).stdout).unwrap().trim())
+    String::from_utf8(run(&mut c).stdout).unwrap().lines().map(PathBuf::from).collect()
 }
 
 fn docker_load_run(archive: &[u8], tag: &str, cmd: &[&str]) -> String {
@@ -215,4 +222,51 @@ fn walk_size(p: &Path) -> u64 {
     } else {
         m.len()
     }
+}
+
+/// Per-layer digest derivations: one per store layer, kept beside the
+/// configuration and taken by `stream` as known digests (its hashing pass
+/// skipped, the same bytes); a wrong one stops the archive; a changed store
+/// path changes its own layer's derivation only.
+#[test]
+#[ignore = "needs docker and nix: run scripts/test"]
+fn library_layer_digest_derivations_are_used_checked_and_rebuilt_alone() {
+    let conf = nix_build("streamWithDigests", false);
+    // conf.json alone (no digests beside it): every layer hashed here.
+    let image = run(bin().args(["stream", "-q", "--stats"]).arg(conf.join("conf.json")));
+    assert!(String::from_utf8_lossy(&image.stderr).contains("\"layers_from_cache\":0"));
+    let digests: Vec<_> = std::fs::read_dir(conf.join("digests")).unwrap().collect();
+    assert_eq!(digests.len(), 3, "a digest per store layer");
+    let out = run(bin().args(["stream", "-q", "--stats"]).arg(&conf));
+    assert!(out.stdout == image.stdout, "the same bytes with the digests known");
+    let stats = String::from_utf8_lossy(&out.stderr);
+    assert!(stats.contains("\"layers_from_cache\":3"), "the hashing pass was skipped: {stats}");
+
+    // A wrong digest is caught while streaming, before manifest.json.
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = tmp.path().join("conf");
+    std::fs::create_dir(&copy).unwrap();
+    std::fs::copy(conf.join("conf.json"), copy.join("conf.json")).unwrap();
+    std::fs::create_dir(copy.join("digests")).unwrap();
+    for e in std::fs::read_dir(conf.join("digests")).unwrap() {
+        let e = e.unwrap();
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap();
+        if v["paths"][0].as_str().unwrap().ends_with("-nixstream-data") {
+            v["diff_id"] = serde_json::json!(format!("sha256:{}", "0".repeat(64)));
+        }
+        std::fs::write(copy.join("digests").join(e.file_name()), v.to_string()).unwrap();
+    }
+    let bad = bin().args(["stream", "-q"]).arg(&copy).output().unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(1), "{err}");
+    assert!(err.contains("nixstream-data") && err.contains("before manifest.json"), "{err}");
+    assert!(!String::from_utf8_lossy(&bad.stdout).contains("manifest.json"));
+
+    // Only the changed app's layer needs hashing again.
+    let before = nix("nix-instantiate", "streamWithDigests.layerDigestDrvs", false, &[]);
+    let after = nix("nix-instantiate", "streamWithDigests.layerDigestDrvs", false, &["--argstr", "message", "v2"]);
+    assert_eq!(before.len(), 3);
+    let changed: Vec<_> = after.iter().filter(|d| !before.contains(d)).collect();
+    assert_eq!(changed.len(), 1, "{before:?} -> {after:?}");
+    assert!(changed[0].to_string_lossy().ends_with("-nixstream-layer-nixstream-app.drv"), "{changed:?}");
 }

@@ -6,4 +6,5 @@ pub mod closure;
 pub mod conf;
 pub mod contents;
 pub mod isotime;
+pub mod layerdigest;
 pub mod wrapper;

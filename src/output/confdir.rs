@@ -8,7 +8,9 @@
 //! `DIR/customisation/` holds the customisation layer as nixpkgs keeps it:
 //! `layer.tar` and its sha256 in `checksum`.  Only that layer (symlinks and
 //! small files, as a rule) is stored; `nixstream stream DIR` makes the rest
-//! from the store.
+//! from the store.  Layer digests known in advance (the Nix library's
+//! per-layer digest derivations) are kept in `DIR/digests/`, where `stream`
+//! takes them as known digests (still checked).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -31,6 +33,8 @@ pub enum ConfDirError {
 
 /// The name of the configuration inside the directory.
 pub const CONF: &str = "conf.json";
+/// Where known layer digests ([`crate::input::layerdigest`]) go inside it.
+pub const DIGESTS: &str = "digests";
 
 /// Writes `conf` (a configuration whose `customisation_layer` is replaced
 /// here) and the customisation layer made from `contents` (none: an empty
@@ -40,6 +44,7 @@ pub fn write(
     mut conf: serde_json::Value,
     contents: Option<&Path>,
     mtime: i64,
+    known: &[crate::input::layerdigest::LayerDigestFile],
 ) -> Result<PathBuf, ConfDirError> {
     let werr = |path: &Path| {
         let path = path.to_path_buf();
@@ -64,6 +69,16 @@ pub fn write(
     let sum: String = out.sha.finalize().iter().map(|b| format!("{b:02x}")).collect();
     let checksum = cust.join("checksum");
     std::fs::write(&checksum, sum).map_err(werr(&checksum))?;
+
+    if !known.is_empty() {
+        let digests = dir.join(DIGESTS);
+        std::fs::create_dir_all(&digests).map_err(werr(&digests))?;
+        for (i, k) in known.iter().enumerate() {
+            let p = digests.join(format!("{i:04}.json"));
+            let text = serde_json::to_vec_pretty(k).expect("a layer digest serialises");
+            std::fs::write(&p, text).map_err(werr(&p))?;
+        }
+    }
 
     conf["customisation_layer"] = serde_json::Value::String(cust.display().to_string());
     let path = dir.join(CONF);

@@ -1,0 +1,174 @@
+//! Layer digests computed elsewhere: what `nixstream layer-digest` writes
+//! (in the Nix library, one derivation per layer, so builders hash layers in
+//! parallel and binary caches keep the results) and `stream` takes as known
+//! digests.
+//!
+//! A file names the layer it describes by everything that decides the
+//! layer's bytes besides the files themselves: its store paths in order and
+//! the owner and time settings.  A layer of the image whose paths or
+//! settings differ in any way simply does not match and is hashed as usual.
+//! A match is never trusted blindly: the engine gets the digest without
+//! per-file hashes, so the streaming pass hashes the layer with sha256 as it
+//! writes it and stops before `manifest.json` if it differs.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::digest::LayerDigest;
+use crate::engine::hashing::Hashed;
+use crate::plan::{ImagePlan, PlannedLayer};
+use crate::render::layer::Owner;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LayerDigestError {
+    #[error("cannot read layer digests {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("layer digests {path}: {what}")]
+    Invalid { path: PathBuf, what: String },
+}
+
+/// One layer's digest, as stored in a file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerDigestFile {
+    /// The layer's store paths, in the layer's order.
+    pub paths: Vec<String>,
+    pub uid: u64,
+    pub gid: u64,
+    pub uname: String,
+    pub gname: String,
+    /// Seconds since the epoch, as the layer's entries carry it.
+    pub mtime: i64,
+    /// `sha256:` and the uncompressed layer tar's digest.
+    pub diff_id: String,
+    /// The uncompressed layer tar's length.
+    pub size: u64,
+}
+
+impl LayerDigestFile {
+    pub fn new(paths: Vec<String>, owner: &Owner, digest: &LayerDigest) -> LayerDigestFile {
+        LayerDigestFile {
+            paths,
+            uid: owner.uid,
+            gid: owner.gid,
+            uname: String::from_utf8_lossy(&owner.uname).into_owned(),
+            gname: String::from_utf8_lossy(&owner.gname).into_owned(),
+            mtime: owner.mtime,
+            diff_id: format!("sha256:{}", digest.hex()),
+            size: digest.size,
+        }
+    }
+
+    fn digest(&self) -> Option<LayerDigest> {
+        let hex = self.diff_id.strip_prefix("sha256:")?;
+        if hex.len() != 64 {
+            return None;
+        }
+        let mut sha256 = [0u8; 32];
+        for (i, b) in sha256.iter_mut().enumerate() {
+            *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(LayerDigest { size: self.size, sha256 })
+    }
+
+    fn describes(&self, paths: &[String], owner: &Owner) -> bool {
+        self.paths == paths
+            && self.uid == owner.uid
+            && self.gid == owner.gid
+            && self.uname.as_bytes() == owner.uname
+            && self.gname.as_bytes() == owner.gname
+            && self.mtime == owner.mtime
+    }
+}
+
+/// Reads layer digest files: each path a file, or a directory whose
+/// `*.json` files are read.
+pub fn read_all(paths: &[PathBuf]) -> Result<Vec<LayerDigestFile>, LayerDigestError> {
+    let mut out = Vec::new();
+    for p in paths {
+        let read_err = |source| LayerDigestError::Read { path: p.clone(), source };
+        if std::fs::metadata(p).map_err(read_err)?.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(p)
+                .map_err(read_err)?
+                .map(|e| e.map(|e| e.path()))
+                .collect::<Result<_, _>>()
+                .map_err(read_err)?;
+            files.retain(|f| f.extension().is_some_and(|e| e == "json"));
+            files.sort();
+            for f in files {
+                out.push(read_one(&f)?);
+            }
+        } else {
+            out.push(read_one(p)?);
+        }
+    }
+    Ok(out)
+}
+
+fn read_one(path: &Path) -> Result<LayerDigestFile, LayerDigestError> {
+    let text = std::fs::read(path).map_err(|source| LayerDigestError::Read { path: path.to_path_buf(), source })?;
+    let f: LayerDigestFile = serde_json::from_slice(&text)
+        .map_err(|e| LayerDigestError::Invalid { path: path.to_path_buf(), what: e.to_string() })?;
+    if f.digest().is_none() {
+        return Err(LayerDigestError::Invalid {
+            path: path.to_path_buf(),
+            what: format!("diff_id {:?} is not sha256: and 64 hex digits", f.diff_id),
+        });
+    }
+    Ok(f)
+}
+
+/// The known digest of each store layer of `plan` that one of `files`
+/// describes exactly (by plan index), for [`crate::engine::hashing::EngineOptions::known`].
+pub fn known_for(plan: &ImagePlan, files: &[LayerDigestFile]) -> Vec<Option<Hashed>> {
+    plan.layers
+        .iter()
+        .map(|l| match l {
+            PlannedLayer::Store { paths_text, owner: None, .. } => files
+                .iter()
+                .find(|f| f.describes(paths_text, &plan.owner))
+                .and_then(LayerDigestFile::digest)
+                // No per-file hashes: the streaming pass hashes the whole
+                // layer again and compares.
+                .map(|digest| Hashed { digest, blob: None, unchanged_before_ns: i128::MIN, files: None }),
+            _ => None,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owner() -> Owner {
+        Owner { uid: 0, gid: 0, uname: b"root".to_vec(), gname: b"root".to_vec(), mtime: 1 }
+    }
+
+    #[test]
+    fn round_trip_and_exact_match() {
+        let d = LayerDigest { size: 10240, sha256: [0xab; 32] };
+        let f = LayerDigestFile::new(vec!["/nix/store/a".into()], &owner(), &d);
+        assert_eq!(f.digest(), Some(d));
+        assert!(f.describes(&["/nix/store/a".into()], &owner()));
+        assert!(!f.describes(&["/nix/store/a".into(), "/nix/store/b".into()], &owner()));
+        assert!(!f.describes(&["/nix/store/a".into()], &Owner { mtime: 2, ..owner() }));
+        assert!(!f.describes(&["/nix/store/a".into()], &Owner { uname: b"x".to_vec(), ..owner() }));
+    }
+
+    #[test]
+    fn malformed_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("l.json");
+        std::fs::write(
+            &p,
+            r#"{"paths":[],"uid":0,"gid":0,"uname":"","gname":"","mtime":1,"diff_id":"sha256:zz","size":1}"#,
+        )
+        .unwrap();
+        let e = read_all(std::slice::from_ref(&p)).unwrap_err().to_string();
+        assert!(e.contains("l.json") && e.contains("64 hex digits"), "{e}");
+        std::fs::write(&p, r#"{"paths":[]}"#).unwrap();
+        let e = read_all(&[dir.path().to_path_buf()]).unwrap_err().to_string();
+        assert!(e.contains("l.json") && e.contains("missing field"), "{e}");
+    }
+}
