@@ -991,8 +991,12 @@ fn layer_digest(a: &LayerDigestArgs) -> anyhow::Result<()> {
     let progress = Progress::new(Mode::detect(a.run.quiet), plan.layers.len());
     let summary = crate::engine::hash_only(&plan, &EngineOptions { jobs, ..Default::default() }, &progress)?;
     progress.finish();
-    let file = crate::input::layerdigest::LayerDigestFile::new(a.paths.clone(), &plan.owner, &summary.digests[0]);
-    let mut text = serde_json::to_vec_pretty(&file)?;
+    // The hashing pass alone checks every entry itself: its per-file hashes stand.
+    let files = summary.files[0].as_deref().unwrap_or_default();
+    let file =
+        crate::input::layerdigest::LayerDigestFile::new(a.paths.clone(), &plan.owner, &summary.digests[0], files);
+    // Compact: a file per store file in `files`.
+    let mut text = serde_json::to_vec(&file)?;
     text.push(b'\n');
     match &a.output {
         Some(p) => std::fs::write(p, text).with_context(|| format!("cannot write {}", p.display()))?,

@@ -70,7 +70,7 @@ fn scripts_that_are_not_wrappers_are_refused_in_one_line() {
 /// examples.
 #[test]
 fn completions_man_page_and_examples_cover_every_command() {
-    let commands = ["stream", "image", "layers", "plan", "digest", "verify", "completions", "man"];
+    let commands = ["stream", "image", "layers", "plan", "digest", "verify", "layer-digest", "completions", "man"];
     for shell in ["bash", "zsh", "fish"] {
         let out = bin().args(["completions", shell]).output().unwrap();
         assert!(out.status.success(), "{shell}");
@@ -242,7 +242,8 @@ fn library_layer_digest_derivations_are_used_checked_and_rebuilt_alone() {
     let stats = String::from_utf8_lossy(&out.stderr);
     assert!(stats.contains("\"layers_from_cache\":3"), "the hashing pass was skipped: {stats}");
 
-    // A wrong digest is caught while streaming, before manifest.json.
+    // Digests of other content are caught while streaming, before
+    // manifest.json: each file is compared with the file's hash.
     let tmp = tempfile::tempdir().unwrap();
     let copy = tmp.path().join("conf");
     std::fs::create_dir(&copy).unwrap();
@@ -252,15 +253,17 @@ fn library_layer_digest_derivations_are_used_checked_and_rebuilt_alone() {
         let e = e.unwrap();
         let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap();
         if v["paths"][0].as_str().unwrap().ends_with("-nixstream-data") {
-            v["diff_id"] = serde_json::json!(format!("sha256:{}", "0".repeat(64)));
+            v["files"][0] = serde_json::json!("0".repeat(32));
         }
         std::fs::write(copy.join("digests").join(e.file_name()), v.to_string()).unwrap();
     }
     let bad = bin().args(["stream", "-q"]).arg(&copy).output().unwrap();
     let err = String::from_utf8_lossy(&bad.stderr);
     assert_eq!(bad.status.code(), Some(1), "{err}");
-    assert!(err.contains("nixstream-data") && err.contains("before manifest.json"), "{err}");
-    assert!(!String::from_utf8_lossy(&bad.stdout).contains("manifest.json"));
+    assert!(err.contains("nixstream-data") && err.contains("content differs"), "{err}");
+    let partial = tmp.path().join("partial.tar");
+    std::fs::write(&partial, &bad.stdout).unwrap();
+    assert!(!bin().args(["verify", "-q"]).arg(&partial).output().unwrap().status.success(), "nothing loadable");
 
     // Only the changed app's layer needs hashing again.
     let before = nix("nix-instantiate", "streamWithDigests.layerDigestDrvs", false, &[]);

@@ -7,9 +7,12 @@
 //! layer's bytes besides the files themselves: its store paths in order and
 //! the owner and time settings.  A layer of the image whose paths or
 //! settings differ in any way simply does not match and is hashed as usual.
-//! A match is never trusted blindly: the engine gets the digest without
-//! per-file hashes, so the streaming pass hashes the layer with sha256 as it
-//! writes it and stops before `manifest.json` if it differs.
+//! A match is never trusted blindly, as a digest-cache hit is not: the file
+//! carries each file's xxh3-128, and the streaming pass compares every file
+//! it writes with them (a file without them: it hashes the whole layer with
+//! sha256 again), stopping before `manifest.json` on any difference.  As
+//! with the cache, trust the files as you trust the store they come from: a
+//! forged file with matching per-file hashes can name a wrong diff_id.
 
 use std::path::{Path, PathBuf};
 
@@ -44,10 +47,15 @@ pub struct LayerDigestFile {
     pub diff_id: String,
     /// The uncompressed layer tar's length.
     pub size: u64,
+    /// Each file's xxh3-128 (32 hex digits), in the layer's order: what the
+    /// streaming pass checks file by file, as it checks a digest-cache hit.
+    /// Empty: the streaming pass hashes the whole layer with sha256 again.
+    #[serde(default)]
+    pub files: Vec<String>,
 }
 
 impl LayerDigestFile {
-    pub fn new(paths: Vec<String>, owner: &Owner, digest: &LayerDigest) -> LayerDigestFile {
+    pub fn new(paths: Vec<String>, owner: &Owner, digest: &LayerDigest, files: &[u128]) -> LayerDigestFile {
         LayerDigestFile {
             paths,
             uid: owner.uid,
@@ -57,7 +65,12 @@ impl LayerDigestFile {
             mtime: owner.mtime,
             diff_id: format!("sha256:{}", digest.hex()),
             size: digest.size,
+            files: files.iter().map(|h| format!("{h:032x}")).collect(),
         }
+    }
+
+    fn file_hashes(&self) -> Option<Vec<u128>> {
+        self.files.iter().map(|h| if h.len() == 32 { u128::from_str_radix(h, 16).ok() } else { None }).collect()
     }
 
     fn digest(&self) -> Option<LayerDigest> {
@@ -110,6 +123,12 @@ fn read_one(path: &Path) -> Result<LayerDigestFile, LayerDigestError> {
     let text = std::fs::read(path).map_err(|source| LayerDigestError::Read { path: path.to_path_buf(), source })?;
     let f: LayerDigestFile = serde_json::from_slice(&text)
         .map_err(|e| LayerDigestError::Invalid { path: path.to_path_buf(), what: e.to_string() })?;
+    if f.file_hashes().is_none() {
+        return Err(LayerDigestError::Invalid {
+            path: path.to_path_buf(),
+            what: "files must be xxh3-128 hashes of 32 hex digits".into(),
+        });
+    }
     if f.digest().is_none() {
         return Err(LayerDigestError::Invalid {
             path: path.to_path_buf(),
@@ -125,13 +144,16 @@ pub fn known_for(plan: &ImagePlan, files: &[LayerDigestFile]) -> Vec<Option<Hash
     plan.layers
         .iter()
         .map(|l| match l {
-            PlannedLayer::Store { paths_text, owner: None, .. } => files
-                .iter()
-                .find(|f| f.describes(paths_text, &plan.owner))
-                .and_then(LayerDigestFile::digest)
-                // No per-file hashes: the streaming pass hashes the whole
-                // layer again and compares.
-                .map(|digest| Hashed { digest, blob: None, unchanged_before_ns: i128::MIN, files: None }),
+            PlannedLayer::Store { paths_text, owner: None, .. } => {
+                files.iter().find(|f| f.describes(paths_text, &plan.owner)).and_then(|f| {
+                    // Without per-file hashes the streaming pass hashes the
+                    // whole layer again and compares; with them it compares
+                    // every file's (and reads every file: nothing vouches
+                    // for their ctimes).
+                    let files = f.file_hashes().filter(|h| !h.is_empty());
+                    Some(Hashed { digest: f.digest()?, blob: None, unchanged_before_ns: i128::MIN, files })
+                })
+            }
             _ => None,
         })
         .collect()
@@ -148,8 +170,9 @@ mod tests {
     #[test]
     fn round_trip_and_exact_match() {
         let d = LayerDigest { size: 10240, sha256: [0xab; 32] };
-        let f = LayerDigestFile::new(vec!["/nix/store/a".into()], &owner(), &d);
+        let f = LayerDigestFile::new(vec!["/nix/store/a".into()], &owner(), &d, &[7, u128::MAX]);
         assert_eq!(f.digest(), Some(d));
+        assert_eq!(f.file_hashes(), Some(vec![7, u128::MAX]));
         assert!(f.describes(&["/nix/store/a".into()], &owner()));
         assert!(!f.describes(&["/nix/store/a".into(), "/nix/store/b".into()], &owner()));
         assert!(!f.describes(&["/nix/store/a".into()], &Owner { mtime: 2, ..owner() }));

@@ -75,7 +75,7 @@ pub fn write(
         std::fs::create_dir_all(&digests).map_err(werr(&digests))?;
         for (i, k) in known.iter().enumerate() {
             let p = digests.join(format!("{i:04}.json"));
-            let text = serde_json::to_vec_pretty(k).expect("a layer digest serialises");
+            let text = serde_json::to_vec(k).expect("a layer digest serialises");
             std::fs::write(&p, text).map_err(werr(&p))?;
         }
     }
