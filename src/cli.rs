@@ -68,7 +68,7 @@ pub enum Command {
     /// Check a docker-archive (a file, or - for stdin; plain or compressed): every layer's sha256 against its diff_id, the config against its name, manifest.json's shape. Exit 0 only when everything matches.
     #[command(after_help = EXAMPLES_VERIFY)]
     Verify(VerifyArgs),
-    /// Compute one store layer's digest (diff_id and size) into a small JSON file that `stream --known-digests` takes: the builder of the Nix library's per-layer digest derivations.
+    /// Compute one store layer's digests (diff_id, size, each file's xxh3) into a small JSON file that `stream --known-digests` takes: the builder of the Nix library's per-layer digest derivations.
     #[command(after_help = EXAMPLES_LAYER_DIGEST)]
     LayerDigest(LayerDigestArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish or powershell).
@@ -133,8 +133,12 @@ pub struct LayerDigestArgs {
     /// Write the JSON to FILE instead of standard output.
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     pub output: Option<PathBuf>,
-    #[command(flatten)]
-    pub run: RunArgs,
+    /// Hashing threads (default: all cores).
+    #[arg(short = 'j', long)]
+    pub jobs: Option<usize>,
+    /// No progress output on stderr.
+    #[arg(short, long)]
+    pub quiet: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -987,8 +991,8 @@ fn layer_digest(a: &LayerDigestArgs) -> anyhow::Result<()> {
     let mut conf = Conf::from_value(v, None, crate::input::isotime::DateTime::now_utc())?;
     conf.customisation = CustomisationSource::Contents(None);
     let plan = ImagePlan::from_conf(&conf)?;
-    let jobs = a.run.jobs.unwrap_or_else(default_jobs).max(1);
-    let progress = Progress::new(Mode::detect(a.run.quiet), plan.layers.len());
+    let jobs = a.jobs.unwrap_or_else(default_jobs).max(1);
+    let progress = Progress::new(Mode::detect(a.quiet), plan.layers.len());
     let summary = crate::engine::hash_only(&plan, &EngineOptions { jobs, ..Default::default() }, &progress)?;
     progress.finish();
     // The hashing pass alone checks every entry itself: its per-file hashes stand.
