@@ -66,6 +66,9 @@ rec {
     , architecture ? goArch
       # Hash each store layer in a derivation of its own (see docs/nix.md).
     , layerDigests ? false
+      # Also each layer's blob digest so compressed ("gzip", "zstd"), for
+      # `stream --format oci-archive --layer-compression …`.
+    , layerDigestCompressions ? [ ]
     }@args:
     assert builtins.elem planner [ "auto" "popularity" ];
     let
@@ -88,6 +91,7 @@ rec {
           "--uid" (toString uid) "--gid" (toString gid) "--uname" uname "--gname" gname
           "--mtime" mtime "--store-dir" builtins.storeDir
           "--output" (placeholder "out") ]
+          ++ builtins.concatMap (c: [ "--layer-compression" c ]) layerDigestCompressions
           # storePath gives each path its context back: the layer's paths
           # are this derivation's inputs (a remote builder gets them).
           ++ map builtins.storePath paths;

@@ -133,6 +133,9 @@ pub struct LayerDigestArgs {
     /// Write the JSON to FILE instead of standard output.
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     pub output: Option<PathBuf>,
+    /// Also the digest of the layer compressed so, for the OCI outputs (repeatable).
+    #[arg(long, value_enum, value_name = "gzip|zstd")]
+    pub layer_compression: Vec<LayerCompression>,
     /// Hashing threads (default: all cores).
     #[arg(short = 'j', long)]
     pub jobs: Option<usize>,
@@ -495,8 +498,8 @@ fn emit(
     let progress = Progress::new(Mode::detect(o.run.quiet), plan.layers.len());
     let mut opts =
         EngineOptions { jobs, blobs, lookup: cache.lookup(), nar_hashes: Some(nar_hashes), ..Default::default() };
-    if blobs == Blobs::DockerArchive && !known.is_empty() {
-        opts.known = crate::input::layerdigest::known_for(&plan, known);
+    if !known.is_empty() {
+        opts.known = crate::input::layerdigest::known_for(&plan, known, blobs.compression());
     }
     let mut stats = Stats { layers: plan.layers.len(), ..Default::default() };
 
@@ -994,11 +997,22 @@ fn layer_digest(a: &LayerDigestArgs) -> anyhow::Result<()> {
     let jobs = a.jobs.unwrap_or_else(default_jobs).max(1);
     let progress = Progress::new(Mode::detect(a.quiet), plan.layers.len());
     let summary = crate::engine::hash_only(&plan, &EngineOptions { jobs, ..Default::default() }, &progress)?;
-    progress.finish();
     // The hashing pass alone checks every entry itself: its per-file hashes stand.
     let files = summary.files[0].as_deref().unwrap_or_default();
-    let file =
+    let mut file =
         crate::input::layerdigest::LayerDigestFile::new(a.paths.clone(), &plan.owner, &summary.digests[0], files);
+    for c in &a.layer_compression {
+        let c = Compression::from(*c);
+        if c == Compression::None {
+            continue;
+        }
+        let opts = EngineOptions { jobs, blobs: Blobs::Encoded(c), ..Default::default() };
+        let s = crate::engine::hash_only(&plan, &opts, &progress)?;
+        anyhow::ensure!(s.digests[0] == summary.digests[0], "{} changed while it was being hashed", a.paths.join(" "));
+        let blob = s.blobs[0].context("the hashing pass gave no blob digest")?;
+        file.add_blob(c, &blob);
+    }
+    progress.finish();
     // Compact: a file per store file in `files`.
     let mut text = serde_json::to_vec(&file)?;
     text.push(b'\n');

@@ -98,6 +98,65 @@ fn completions_man_page_and_examples_cover_every_command() {
     }
 }
 
+/// `layer-digest` files taken by `stream --known-digests`: the hashing pass
+/// skipped for every layer they describe, for the docker-archive and, with
+/// the blob digest of the same compression, the OCI archive; the same bytes
+/// as hashing here.
+#[test]
+fn known_layer_digests_skip_the_hashing_pass_and_give_the_same_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("nix/store");
+    let mut layers = Vec::new();
+    for (name, n) in [("aaaa-lib", 40), ("bbbb-app", 3)] {
+        let p = store.join(name);
+        std::fs::create_dir_all(p.join("share")).unwrap();
+        for i in 0..n {
+            std::fs::write(p.join("share").join(format!("f{i}")), vec![i as u8; 1000 + 997 * i]).unwrap();
+        }
+        layers.push(vec![p]);
+    }
+    let cust = common::make_customisation(tmp.path());
+    let conf = tmp.path().join("conf.json");
+    std::fs::write(&conf, common::conf_json(&store, &layers, &cust).to_string()).unwrap();
+    let digests = tmp.path().join("digests");
+    std::fs::create_dir(&digests).unwrap();
+    for (i, l) in layers.iter().enumerate() {
+        let out = bin()
+            .args(["layer-digest", "-q", "--layer-compression", "gzip", "--store-dir"])
+            .arg(&store)
+            .args(l)
+            .arg("-o")
+            .arg(digests.join(format!("{i}.json")))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let stream = |args: &[&str], known: bool| {
+        let mut c = bin();
+        c.args(["stream", "-q", "--stats"]).args(args).arg(&conf);
+        if known {
+            c.arg("--known-digests").arg(&digests);
+        }
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let stats = String::from_utf8_lossy(&out.stderr);
+        let from_cache = stats.split("\"layers_from_cache\":").nth(1).unwrap().split(',').next().unwrap().to_string();
+        (out.stdout, from_cache)
+    };
+    for (args, known_layers) in [
+        (&[][..], "2"),
+        (&["--format", "oci-archive", "--layer-compression", "gzip"][..], "2"),
+        // No zstd blob digests in the files: hashed here.
+        (&["--format", "oci-archive", "--layer-compression", "zstd"][..], "0"),
+    ] {
+        let (plain, none) = stream(args, false);
+        let (with, from_cache) = stream(args, true);
+        assert_eq!(none, "0");
+        assert_eq!(from_cache, known_layers, "{args:?}");
+        assert!(with == plain, "{args:?}: the same bytes");
+    }
+}
+
 // --- The Nix library ------------------------------------------------------
 
 fn repo() -> PathBuf {

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::digest::LayerDigest;
 use crate::engine::hashing::Hashed;
+use crate::engine::image::Compression;
 use crate::plan::{ImagePlan, PlannedLayer};
 use crate::render::layer::Owner;
 
@@ -52,6 +53,41 @@ pub struct LayerDigestFile {
     /// Empty: the streaming pass hashes the whole layer with sha256 again.
     #[serde(default)]
     pub files: Vec<String>,
+    /// The layer's compressed blobs, for the OCI outputs.
+    #[serde(default)]
+    pub blobs: Vec<BlobDigest>,
+}
+
+/// A compressed layer blob's digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlobDigest {
+    /// `gzip` or `zstd`.
+    pub compression: String,
+    /// `sha256:` and the blob's digest.
+    pub digest: String,
+    pub size: u64,
+}
+
+/// How a compression is named in a file.
+pub fn compression_name(c: Compression) -> &'static str {
+    match c {
+        Compression::None => "none",
+        Compression::Gzip => "gzip",
+        Compression::Zstd => "zstd",
+    }
+}
+
+fn parse_digest(text: &str, size: u64) -> Option<LayerDigest> {
+    let hex = text.strip_prefix("sha256:")?;
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut sha256 = [0u8; 32];
+    for (i, b) in sha256.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(LayerDigest { size, sha256 })
 }
 
 impl LayerDigestFile {
@@ -66,7 +102,27 @@ impl LayerDigestFile {
             diff_id: format!("sha256:{}", digest.hex()),
             size: digest.size,
             files: files.iter().map(|h| format!("{h:032x}")).collect(),
+            blobs: Vec::new(),
         }
+    }
+
+    /// Adds the digest of the layer's blob compressed with `c`.
+    pub fn add_blob(&mut self, c: Compression, digest: &LayerDigest) {
+        self.blobs.push(BlobDigest {
+            compression: compression_name(c).to_string(),
+            digest: format!("sha256:{}", digest.hex()),
+            size: digest.size,
+        });
+    }
+
+    /// The blob digest for `c`: `Some(None)` for plain layers, `None` when
+    /// the file has no blob so compressed.
+    fn blob(&self, c: Compression) -> Option<Option<LayerDigest>> {
+        if c == Compression::None {
+            return Some(None);
+        }
+        let b = self.blobs.iter().find(|b| b.compression == compression_name(c))?;
+        parse_digest(&b.digest, b.size).map(Some)
     }
 
     fn file_hashes(&self) -> Option<Vec<u128>> {
@@ -74,15 +130,7 @@ impl LayerDigestFile {
     }
 
     fn digest(&self) -> Option<LayerDigest> {
-        let hex = self.diff_id.strip_prefix("sha256:")?;
-        if hex.len() != 64 {
-            return None;
-        }
-        let mut sha256 = [0u8; 32];
-        for (i, b) in sha256.iter_mut().enumerate() {
-            *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
-        }
-        Some(LayerDigest { size: self.size, sha256 })
+        parse_digest(&self.diff_id, self.size)
     }
 
     fn describes(&self, paths: &[String], owner: &Owner) -> bool {
@@ -129,6 +177,19 @@ fn read_one(path: &Path) -> Result<LayerDigestFile, LayerDigestError> {
             what: "files must be xxh3-128 hashes of 32 hex digits".into(),
         });
     }
+    if let Some(b) = f
+        .blobs
+        .iter()
+        .find(|b| !["gzip", "zstd"].contains(&b.compression.as_str()) || parse_digest(&b.digest, b.size).is_none())
+    {
+        return Err(LayerDigestError::Invalid {
+            path: path.to_path_buf(),
+            what: format!(
+                "blob {:?} {:?}: expected gzip or zstd and sha256: with 64 hex digits",
+                b.compression, b.digest
+            ),
+        });
+    }
     if f.digest().is_none() {
         return Err(LayerDigestError::Invalid {
             path: path.to_path_buf(),
@@ -139,8 +200,10 @@ fn read_one(path: &Path) -> Result<LayerDigestFile, LayerDigestError> {
 }
 
 /// The known digest of each store layer of `plan` that one of `files`
-/// describes exactly (by plan index), for [`crate::engine::hashing::EngineOptions::known`].
-pub fn known_for(plan: &ImagePlan, files: &[LayerDigestFile]) -> Vec<Option<Hashed>> {
+/// describes exactly (by plan index), for [`crate::engine::hashing::EngineOptions::known`];
+/// for blobs compressed with `compression`, only layers whose file has that
+/// blob's digest too.
+pub fn known_for(plan: &ImagePlan, files: &[LayerDigestFile], compression: Compression) -> Vec<Option<Hashed>> {
     plan.layers
         .iter()
         .map(|l| match l {
@@ -151,7 +214,8 @@ pub fn known_for(plan: &ImagePlan, files: &[LayerDigestFile]) -> Vec<Option<Hash
                     // every file's (and reads every file: nothing vouches
                     // for their ctimes).
                     let files = f.file_hashes().filter(|h| !h.is_empty());
-                    Some(Hashed { digest: f.digest()?, blob: None, unchanged_before_ns: i128::MIN, files })
+                    let blob = f.blob(compression)?;
+                    Some(Hashed { digest: f.digest()?, blob, unchanged_before_ns: i128::MIN, files })
                 })
             }
             _ => None,
@@ -173,6 +237,13 @@ mod tests {
         let f = LayerDigestFile::new(vec!["/nix/store/a".into()], &owner(), &d, &[7, u128::MAX]);
         assert_eq!(f.digest(), Some(d));
         assert_eq!(f.file_hashes(), Some(vec![7, u128::MAX]));
+        let mut f = f;
+        assert_eq!(f.blob(Compression::None), Some(None));
+        assert_eq!(f.blob(Compression::Gzip), None, "no gzip blob known");
+        let gz = LayerDigest { size: 99, sha256: [1; 32] };
+        f.add_blob(Compression::Gzip, &gz);
+        assert_eq!(f.blob(Compression::Gzip), Some(Some(gz)));
+        assert_eq!(f.blob(Compression::Zstd), None);
         assert!(f.describes(&["/nix/store/a".into()], &owner()));
         assert!(!f.describes(&["/nix/store/a".into(), "/nix/store/b".into()], &owner()));
         assert!(!f.describes(&["/nix/store/a".into()], &Owner { mtime: 2, ..owner() }));
