@@ -255,7 +255,7 @@ pub struct ImageArgs {
     #[arg(long, value_name = "STORE_PATH")]
     pub contents_link: Vec<PathBuf>,
     /// Write a stream configuration into DIR instead of the archive: DIR/conf.json with the planned layers and DIR/customisation/{layer.tar,checksum}; `nixstream stream DIR` streams it later.
-    #[arg(long, value_name = "DIR", conflicts_with = "output")]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["output", "oci_layout", "format", "compress"])]
     pub emit_conf: Option<PathBuf>,
     /// Creation time (ISO 8601 or "now").
     #[arg(long, default_value = "1970-01-01T00:00:01Z")]
