@@ -60,7 +60,7 @@ pub enum Command {
     Image(Box<ImageArgs>),
     /// Print the image ID and every layer's diff_id for CONF without writing the archive (the hashing pass alone).
     Digest(DigestArgs),
-    /// Check a docker-archive (a file, or - for stdin; plain or compressed): every layer's sha256 against its diff_id, the config against its name, manifest.json's shape. Exit 0 only when everything matches.
+    /// Check a docker-archive or oci-archive (a file, or - for stdin; plain or compressed) or an OCI layout directory: every blob and layer against its digest, size and diff_id, the manifests' shape. Exit 0 only when everything matches.
     Verify(VerifyArgs),
 }
 
@@ -83,6 +83,9 @@ pub struct VerifyArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Fail on warnings too (layer entries that would land outside the root).
+    #[arg(long)]
+    pub strict: bool,
 }
 
 /// Where the closure comes from.
@@ -568,26 +571,40 @@ fn digest(a: &DigestArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The digest-cache key of every store layer of `plan`.
 fn verify(a: &VerifyArgs) -> anyhow::Result<()> {
+    use crate::read::verify;
     let report = if a.archive.as_os_str() == "-" {
-        crate::read::verify::verify(io::stdin().lock(), "standard input")?
+        verify::verify(io::stdin().lock(), "standard input")?
+    } else if a.archive.is_dir() {
+        verify::verify_dir(&a.archive)?
     } else {
         let f = std::fs::File::open(&a.archive).with_context(|| format!("cannot open {}", a.archive.display()))?;
-        crate::read::verify::verify(f, &a.archive.display().to_string())?
+        verify::verify(f, &a.archive.display().to_string())?
     };
     let mut out = io::stdout().lock();
     if a.json {
         serde_json::to_writer_pretty(&mut out, &report)?;
         writeln!(out)?;
     } else {
-        out.write_all(crate::read::verify::render(&report).as_bytes())?;
+        out.write_all(verify::render(&report).as_bytes())?;
     }
     out.flush()?;
-    match report.problems.as_slice() {
+    let name = a.archive.display();
+    let failing: &[String] = if !report.problems.is_empty() {
+        &report.problems
+    } else if a.strict {
+        &report.warnings
+    } else {
+        for w in &report.warnings {
+            let _ = writeln!(io::stderr(), "nixstream: warning: {name}: {w}");
+        }
+        &[]
+    };
+    let strict = if report.problems.is_empty() { " (--strict)" } else { "" };
+    match failing {
         [] => Ok(()),
-        [one] => anyhow::bail!("{}: {one}", a.archive.display()),
-        [first, rest @ ..] => anyhow::bail!("{}: {first} (and {} more problems)", a.archive.display(), rest.len()),
+        [one] => anyhow::bail!("{name}: {one}{strict}"),
+        [first, rest @ ..] => anyhow::bail!("{name}: {first} (and {} more){strict}", rest.len()),
     }
 }
 

@@ -4,3 +4,4 @@
 pub mod closure;
 pub mod conf;
 pub mod isotime;
+pub mod limited;

@@ -17,6 +17,10 @@ use crate::compat::tarheader::{self, typeflag, Header};
 
 /// Largest pax or GNU long-name extended header read into memory.
 pub const MAX_EXTENDED: u64 = 16 << 20;
+/// Most bytes read after the end-of-archive block (writers pad to a record,
+/// 10 KiB for `tarfile` and GNU tar): more is not a tar archive as any
+/// writer makes it, and reading on would never end on `/dev/zero`.
+pub const MAX_TRAILER: u64 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TarError {
@@ -194,6 +198,16 @@ fn field_num(b: &[u8]) -> Option<i64> {
         return Some(0);
     }
     i64::from_str_radix(s, 8).ok()
+}
+
+/// True when `b` starts with a tar header block whose checksum holds (a
+/// plain layer tar, whatever its first name looks like).
+pub fn is_header_block(b: &[u8]) -> bool {
+    if b.len() < tarheader::BLOCK || b[..tarheader::BLOCK].iter().all(|&c| c == 0) {
+        return false;
+    }
+    let sum: i64 = b[..148].iter().chain(&[b' '; 8]).chain(&b[156..tarheader::BLOCK]).map(|&c| i64::from(c)).sum();
+    field_num(&b[148..156]) == Some(sum)
 }
 
 fn parse_pax(data: &[u8]) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
@@ -459,10 +473,16 @@ impl<R: Read> TarReader<R> {
     }
 
     /// Reads to the end of the archive's data (the zero blocks and any record
-    /// padding after them), so a checksum over the whole stream is complete.
+    /// padding after them), so a checksum over the whole stream is complete;
+    /// more than [`MAX_TRAILER`] bytes of it is an error.
     pub fn drain(&mut self) -> Result<u64, TarError> {
-        let n = discard(&mut self.r).map_err(|e| self.io(e))?;
+        let n = discard(&mut (&mut self.r).take(MAX_TRAILER + 1)).map_err(|e| self.io(e))?;
         self.offset += n;
+        if n > MAX_TRAILER {
+            return Err(TarError::NotTar(format!(
+                "more than {MAX_TRAILER} bytes follow its end-of-archive block (the limit; writers pad to 10240)"
+            )));
+        }
         Ok(n)
     }
 }
