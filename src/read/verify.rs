@@ -194,12 +194,11 @@ fn escape_of(m: &Member) -> Option<String> {
         }
         Some(depth)
     }
-    if name.starts_with('/') {
-        return Some(format!("{name:?} is absolute"));
-    }
+    // Absolute names resolve in the layer's root, as clients extract them
+    // (the reference itself writes `/nix/store/...`); only `..` climbs out.
     let Some(depth) = walk(0, name.split('/')) else { return Some(format!("{name:?} climbs out")) };
     match m.typeflag {
-        b'1' if link.starts_with('/') || walk(0, link.split('/')).is_none() => {
+        b'1' if walk(0, link.split('/')).is_none() => {
             Some(format!("{name:?} is a hard link to {link:?}"))
         }
         // A symbolic link resolves from its own directory; absolute targets
@@ -863,6 +862,8 @@ mod tests {
         assert!(escape_of(&entry(b"a/b/../c", b'0', b"")).is_none());
         assert!(escape_of(&entry(b"x", b'1', b"../outside")).is_some());
         assert!(escape_of(&entry(b"x", b'1', b"nix/store/a")).is_none());
+        assert!(escape_of(&entry(b"/nix/store/x", b'1', b"/nix/store/a")).is_none(), "absolute names are rooted");
+        assert!(escape_of(&entry(b"/../x", b'0', b"")).is_some());
         assert!(escape_of(&entry(b"a/l", b'2', b"../../up")).is_some());
         assert!(escape_of(&entry(b"a/l", b'2', b"../ok")).is_none());
         assert!(escape_of(&entry(b"bin/sh", b'2', b"/nix/store/x-bash/bin/bash")).is_none(), "absolute targets resolve in the root");
