@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 
 /// Largest configuration (`stream CONF`): a conf lists store paths and
 /// holds the image config, whose labels can reach tens of MB.
-pub const MAX_CONF: u64 = 128 << 20;
+pub const MAX_CONF: u64 = 64 << 20;
 /// Largest `--config @FILE`.
-pub const MAX_CONFIG: u64 = 128 << 20;
+pub const MAX_CONFIG: u64 = 64 << 20;
 /// Largest `--pipeline @FILE` (a pipeline is a few lines of JSON).
 pub const MAX_PIPELINE: u64 = 16 << 20;
 /// Largest `--exclude-paths FILE`.
