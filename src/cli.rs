@@ -777,10 +777,16 @@ fn image(a: &ImageArgs) -> anyhow::Result<()> {
         let base = first.rsplit('/').next().unwrap_or(first);
         let name = base.split_once('-').map(|(_, n)| n).unwrap_or(base).trim_end_matches(".json");
         // A store name may hold what a repository name cannot (uppercase, '+').
-        let name: String = name
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c.to_ascii_lowercase() } else { '-' })
-            .collect();
+        let name: String =
+            name.chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                        c.to_ascii_lowercase()
+                    } else {
+                        '-'
+                    }
+                })
+                .collect();
         let name = name.trim_matches(|c: char| !c.is_ascii_alphanumeric());
         format!("{}:latest", if name.is_empty() { "image" } else { name })
     });

@@ -686,10 +686,8 @@ fn too_many_layers_for_docker_is_a_warning() {
     let out = bin().args(["stream", "-q"]).arg(f.conf(&c)).output().unwrap();
     assert!(out.status.success() && out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
     // `image` warns the same way.
-    let nodes: Vec<serde_json::Value> = layers
-        .iter()
-        .map(|l| serde_json::json!({"path": l[0], "references": [], "narSize": 1000}))
-        .collect();
+    let nodes: Vec<serde_json::Value> =
+        layers.iter().map(|l| serde_json::json!({"path": l[0], "references": [], "narSize": 1000})).collect();
     let g = f.root.join("many.json");
     std::fs::write(&g, serde_json::to_vec(&serde_json::json!({"graph": nodes})).unwrap()).unwrap();
     let out = bin()

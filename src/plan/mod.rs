@@ -125,7 +125,9 @@ impl ImagePlan {
                     Some(d) => list_contents(d, crate::store::walk::default_threads()).map_err(|e| {
                         let what = match e {
                             WalkError::Missing { path } if path == *d => "does not exist".to_string(),
-                            WalkError::Io { path, source } if path == *d && source.kind() == std::io::ErrorKind::NotFound => {
+                            WalkError::Io { path, source }
+                                if path == *d && source.kind() == std::io::ErrorKind::NotFound =>
+                            {
                                 "does not exist".to_string()
                             }
                             e => e.to_string(),

@@ -588,8 +588,7 @@ impl<'a> Scores<'a> {
             }
         }
         // A never decreases along an edge, so the largest term is a copy's.
-        let top: Vec<i64> =
-            (0..n).map(|s| copies[s].iter().map(|&c| a_ext[c as usize].e).max().unwrap_or(0)).collect();
+        let top: Vec<i64> = (0..n).map(|s| copies[s].iter().map(|&c| a_ext[c as usize].e).max().unwrap_or(0)).collect();
         let single: Vec<bool> = (0..n).map(|s| reached[s] && copies[s].len() == 1).collect();
         let mut sum = vec![0f64; n];
         let mut residue = vec![0u128; n];
@@ -1044,7 +1043,13 @@ mod tests {
                 if i == 399 {
                     refs.push(name(350));
                 }
-                Node { path: name(i), references: refs, nar_size: (i as u64 * 37) % 11, closure_size: None, nar_hash: None }
+                Node {
+                    path: name(i),
+                    references: refs,
+                    nar_size: (i as u64 * 37) % 11,
+                    closure_size: None,
+                    nar_hash: None,
+                }
             })
             .collect();
         let (u, g) = Universe::build(&ClosureGraph { nodes }, &HashSet::new());

@@ -478,10 +478,10 @@ impl<'de> Deserialize<'de> for Rootfs {
                 let mut ids = None;
                 while let Some(k) = m.next_key::<Key>()? {
                     if k.0.as_deref() == Some("diff_ids") {
-                        ids = m.next_value::<List<DiffId>>()?.0.map(|k| Kept {
-                            items: k.items.into_iter().map(|d| d.0).collect(),
-                            more: k.more,
-                        });
+                        ids = m
+                            .next_value::<List<DiffId>>()?
+                            .0
+                            .map(|k| Kept { items: k.items.into_iter().map(|d| d.0).collect(), more: k.more });
                     } else {
                         m.next_value::<IgnoredAny>()?;
                     }

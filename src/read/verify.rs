@@ -144,7 +144,7 @@ impl Report {
 
     /// Passes, counting warnings as problems when `strict`.
     pub fn passes(&self, strict: bool) -> bool {
-        self.ok() && !(strict && !self.warnings.is_empty())
+        self.ok() && (!strict || self.warnings.is_empty())
     }
 }
 
@@ -169,8 +169,7 @@ impl<R: Read> Read for Hashing<R> {
 }
 
 fn looks_like_json(head: &[u8]) -> bool {
-    head.iter().find(|b| !b.is_ascii_whitespace()).is_some_and(|&b| b == b'{' || b == b'[')
-        && !is_header_block(head)
+    head.iter().find(|b| !b.is_ascii_whitespace()).is_some_and(|&b| b == b'{' || b == b'[') && !is_header_block(head)
 }
 
 /// The names kept whole.
@@ -198,9 +197,7 @@ fn escape_of(m: &Member) -> Option<String> {
     // (the reference itself writes `/nix/store/...`); only `..` climbs out.
     let Some(depth) = walk(0, name.split('/')) else { return Some(format!("{name:?} climbs out")) };
     match m.typeflag {
-        b'1' if walk(0, link.split('/')).is_none() => {
-            Some(format!("{name:?} is a hard link to {link:?}"))
-        }
+        b'1' if walk(0, link.split('/')).is_none() => Some(format!("{name:?} is a hard link to {link:?}")),
         // A symbolic link resolves from its own directory; absolute targets
         // resolve inside the container's root.
         b'2' if !link.starts_with('/') && walk(depth.saturating_sub(1), link.split('/')).is_none() => {
@@ -497,11 +494,8 @@ fn kept<'a>(c: &'a Collected, name: &str) -> Option<&'a [u8]> {
 /// The images `manifest.json` describes.
 fn docker_images(c: &Collected, f: &mut Findings) -> Result<Vec<ImageRefs>, VerifyError> {
     let Some(bytes) = kept(c, "manifest.json") else { return Ok(Vec::new()) };
-    let bad = |what: String| VerifyError::BadManifest {
-        source_name: c.source_name.clone(),
-        member: "manifest.json",
-        what,
-    };
+    let bad =
+        |what: String| VerifyError::BadManifest { source_name: c.source_name.clone(), member: "manifest.json", what };
     let entries = manifest::parse_docker_manifest(bytes).map_err(bad)?;
     if entries.is_empty() {
         return Err(bad("it lists no image".into()));
@@ -527,7 +521,8 @@ fn docker_images(c: &Collected, f: &mut Findings) -> Result<Vec<ImageRefs>, Veri
 /// The images `index.json` leads to (through nested indexes).
 fn oci_images(c: &Collected, f: &mut Findings) -> Result<Vec<ImageRefs>, VerifyError> {
     let Some(bytes) = kept(c, "index.json") else { return Ok(Vec::new()) };
-    let bad = |what: String| VerifyError::BadManifest { source_name: c.source_name.clone(), member: "index.json", what };
+    let bad =
+        |what: String| VerifyError::BadManifest { source_name: c.source_name.clone(), member: "index.json", what };
     let list = manifest::parse_oci_index(bytes).map_err(bad)?;
     match kept(c, "oci-layout").map(serde_json::from_slice::<serde_json::Value>) {
         None => f.bad(At::Archive, "index.json without an oci-layout file".into()),
@@ -741,10 +736,9 @@ fn check_image(c: &Collected, f: &mut Findings, k: usize, img: &ImageRefs) -> Im
             None => f.bad(at, format!("{what} has no diff_id to check against")),
             Some(None) => f.bad(at, format!("{what} has no diff_id in the config")),
             Some(Some(None)) => f.bad(at, format!("{what}: its diff_id in the config is not a sha256 digest")),
-            Some(Some(Some(w))) if *w != l.diff.sha256 => f.bad(
-                at,
-                format!("{what} has sha256:{}, but its diff_id is sha256:{}", l.diff.hex(), hex(w)),
-            ),
+            Some(Some(Some(w))) if *w != l.diff.sha256 => {
+                f.bad(at, format!("{what} has sha256:{}, but its diff_id is sha256:{}", l.diff.hex(), hex(w)))
+            }
             Some(Some(Some(_))) => {}
         }
         if let Some(mt) = r.desc.as_ref().map(|d| d.media_type.as_deref().unwrap_or("")) {
@@ -866,6 +860,9 @@ mod tests {
         assert!(escape_of(&entry(b"/../x", b'0', b"")).is_some());
         assert!(escape_of(&entry(b"a/l", b'2', b"../../up")).is_some());
         assert!(escape_of(&entry(b"a/l", b'2', b"../ok")).is_none());
-        assert!(escape_of(&entry(b"bin/sh", b'2', b"/nix/store/x-bash/bin/bash")).is_none(), "absolute targets resolve in the root");
+        assert!(
+            escape_of(&entry(b"bin/sh", b'2', b"/nix/store/x-bash/bin/bash")).is_none(),
+            "absolute targets resolve in the root"
+        );
     }
 }

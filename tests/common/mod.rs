@@ -161,9 +161,14 @@ pub struct Measured {
     pub max_rss_kib: u64,
 }
 
+/// Writes a child's stdin.
+pub type Producer = Box<dyn FnOnce(&mut dyn std::io::Write) + Send>;
+
 /// Runs `cmd`, feeding it `input` (a producer writing the child's stdin, so
 /// big inputs never sit on disk or in memory), and measures it.
-pub fn run_measured(mut cmd: Command, input: Option<Box<dyn FnOnce(&mut dyn std::io::Write) + Send>>) -> Measured {
+// The child is reaped by wait4 (for its own rusage), not by Child::wait.
+#[allow(clippy::zombie_processes)]
+pub fn run_measured(mut cmd: Command, input: Option<Producer>) -> Measured {
     use std::process::Stdio;
     cmd.stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() });
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
