@@ -343,8 +343,8 @@ fn stream(a: &StreamArgs) -> anyhow::Result<()> {
     emit(&a.conf.load()?, &a.output, &HashMap::new())
 }
 
-/// The most layers an image Docker runs may have (overlay2 stacks at most
-/// 128 lower directories, and a container takes some).
+/// The most layers an image Docker loads may have: moby's layer store
+/// refuses a deeper chain ("max depth exceeded"; tested in tests/errors.rs).
 pub const MAX_DOCKER_LAYERS: usize = 125;
 
 /// Plans the image for `conf` and writes it where `o` says.  `nar_hashes`
@@ -375,7 +375,7 @@ fn emit(conf: &Conf, o: &OutputArgs, nar_hashes: &HashMap<String, String>) -> an
     if plan.layers.len() > MAX_DOCKER_LAYERS {
         let _ = writeln!(
             io::stderr(),
-            "nixstream: warning: the image has {} layers (base image layers included); Docker cannot run an image of more than {MAX_DOCKER_LAYERS}",
+            "nixstream: warning: the image has {} layers (base image layers included); Docker refuses to load an image of more than {MAX_DOCKER_LAYERS} (\"max depth exceeded\")",
             plan.layers.len()
         );
     }

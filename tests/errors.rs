@@ -680,6 +680,7 @@ fn too_many_layers_for_docker_is_a_warning() {
     assert!(out.status.success(), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(err.contains("warning") && err.contains("126 layers") && err.contains("more than 125"), "{err}");
+    assert!(err.contains("max depth exceeded"), "{err}");
     assert!(loadable(&out.stdout));
     // One layer fewer: no warning.
     let c = conf_json(&f.store, &layers[1..], &f.cust);
@@ -788,4 +789,46 @@ fn popularity_memory_stays_linear_in_the_closure() {
     assert!(layers[..49].iter().all(|l| l.len() == 1), "one path per layer but the last");
     assert_eq!(layers.iter().map(Vec::len).sum::<usize>(), n, "every path planned once");
     assert!(m.max_rss_kib <= common::MAX_RSS_KIB, "peak RSS {} KiB", m.max_rss_kib);
+}
+
+#[test]
+#[ignore = "needs docker: run scripts/test"]
+fn docker_refuses_the_layer_count_the_warning_names() {
+    let f = fixture();
+    let layers: Vec<Vec<PathBuf>> = (0..125)
+        .map(|i| {
+            let p = f.store.join(format!("{i:04}-tiny"));
+            std::fs::create_dir_all(&p).unwrap();
+            std::fs::write(p.join("f"), [i as u8]).unwrap();
+            vec![p]
+        })
+        .collect();
+    // 125 layers (124 store layers and the customisation layer) load; 126 do not.
+    for (store_layers, loads) in [(124, true), (125, false)] {
+        let tag = format!("nixstream-test/layer-limit:{}", store_layers + 1);
+        let mut c = conf_json(&f.store, &layers[..store_layers], &f.cust);
+        c["repo_tag"] = serde_json::json!(tag);
+        let out = bin().args(["stream", "-q"]).arg(f.conf(&c)).output().unwrap();
+        let warned = String::from_utf8_lossy(&out.stderr).contains("max depth exceeded");
+        assert!(out.status.success());
+        assert_eq!(warned, !loads, "{}", String::from_utf8_lossy(&out.stderr));
+        let mut load = Command::new("docker")
+            .arg("load")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = load.stdin.take().unwrap();
+        std::io::Write::write_all(&mut stdin, &out.stdout).unwrap();
+        drop(stdin);
+        let res = load.wait_with_output().unwrap();
+        let said = String::from_utf8_lossy(&res.stderr);
+        assert_eq!(res.status.success(), loads, "{tag}: {said}");
+        if loads {
+            let _ = Command::new("docker").args(["rmi", &tag]).output();
+        } else {
+            assert!(said.contains("max depth exceeded"), "{said}");
+        }
+    }
 }
