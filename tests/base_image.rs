@@ -215,3 +215,21 @@ fn a_base_of_millions_of_members_streams_in_bounded_memory() {
     assert!(nixstream::read::verify::verify(&m.stdout[..], "stdout").unwrap().ok());
     assert!(m.max_rss_kib <= common::MAX_RSS_KIB / 4, "peak RSS {} KiB", m.max_rss_kib);
 }
+
+#[test]
+fn members_with_unusual_names_are_found_by_a_second_scan() {
+    // manifest.json first, a layer not named like one: the first scan does
+    // not keep the layer, the second finds it.
+    golden_tree();
+    let layer = tar_of(&[("etc/os-release", b"ID=test\n")]);
+    let diff_id = format!("sha256:{}", sha256_hex(&layer));
+    let config = serde_json::to_vec(&serde_json::json!({"rootfs": {"type": "layers", "diff_ids": [diff_id]}})).unwrap();
+    let cname = format!("{}.json", sha256_hex(&config));
+    let m = serde_json::to_vec(&serde_json::json!([{"Config": cname, "Layers": ["odd-layer"]}])).unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let base = d.path().join("base.tar");
+    std::fs::write(&base, tar_of(&[("manifest.json", &m), ("odd-layer", &layer), (&cname, &config)])).unwrap();
+    let out = bin().args(["stream", "-q"]).arg(conf_with_base(d.path(), &base)).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(nixstream::read::verify::verify(&out.stdout[..], "stdout").unwrap().ok());
+}

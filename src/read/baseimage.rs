@@ -213,7 +213,12 @@ impl BaseImage {
             .map(|n| n.trim_end_matches('/').as_bytes().to_vec())
             .collect();
         let found_all = first.complete && wanted.iter().all(|n| usual_name(n));
-        let members = if found_all { first } else { scan(path, compression, &|n| wanted.contains(n), wanted.len())? };
+        let members = if found_all {
+            first
+        } else {
+            // (`manifest.json` is kept too, whatever the cap.)
+            scan(path, compression, &|n| wanted.contains(n), wanted.len() + 1)?
+        };
         let config_m = members.find(config_name).ok_or_else(|| missing(config_name))?;
         let config_json = read_json(path, compression, config_m)?;
         let diff_ids: Vec<&str> = config_json

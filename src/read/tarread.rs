@@ -504,7 +504,7 @@ impl<R: Read> TarReader<R> {
         self.offset += n;
         if n > MAX_TRAILER {
             return Err(TarError::NotTar(format!(
-                "more than {MAX_TRAILER} bytes follow its end-of-archive block (the limit; writers pad to 10240)"
+                "more than {MAX_TRAILER} bytes follow its end-of-archive block, the limit; writers pad to 10240"
             )));
         }
         Ok(n)
