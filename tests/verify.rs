@@ -544,3 +544,26 @@ fn skopeo_oci_archives_and_layouts_of_the_golden_cases_pass() {
         passes(&std::fs::read(&oci).unwrap());
     }
 }
+
+#[test]
+fn our_own_oci_outputs_verify() {
+    golden_tree();
+    let conf = golden_dir().join("cases/grouped/conf.json");
+    let d = tempfile::tempdir().unwrap();
+    for lc in ["none", "gzip", "zstd"] {
+        let out = bin()
+            .args(["stream", "-q", "--format", "oci-archive", "--layer-compression", lc])
+            .arg(&conf)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let report = passes(&out.stdout);
+        assert!(report.contains("(OCI)"), "{report}");
+        let dir = d.path().join(lc);
+        let st = bin().args(["stream", "-q", "--layer-compression", lc, "--oci-layout"]).arg(&dir).arg(&conf).output();
+        assert!(st.unwrap().status.success());
+        let out = bin().args(["verify", "--strict"]).arg(&dir).output().unwrap();
+        assert!(out.status.success(), "{lc}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("every digest matches"));
+    }
+}
