@@ -24,8 +24,9 @@ use crate::read::manifest::{escapes_archive, parse_docker_manifest, DockerEntry}
 use crate::read::tarread::{read_full, TarError, TarReader};
 pub use crate::read::tarread::{Compression, Member};
 
-/// Largest manifest.json or config read (real ones are a few KiB; the
-/// config keeps whatever the base image's config holds).
+/// Largest base config read (real ones are a few KiB; it is kept whole, as
+/// its `config` object goes into the image).  `manifest.json` has
+/// [`crate::read::manifest::MAX_MANIFEST`], as for `verify`.
 pub const MAX_JSON: u64 = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
@@ -38,8 +39,8 @@ pub enum BaseError {
     Truncated { path: PathBuf, member: String },
     #[error("base image {path} has no member {member:?}")]
     MissingMember { path: PathBuf, member: String },
-    #[error("base image {path}: {member} is larger than the {MAX_JSON}-byte limit")]
-    TooLarge { path: PathBuf, member: String },
+    #[error("base image {path}: {member} is larger than the {limit}-byte limit")]
+    TooLarge { path: PathBuf, member: String, limit: u64 },
     #[error("base image {path}: {what}")]
     Invalid { path: PathBuf, what: String },
     #[error("base image {path}: layer {member} has sha256:{actual}, but its diff_id is sha256:{expected}")]
@@ -161,10 +162,10 @@ impl Scan {
     }
 }
 
-/// A member's data, at most [`MAX_JSON`] bytes.
-fn read_bytes(path: &Path, compression: Compression, member: &Member) -> Result<Vec<u8>, BaseError> {
-    if member.size > MAX_JSON {
-        return Err(BaseError::TooLarge { path: path.to_path_buf(), member: member.name_lossy() });
+/// A member's data, at most `limit` bytes.
+fn read_bytes(path: &Path, compression: Compression, member: &Member, limit: u64) -> Result<Vec<u8>, BaseError> {
+    if member.size > limit {
+        return Err(BaseError::TooLarge { path: path.to_path_buf(), member: member.name_lossy(), limit });
     }
     let mut r = open_at(path, compression, member.data_offset)?;
     let mut data = vec![0u8; member.size as usize];
@@ -175,7 +176,7 @@ fn read_bytes(path: &Path, compression: Compression, member: &Member) -> Result<
 }
 
 fn read_json(path: &Path, compression: Compression, member: &Member) -> Result<Value, BaseError> {
-    let data = read_bytes(path, compression, member)?;
+    let data = read_bytes(path, compression, member, MAX_JSON)?;
     serde_json::from_slice(&data).map_err(|e| BaseError::Invalid {
         path: path.to_path_buf(),
         what: format!("{} is not valid JSON: {e}", member.name_lossy()),
@@ -191,7 +192,7 @@ impl BaseImage {
         let missing = |member: &str| BaseError::MissingMember { path: path.to_path_buf(), member: member.to_string() };
 
         let manifest_m = first.find("manifest.json").ok_or_else(|| missing("manifest.json"))?;
-        let manifest = read_bytes(path, compression, manifest_m)?;
+        let manifest = read_bytes(path, compression, manifest_m, crate::read::manifest::MAX_MANIFEST)?;
         let images = parse_docker_manifest(&manifest).map_err(|e| invalid(format!("manifest.json: {e}")))?;
         if images.len() != 1 {
             return Err(invalid(format!(
