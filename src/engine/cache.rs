@@ -304,6 +304,29 @@ mod tests {
         assert_eq!(c.get(&key, 1), Some(layer));
     }
 
+    proptest::proptest! {
+        /// What the `cache_entry` fuzz target checks, on random bytes and
+        /// on damaged sound entries: no panic, and what decodes re-encodes
+        /// to the same bytes.
+        #[test]
+        fn any_entry_bytes_decode_or_miss(
+            data in proptest::collection::vec(proptest::num::u8::ANY, 0..400),
+            files in proptest::collection::vec(proptest::num::u128::ANY, 0..5),
+            flip in proptest::num::usize::ANY,
+        ) {
+            let key = [0x5a; 32];
+            if let Some(e) = decode_entry(&data, &key) {
+                proptest::prop_assert_eq!(encode(&key, &e), data);
+            }
+            let layer = CachedLayer { digest: LayerDigest { size: 7, sha256: [1; 32] }, files, unchanged_before_ns: -3 };
+            let mut good = encode(&key, &layer);
+            proptest::prop_assert_eq!(decode_entry(&good, &key), Some(layer));
+            let i = flip % good.len();
+            good[i] ^= 1;
+            proptest::prop_assert_eq!(decode_entry(&good, &key), None);
+        }
+    }
+
     #[test]
     fn keys_change_with_everything_that_changes_the_bytes() {
         let d = tempfile::tempdir().unwrap();
