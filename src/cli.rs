@@ -77,8 +77,8 @@ pub struct DigestArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct VerifyArgs {
-    /// The archive, or - for standard input.
-    #[arg(value_name = "ARCHIVE|-")]
+    /// The archive (docker-archive or oci-archive), an OCI layout directory, or - for standard input.
+    #[arg(value_name = "ARCHIVE|DIR|-")]
     pub archive: PathBuf,
     /// Print the report as JSON.
     #[arg(long)]
