@@ -65,7 +65,7 @@ pub enum Command {
     /// Print the image ID and every layer's diff_id for CONF without writing the archive (the hashing pass alone).
     #[command(after_help = EXAMPLES_DIGEST)]
     Digest(DigestArgs),
-    /// Check a docker-archive (a file, or - for stdin; plain or compressed): every layer's sha256 against its diff_id, the config against its name, manifest.json's shape. Exit 0 only when everything matches.
+    /// Check a docker-archive or oci-archive (a file, or - for stdin; plain or compressed) or an OCI layout directory: every blob and layer against its digest, size and diff_id, the manifests' shape. Exit 0 only when everything matches.
     #[command(after_help = EXAMPLES_VERIFY)]
     Verify(VerifyArgs),
     /// Compute one store layer's digests (diff_id, size, each file's xxh3) into a small JSON file that `stream --known-digests` takes: the builder of the Nix library's per-layer digest derivations.
@@ -171,8 +171,8 @@ pub struct DigestArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct VerifyArgs {
-    /// The archive, or - for standard input.
-    #[arg(value_name = "ARCHIVE|-")]
+    /// The archive (docker-archive or oci-archive), an OCI layout directory, or - for standard input.
+    #[arg(value_name = "ARCHIVE|DIR|-")]
     pub archive: PathBuf,
     /// Print the report as JSON.
     #[arg(long)]
@@ -180,6 +180,9 @@ pub struct VerifyArgs {
     /// Print no report: the exit status (and one line on stderr for a problem) says it all.
     #[arg(short, long)]
     pub quiet: bool,
+    /// Fail on warnings too (layer entries that would land outside the root).
+    #[arg(long)]
+    pub strict: bool,
 }
 
 /// Where the closure comes from.
@@ -464,6 +467,10 @@ fn stream(a: &StreamArgs) -> anyhow::Result<()> {
     emit(&conf, &a.output, &HashMap::new(), &known)
 }
 
+/// The most layers an image Docker loads may have: moby's layer store
+/// refuses a deeper chain ("max depth exceeded"; tested in tests/errors.rs).
+pub const MAX_DOCKER_LAYERS: usize = 125;
+
 /// Plans the image for `conf` and writes it where `o` says.  `nar_hashes`
 /// (store path to narHash, possibly empty) keys the digest cache where it
 /// covers a whole layer.
@@ -494,6 +501,13 @@ fn emit(
         "refusing to write an image archive to a terminal; pipe it into `docker load`, redirect it or use -o FILE"
     );
     let plan = ImagePlan::from_conf(conf)?;
+    if plan.layers.len() > MAX_DOCKER_LAYERS {
+        let _ = writeln!(
+            io::stderr(),
+            "nixstream: warning: the image has {} layers (base image layers included); Docker refuses to load an image of more than {MAX_DOCKER_LAYERS} (\"max depth exceeded\")",
+            plan.layers.len()
+        );
+    }
     let cache = CacheUse::new(&plan, o.run.cache.as_deref(), nar_hashes, blobs)?;
     let progress = Progress::new(Mode::detect(o.run.quiet), plan.layers.len());
     let mut opts =
@@ -591,14 +605,21 @@ struct CacheUse<'p> {
 }
 
 impl<'p> CacheUse<'p> {
-    /// Opens the cache (an unusable directory is an error up front).
+    /// Opens the cache.  One that cannot be used (not a directory, not
+    /// creatable) costs speed, not the image: a warning.
     fn new(
         plan: &'p ImagePlan,
         dir: Option<&Path>,
         nar_hashes: &'p HashMap<String, String>,
         blobs: Blobs,
     ) -> anyhow::Result<CacheUse<'p>> {
-        let cache = dir.map(DigestCache::open).transpose()?;
+        let cache = dir.and_then(|d| match DigestCache::open(d) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                let _ = writeln!(io::stderr(), "nixstream: warning: {e} (this run goes on without the cache)");
+                None
+            }
+        });
         Ok(CacheUse {
             cache,
             plan,
@@ -709,13 +730,15 @@ fn digest(a: &DigestArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The digest-cache key of every store layer of `plan`.
 fn verify(a: &VerifyArgs) -> anyhow::Result<()> {
+    use crate::read::verify;
     let report = if a.archive.as_os_str() == "-" {
-        crate::read::verify::verify(io::stdin().lock(), "standard input")?
+        verify::verify(io::stdin().lock(), "standard input")?
+    } else if a.archive.is_dir() {
+        verify::verify_dir(&a.archive)?
     } else {
         let f = std::fs::File::open(&a.archive).with_context(|| format!("cannot open {}", a.archive.display()))?;
-        crate::read::verify::verify(f, &a.archive.display().to_string())?
+        verify::verify(f, &a.archive.display().to_string())?
     };
     let mut out = io::stdout().lock();
     if a.quiet {
@@ -724,51 +747,57 @@ fn verify(a: &VerifyArgs) -> anyhow::Result<()> {
         serde_json::to_writer_pretty(&mut out, &report)?;
         writeln!(out)?;
     } else {
-        out.write_all(crate::read::verify::render(&report).as_bytes())?;
+        out.write_all(verify::render(&report).as_bytes())?;
     }
     out.flush()?;
-    match report.problems.as_slice() {
+    let name = a.archive.display();
+    let failing: &[String] = if !report.problems.is_empty() {
+        &report.problems
+    } else if a.strict {
+        &report.warnings
+    } else {
+        for w in &report.warnings {
+            let _ = writeln!(io::stderr(), "nixstream: warning: {name}: {w}");
+        }
+        &[]
+    };
+    let strict = if report.problems.is_empty() { " (--strict)" } else { "" };
+    match failing {
         [] => Ok(()),
-        [one] => anyhow::bail!("{}: {one}", a.archive.display()),
-        [first, rest @ ..] => anyhow::bail!("{}: {first} (and {} more problems)", a.archive.display(), rest.len()),
+        [one] => anyhow::bail!("{name}: {one}{strict}"),
+        [first, rest @ ..] => anyhow::bail!("{name}: {first} (and {} more){strict}", rest.len()),
     }
 }
 
-/// JSON text, or the contents of @FILE.
-fn json_arg(what: &str, text: &str) -> anyhow::Result<serde_json::Value> {
+/// JSON text, or the contents of @FILE (at most `limit` bytes).
+fn json_arg(what: &'static str, text: &str, limit: u64) -> anyhow::Result<serde_json::Value> {
+    use crate::input::limited::read_capped_text;
     let (source, body) = match text.strip_prefix('@') {
-        Some(file) => (
-            file.to_string(),
-            std::fs::read_to_string(file).with_context(|| format!("cannot read {what} file {file}"))?,
-        ),
+        Some(file) => (file.to_string(), read_capped_text(Path::new(file), what, limit)?),
         None => (format!("--{what}"), text.to_string()),
     };
     serde_json::from_str(&body).with_context(|| format!("{what} ({source}) is not valid JSON"))
 }
 
 fn load_closure(c: &ClosureArgs) -> anyhow::Result<(ClosureGraph, HashSet<String>)> {
+    use crate::input::limited::{read_capped_text, MAX_EXCLUDE};
     let exclude: HashSet<String> = match &c.exclude_paths {
         None => HashSet::new(),
         Some(f) => {
-            let text =
-                std::fs::read_to_string(f).with_context(|| format!("cannot read --exclude-paths {}", f.display()))?;
+            let text = read_capped_text(f, "--exclude-paths file", MAX_EXCLUDE)?;
             match serde_json::from_str::<Vec<String>>(&text) {
                 Ok(list) => list.into_iter().collect(),
                 Err(_) => text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect(),
             }
         }
     };
-    // One regular file holding JSON is a graph; anything else names store paths.
+    // One regular file is a graph, unless it is itself a store path (a
+    // file right in a store directory); anything else names store paths.
     if let [one] = c.input.as_slice() {
         let p = Path::new(one);
-        if p.is_file() {
-            if let Ok(bytes) = std::fs::read(p) {
-                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) {
-                    let g = ClosureGraph::from_value(&v)
-                        .map_err(|what| crate::input::closure::ClosureError::Invalid { path: p.to_path_buf(), what })?;
-                    return Ok((g, exclude));
-                }
-            }
+        let in_store = p.parent().and_then(Path::file_name).is_some_and(|d| d == "store");
+        if p.is_file() && !in_store {
+            return Ok((ClosureGraph::load(p)?, exclude));
         }
     }
     Ok((ClosureGraph::from_store(&c.input)?, exclude))
@@ -784,7 +813,7 @@ fn plan_with(
         return Ok(auto_layer(closure, exclude, n));
     }
     let text = l.pipeline.as_deref().expect("clap requires one layering option");
-    let steps = pipeline::parse(&json_arg("pipeline", text)?)?;
+    let steps = pipeline::parse(&json_arg("pipeline", text, crate::input::limited::MAX_PIPELINE)?)?;
     Ok(pipeline::plan_layers(closure, &steps, exclude)?)
 }
 
@@ -873,7 +902,7 @@ fn image(a: &ImageArgs) -> anyhow::Result<()> {
     );
     let budget = a.max_layers - used;
     let layers = if let Some(p) = &a.pipeline {
-        let steps = pipeline::parse(&json_arg("pipeline", p)?)?;
+        let steps = pipeline::parse(&json_arg("pipeline", p, crate::input::limited::MAX_PIPELINE)?)?;
         pipeline::plan_layers(&closure, &steps, &exclude)?
     } else if a.popularity {
         let steps = pipeline::parse(&serde_json::json!([["popularity_contest"], ["limit_layers", budget]]))?;
@@ -883,14 +912,26 @@ fn image(a: &ImageArgs) -> anyhow::Result<()> {
     };
     let layers: Vec<Vec<String>> = layers.into_iter().filter(|l| !l.is_empty()).collect();
     let config = match &a.config {
-        Some(c) => json_arg("config", c)?,
+        Some(c) => json_arg("config", c, crate::input::limited::MAX_CONFIG)?,
         None => serde_json::json!({}),
     };
     let tag = a.tag.clone().unwrap_or_else(|| {
         let first = a.closure.input.first().map(String::as_str).unwrap_or("image");
         let base = first.rsplit('/').next().unwrap_or(first);
         let name = base.split_once('-').map(|(_, n)| n).unwrap_or(base).trim_end_matches(".json");
-        format!("{name}:latest")
+        // A store name may hold what a repository name cannot (uppercase, '+').
+        let name: String =
+            name.chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                        c.to_ascii_lowercase()
+                    } else {
+                        '-'
+                    }
+                })
+                .collect();
+        let name = name.trim_matches(|c: char| !c.is_ascii_alphanumeric());
+        format!("{}:latest", if name.is_empty() { "image" } else { name })
     });
     let v = serde_json::json!({
         "architecture": a.architecture.as_deref().unwrap_or(host_architecture()),

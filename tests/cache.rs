@@ -219,7 +219,7 @@ fn a_cache_whose_entries_cannot_be_written_only_warns() {
 }
 
 #[test]
-fn an_unusable_cache_dir_is_an_error_up_front() {
+fn an_unusable_cache_dir_is_a_warning() {
     let f = fixture();
     std::fs::create_dir_all(&f.cache).unwrap();
     let blocker = f.cache.join("blocked");
@@ -227,8 +227,11 @@ fn an_unusable_cache_dir_is_an_error_up_front() {
     // A cache "directory" that is a file: every put fails.
     let out = bin().args(["stream", "-q", "--cache"]).arg(&blocker).arg(&f.conf).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "an unusable --cache is an error up front: {err}");
-    assert!(err.contains("digest cache") && err.contains("blocked"), "{err}");
+    // It costs speed, not the image (issue 17): a warning, and the image.
+    assert!(out.status.success(), "an unusable --cache is a warning: {err}");
+    assert_eq!(out.stdout, stream(&f.conf, None));
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("warning") && err.contains("digest cache") && err.contains("blocked"), "{err}");
     let _ = f.root;
 }
 

@@ -570,3 +570,265 @@ fn a_file_over_8_gib_gets_a_pax_size() {
     assert!(tee.head.windows(record.len()).any(|w| w == record.as_bytes()), "no pax size record");
     assert!(report.bytes > size);
 }
+
+// ---- issue 17: bounded input, cache entries, clearer errors.
+
+/// Asserts a measured run failed with one stderr line holding every needle.
+fn failed_with(m: &common::Measured, needles: &[&str]) {
+    assert_eq!(m.code, Some(1), "{}", m.stderr);
+    assert_eq!(m.stderr.trim_end().lines().count(), 1, "one line: {}", m.stderr);
+    assert!(!m.stderr.contains("panicked"), "{}", m.stderr);
+    for n in needles {
+        assert!(m.stderr.contains(n), "expected {n:?} in {:?}", m.stderr);
+    }
+}
+
+fn cmd(args: &[&str]) -> Command {
+    let mut c = bin();
+    c.args(args);
+    c
+}
+
+/// A closure graph file holding the fixture's one store path.
+fn graph_of(f: &Fixture) -> PathBuf {
+    let p = f.root.join("graph.json");
+    let g = serde_json::json!({"graph": [{"path": f.pkg, "references": [], "narSize": 300_003}]});
+    std::fs::write(&p, serde_json::to_vec(&g).unwrap()).unwrap();
+    p
+}
+
+#[test]
+fn input_that_never_ends_is_cut_at_a_named_limit() {
+    let f = fixture();
+    let g = graph_of(&f);
+    let g = g.to_str().unwrap();
+    for (args, needles) in [
+        (vec!["stream", "-q", "/dev/zero"], vec!["configuration /dev/zero", "67108864-byte limit"]),
+        (vec!["layers", g, "--pipeline", "@/dev/zero"], vec!["pipeline /dev/zero", "16777216-byte limit"]),
+        (vec!["image", "-q", g, "--config", "@/dev/zero"], vec!["config /dev/zero", "67108864-byte limit"]),
+        (
+            vec!["layers", g, "--auto-layer", "2", "--exclude-paths", "/dev/zero"],
+            vec!["--exclude-paths file /dev/zero", "67108864-byte limit"],
+        ),
+    ] {
+        let m = common::run_measured(cmd(&args), None);
+        failed_with(&m, &needles);
+        assert!(m.max_rss_kib <= common::MAX_RSS_KIB, "{args:?}: peak RSS {} KiB", m.max_rss_kib);
+    }
+}
+
+#[test]
+fn an_invalid_graph_file_is_reported_as_such() {
+    let f = fixture();
+    let g = f.root.join("graph.json");
+    std::fs::write(&g, b"{\"graph\": [").unwrap();
+    let out = bin().args(["layers", "--auto-layer", "2"]).arg(&g).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("closure graph") && err.contains("graph.json") && err.contains("not valid JSON"), "{err}");
+    assert!(!err.contains("nix path-info") && !err.contains("flake"), "{err}");
+}
+
+#[test]
+fn a_missing_contents_directory_is_named_as_such() {
+    let f = fixture();
+    let g = graph_of(&f);
+    let out = bin()
+        .args(["image", "-q", "--contents", "/nonexistent-contents", "--store-dir"])
+        .arg(&f.store)
+        .arg(&g)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("contents directory /nonexistent-contents: does not exist"), "{err}");
+    assert!(!err.contains("store layer"), "{err}");
+    assert!(!loadable(&out.stdout));
+}
+
+#[test]
+fn repo_tags_that_are_not_references_are_refused_up_front() {
+    let f = fixture();
+    for (tag, needle) in [("Upper/Case:1", "must be lowercase"), ("a:b\nc", "'\\n'"), ("name:", "tag \"\"")] {
+        let mut c = f.good();
+        c["repo_tag"] = serde_json::json!(tag);
+        fails_with(&f.conf(&c), &["repo_tag", "not a valid image reference", needle]);
+    }
+    // --repo-tag is checked the same way.
+    let out = bin().args(["stream", "-q", "--repo-tag", "x y:1"]).arg(f.conf(&f.good())).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("not a valid image reference") && err.contains("' '"), "{err}");
+}
+
+#[test]
+fn too_many_layers_for_docker_is_a_warning() {
+    let f = fixture();
+    let layers: Vec<Vec<PathBuf>> = (0..125)
+        .map(|i| {
+            let p = f.store.join(format!("{i:04}-tiny"));
+            std::fs::create_dir_all(&p).unwrap();
+            std::fs::write(p.join("f"), [i as u8]).unwrap();
+            vec![p]
+        })
+        .collect();
+    let c = conf_json(&f.store, &layers, &f.cust);
+    let out = bin().args(["stream", "-q"]).arg(f.conf(&c)).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("warning") && err.contains("126 layers") && err.contains("more than 125"), "{err}");
+    assert!(err.contains("max depth exceeded"), "{err}");
+    assert!(loadable(&out.stdout));
+    // One layer fewer: no warning.
+    let c = conf_json(&f.store, &layers[1..], &f.cust);
+    let out = bin().args(["stream", "-q"]).arg(f.conf(&c)).output().unwrap();
+    assert!(out.status.success() && out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    // `image` warns the same way.
+    let nodes: Vec<serde_json::Value> =
+        layers.iter().map(|l| serde_json::json!({"path": l[0], "references": [], "narSize": 1000})).collect();
+    let g = f.root.join("many.json");
+    std::fs::write(&g, serde_json::to_vec(&serde_json::json!({"graph": nodes})).unwrap()).unwrap();
+    let out = bin()
+        .args(["image", "-q", "--max-layers", "300", "--pipeline", r#"[["split_every", 1]]"#, "--store-dir"])
+        .arg(&f.store)
+        .arg(&g)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("warning") && err.contains("126 layers"), "{err}");
+}
+
+/// Every entry file of a cache directory.
+fn cache_entries(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for sub in std::fs::read_dir(dir).unwrap() {
+        let sub = sub.unwrap().path();
+        if sub.is_dir() {
+            out.extend(std::fs::read_dir(&sub).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    out
+}
+
+#[test]
+fn cache_entries_that_are_fifos_links_or_huge_are_misses() {
+    let f = fixture();
+    let conf = f.conf(&f.good());
+    let cache = f.root.join("cache");
+    let run = || {
+        let mut c = bin();
+        c.args(["stream", "-q", "--cache"]).arg(&cache).arg(&conf);
+        common::run_measured(c, None)
+    };
+    let first = run();
+    assert_eq!(first.code, Some(0), "{}", first.stderr);
+    let entries = cache_entries(&cache);
+    assert!(!entries.is_empty(), "the first run stored entries");
+    let plant = |how: &str| {
+        for e in &entries {
+            let _ = std::fs::remove_file(e);
+            match how {
+                "fifo" => {
+                    let c = std::ffi::CString::new(e.as_os_str().as_encoded_bytes()).unwrap();
+                    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+                }
+                "zero" => std::os::unix::fs::symlink("/dev/zero", e).unwrap(),
+                _ => std::fs::File::create(e).unwrap().set_len(4 << 30).unwrap(),
+            }
+        }
+    };
+    for how in ["fifo", "zero", "huge"] {
+        plant(how);
+        let start = std::time::Instant::now();
+        let m = run();
+        assert_eq!(m.code, Some(0), "{how}: {}", m.stderr);
+        assert_eq!(m.stdout, first.stdout, "{how}: the same image");
+        assert!(start.elapsed().as_secs() < 60, "{how}: no hang");
+        assert!(m.max_rss_kib <= common::MAX_RSS_KIB, "{how}: peak RSS {} KiB", m.max_rss_kib);
+    }
+}
+
+#[test]
+fn a_cache_path_that_is_a_file_is_a_warning() {
+    let f = fixture();
+    let file = f.root.join("not-a-dir");
+    std::fs::write(&file, b"x").unwrap();
+    let out = bin().args(["stream", "-q", "--cache"]).arg(&file).arg(f.conf(&f.good())).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("warning") && err.contains("not-a-dir"), "{err}");
+    assert!(loadable(&out.stdout));
+}
+
+#[test]
+fn popularity_memory_stays_linear_in_the_closure() {
+    // 60,000 paths (a binary tree of references): the square of that in
+    // ancestor bits would be 450 MB.
+    let d = tempfile::tempdir().unwrap();
+    let n = 60_000usize;
+    let name = |i: usize| format!("/nix/store/{i:032}-p{i}");
+    let nodes: Vec<serde_json::Value> = (0..n)
+        .map(|i| {
+            let refs: Vec<String> = [2 * i + 1, 2 * i + 2].iter().filter(|&&j| j < n).map(|&j| name(j)).collect();
+            serde_json::json!({"path": name(i), "references": refs, "narSize": 1000 + i % 7})
+        })
+        .collect();
+    let g = d.path().join("big.json");
+    std::fs::write(&g, serde_json::to_vec(&serde_json::json!({"graph": nodes})).unwrap()).unwrap();
+    let mut c = bin();
+    c.args(["layers", "--pipeline", r#"[["popularity_contest"], ["limit_layers", 50]]"#]).arg(&g);
+    let m = common::run_measured(c, None);
+    assert_eq!(m.code, Some(0), "{}", m.stderr);
+    let layers: Vec<Vec<String>> = serde_json::from_slice(&m.stdout).unwrap();
+    assert_eq!(layers.len(), 50);
+    assert!(layers[..49].iter().all(|l| l.len() == 1), "one path per layer but the last");
+    assert_eq!(layers.iter().map(Vec::len).sum::<usize>(), n, "every path planned once");
+    assert!(m.max_rss_kib <= common::MAX_RSS_KIB, "peak RSS {} KiB", m.max_rss_kib);
+}
+
+#[test]
+#[ignore = "needs docker: run scripts/test"]
+fn docker_refuses_the_layer_count_the_warning_names() {
+    let f = fixture();
+    let layers: Vec<Vec<PathBuf>> = (0..125)
+        .map(|i| {
+            let p = f.store.join(format!("{i:04}-tiny"));
+            std::fs::create_dir_all(&p).unwrap();
+            std::fs::write(p.join("f"), [i as u8]).unwrap();
+            vec![p]
+        })
+        .collect();
+    // 125 layers (124 store layers and the customisation layer) load; 126 do not.
+    for (store_layers, loads) in [(124, true), (125, false)] {
+        let tag = format!("nixstream-test/layer-limit:{}", store_layers + 1);
+        let mut c = conf_json(&f.store, &layers[..store_layers], &f.cust);
+        c["repo_tag"] = serde_json::json!(tag);
+        let out = bin().args(["stream", "-q"]).arg(f.conf(&c)).output().unwrap();
+        let warned = String::from_utf8_lossy(&out.stderr).contains("max depth exceeded");
+        assert!(out.status.success());
+        assert_eq!(warned, !loads, "{}", String::from_utf8_lossy(&out.stderr));
+        let mut load = Command::new("docker")
+            .arg("load")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = load.stdin.take().unwrap();
+        std::io::Write::write_all(&mut stdin, &out.stdout).unwrap();
+        drop(stdin);
+        let res = load.wait_with_output().unwrap();
+        let said = String::from_utf8_lossy(&res.stderr);
+        assert_eq!(res.status.success(), loads, "{tag}: {said}");
+        if loads {
+            let _ = Command::new("docker").args(["rmi", &tag]).output();
+        } else {
+            assert!(said.contains("max depth exceeded"), "{said}");
+        }
+    }
+}

@@ -221,3 +221,349 @@ fn our_own_output_verifies() {
     assert!(out.status.success());
     passes(&out.stdout);
 }
+
+// ---- issue 17: verify must never pass what clients refuse, and must end.
+
+#[test]
+fn fewer_diff_ids_than_layers_fails() {
+    // docker load ("layers length mismatch") and skopeo refuse this.
+    let layer = good_layer();
+    let config = br#"{"rootfs": {"type": "layers", "diff_ids": []}}"#;
+    let cname = format!("{}.json", sha256_hex(config));
+    let manifest = format!(r#"[{{"Config": "{cname}", "Layers": ["l/layer.tar"]}}]"#);
+    let a = archive(&[("l/layer.tar", &layer), (&cname, config), ("manifest.json", manifest.as_bytes())]);
+    fails(&a, &["1 layers but the config has 0 diff_ids"]);
+    let out = verify_bytes(&a, &[]);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.contains("BAD") && report.contains("problem(s)"), "{report}");
+    assert!(!report.contains("every digest matches"), "{report}");
+}
+
+#[test]
+fn a_bad_layer_line_always_fails() {
+    // Every layer marked BAD in a report comes with a problem, whatever the
+    // reason: layer missing, not a tar, wrong diff_id, no diff_id.
+    let layer = good_layer();
+    let d = format!("sha256:{}", sha256_hex(&layer));
+    let other = format!("sha256:{}", "11".repeat(32));
+    for (ids, names) in [
+        (vec![d.clone()], vec!["gone.tar"]),
+        (vec![other], vec!["l.tar"]),
+        (vec!["sha256:zz".to_string()], vec!["l.tar"]),
+        (vec![d.clone()], vec!["l.tar", "l.tar"]),
+    ] {
+        let config = serde_json::to_vec(&serde_json::json!({"rootfs": {"diff_ids": ids}})).unwrap();
+        let cname = format!("{}.json", sha256_hex(&config));
+        let manifest = serde_json::to_vec(&serde_json::json!([{"Config": cname, "Layers": names}])).unwrap();
+        let a = archive(&[("l.tar", &layer), (&cname, &config), ("manifest.json", &manifest)]);
+        let out = verify_bytes(&a, &["--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let bad = v["images"][0]["layers"].as_array().unwrap().iter().filter(|l| l["ok"] == false).count();
+        assert!(bad > 0, "{v}");
+        assert_eq!(out.status.code(), Some(1), "{v}");
+        assert!(!v["problems"].as_array().unwrap().is_empty());
+    }
+}
+
+/// A conf of the grouped golden case whose config holds `labels` labels.
+fn conf_with_labels(dir: &std::path::Path, labels: usize) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(golden_dir().join("cases/grouped/conf.json")).unwrap();
+    let mut c: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let l: serde_json::Map<String, serde_json::Value> = (0..labels)
+        .map(|i| (format!("org.example.label.number.{i:07}"), serde_json::json!(format!("value {i} of a big config"))))
+        .collect();
+    c["config"]["Labels"] = serde_json::Value::Object(l);
+    let p = dir.join("conf.json");
+    std::fs::write(&p, serde_json::to_vec(&c).unwrap()).unwrap();
+    p
+}
+
+#[test]
+fn our_own_output_with_a_big_config_verifies() {
+    golden_tree();
+    let d = tempfile::tempdir().unwrap();
+    let conf = conf_with_labels(d.path(), 300_000);
+    let out = bin().args(["stream", "-q"]).arg(&conf).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let m = common::run_measured(
+        {
+            let mut c = bin();
+            c.args(["verify", "-"]);
+            c
+        },
+        Some(Box::new(move |w| {
+            let _ = w.write_all(&out.stdout);
+        })),
+    );
+    assert_eq!(m.code, Some(0), "{}", m.stderr);
+    let report = String::from_utf8_lossy(&m.stdout);
+    assert!(report.contains("every digest matches"), "{report}");
+    assert!(m.max_rss_kib <= common::MAX_RSS_KIB, "peak RSS {} KiB", m.max_rss_kib);
+}
+
+/// Writes a tar of `n` empty regular members named uniquely, then an end.
+fn many_members(w: &mut dyn Write, n: usize) {
+    let mut buf = Vec::with_capacity(1 << 20);
+    for i in 0..n {
+        let mut h = tar::Header::new_ustar();
+        h.set_path(format!("m/{i:09}")).unwrap();
+        h.set_size(0);
+        h.set_mode(0o644);
+        h.set_cksum();
+        buf.extend_from_slice(h.as_bytes());
+        if buf.len() >= 1 << 20 {
+            if w.write_all(&buf).is_err() {
+                return;
+            }
+            buf.clear();
+        }
+    }
+    buf.resize(buf.len() + 1024, 0);
+    let _ = w.write_all(&buf);
+}
+
+#[test]
+fn millions_of_members_on_stdin_stay_in_bounded_memory() {
+    let m = common::run_measured(
+        {
+            let mut c = bin();
+            c.args(["verify", "-"]);
+            c
+        },
+        Some(Box::new(|w| many_members(w, 2_000_000))),
+    );
+    assert_eq!(m.code, Some(1), "{}", m.stderr);
+    assert_eq!(m.stderr.trim_end().lines().count(), 1, "{}", m.stderr);
+    assert!(m.stderr.contains("more than 65536 files") && m.stderr.contains("a limit of verify"), "{}", m.stderr);
+    assert!(m.max_rss_kib <= common::MAX_RSS_KIB, "peak RSS {} KiB", m.max_rss_kib);
+}
+
+#[test]
+fn verify_dev_zero_ends() {
+    let start = std::time::Instant::now();
+    let m = common::run_measured(
+        {
+            let mut c = bin();
+            c.args(["verify", "/dev/zero"]);
+            c
+        },
+        None,
+    );
+    assert_eq!(m.code, Some(1), "{}", m.stderr);
+    assert_eq!(m.stderr.trim_end().lines().count(), 1, "{}", m.stderr);
+    assert!(m.stderr.contains("/dev/zero") && m.stderr.contains("end-of-archive"), "{}", m.stderr);
+    assert!(start.elapsed().as_secs() < 30);
+    assert!(m.max_rss_kib <= common::MAX_RSS_KIB, "peak RSS {} KiB", m.max_rss_kib);
+}
+
+/// A layer tar holding one entry `name` (a hard link to `link` if given).
+fn layer_with_entry(name: &str, link: Option<&str>) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut h = tar::Header::new_gnu();
+    {
+        let old = h.as_old_mut();
+        old.name[..name.len()].copy_from_slice(name.as_bytes());
+    }
+    h.set_mode(0o644);
+    h.set_size(0);
+    if let Some(l) = link {
+        h.set_entry_type(tar::EntryType::Link);
+        h.as_old_mut().linkname[..l.len()].copy_from_slice(l.as_bytes());
+    }
+    h.set_cksum();
+    out.extend_from_slice(h.as_bytes());
+    out.resize(out.len() + 1024, 0);
+    out
+}
+
+#[test]
+fn entries_escaping_the_root_are_a_warning_and_fail_strict() {
+    for (name, link) in [("../../etc/evil", None), ("x", Some("../../../etc/shadow"))] {
+        let layer = layer_with_entry(name, link);
+        let a = image_with(&layer, &format!("sha256:{}", sha256_hex(&layer)), "l/layer.tar");
+        let out = verify_bytes(&a, &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(err.contains("warning") && err.contains("outside the root"), "{err}");
+        let out = verify_bytes(&a, &["--strict"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(err.contains("outside the root") && err.contains("--strict"), "{err}");
+    }
+    // The reference's own absolute names are rooted: no warning.
+    golden_tree();
+    let out = verify_bytes(&std::fs::read(golden_dir().join("cases/basic/expected.tar")).unwrap(), &["--strict"]);
+    assert!(out.status.success() && out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+// ---- OCI archives and layout directories.
+
+/// An OCI image layout as (name, bytes) members: layers given as (blob,
+/// media type, diff_id).  `edit` may change the manifest JSON.
+fn oci_members(
+    layers: &[(Vec<u8>, &str, String)],
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> Vec<(String, Vec<u8>)> {
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| l.2.clone()).collect::<Vec<_>>()},
+    }))
+    .unwrap();
+    let desc = |mt: &str, b: &[u8]| serde_json::json!({"mediaType": mt, "digest": format!("sha256:{}", sha256_hex(b)), "size": b.len()});
+    let mut manifest = serde_json::json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": desc("application/vnd.oci.image.config.v1+json", &config),
+        "layers": layers.iter().map(|(b, mt, _)| desc(mt, b)).collect::<Vec<_>>(),
+    });
+    edit(&mut manifest);
+    let manifest = serde_json::to_vec(&manifest).unwrap();
+    let mut md = desc("application/vnd.oci.image.manifest.v1+json", &manifest);
+    md["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": "t:1"});
+    let index = serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "manifests": [md]})).unwrap();
+    let mut out = vec![
+        ("oci-layout".to_string(), br#"{"imageLayoutVersion": "1.0.0"}"#.to_vec()),
+        ("index.json".to_string(), index),
+    ];
+    for b in std::iter::once(&config).chain(std::iter::once(&manifest)).chain(layers.iter().map(|l| &l.0)) {
+        out.push((format!("blobs/sha256/{}", sha256_hex(b)), b.clone()));
+    }
+    out
+}
+
+fn oci_archive(members: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let m: Vec<(&str, &[u8])> = members.iter().map(|(n, d)| (n.as_str(), d.as_slice())).collect();
+    archive(&m)
+}
+
+fn three_layers() -> Vec<(Vec<u8>, &'static str, String)> {
+    let plain = good_layer();
+    let d = format!("sha256:{}", sha256_hex(&plain));
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&plain).unwrap();
+    vec![
+        (plain.clone(), "application/vnd.oci.image.layer.v1.tar", d.clone()),
+        (gz.finish().unwrap(), "application/vnd.oci.image.layer.v1.tar+gzip", d.clone()),
+        (zstd::encode_all(&plain[..], 3).unwrap(), "application/vnd.oci.image.layer.v1.tar+zstd", d),
+    ]
+}
+
+#[test]
+fn oci_archives_and_layout_directories_pass() {
+    let members = oci_members(&three_layers(), |_| {});
+    let report = passes(&oci_archive(&members));
+    assert!(report.contains("(OCI): t:1") && report.contains("(gzip)") && report.contains("(zstd)"), "{report}");
+    assert_eq!(report.matches("  ok").count(), 3, "{report}");
+    // The same as a directory.
+    let d = tempfile::tempdir().unwrap();
+    for (n, b) in &members {
+        let p = d.path().join(n);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, b).unwrap();
+    }
+    let out = bin().arg("verify").arg(d.path()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("every digest matches"));
+    // A corrupt blob in the directory.
+    let (n, b) = members.last().unwrap();
+    let mut bad = b.clone();
+    let k = bad.len() / 2;
+    bad[k] ^= 1;
+    std::fs::write(d.path().join(n), &bad).unwrap();
+    let out = bin().arg("verify").arg(d.path()).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains(n.as_str()) && err.contains("its name does not carry"), "{err}");
+    // A blob that is a fifo is named, not waited on.
+    std::fs::remove_file(d.path().join(n)).unwrap();
+    let c = std::ffi::CString::new(d.path().join(n).as_os_str().as_encoded_bytes()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let out = bin().arg("verify").arg(d.path()).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("not a regular file"), "{err}");
+}
+
+#[test]
+fn oci_damage_is_named() {
+    let layers = three_layers();
+    // A layer whose content is not its diff_id.
+    let mut wrong = layers.clone();
+    wrong[0].2 = format!("sha256:{}", "22".repeat(32));
+    fails(&oci_archive(&oci_members(&wrong, |_| {})), &["layer 1", "but its diff_id is"]);
+    // A descriptor's size that is not the blob's.
+    fails(
+        &oci_archive(&oci_members(&layers, |m| m["layers"][1]["size"] = serde_json::json!(5))),
+        &["layer 2", "its descriptor says 5"],
+    );
+    // A media type that says gzip for a zstd blob.
+    fails(
+        &oci_archive(&oci_members(&layers, |m| {
+            m["layers"][2]["mediaType"] = serde_json::json!("application/vnd.oci.image.layer.v1.tar+gzip")
+        })),
+        &["layer 3", "zstd-compressed", "says gzip"],
+    );
+    // A blob not named by its digest.
+    let mut members = oci_members(&layers, |_| {});
+    let last = members.len() - 1;
+    members[last].1.push(0);
+    fails(&oci_archive(&members), &["its name does not carry"]);
+    // A manifest naming a layer that is not there.
+    let mut members = oci_members(&layers, |_| {});
+    members.pop();
+    fails(&oci_archive(&members), &["layer 3", "not in the archive"]);
+    // Fewer diff_ids than layers.
+    let members = oci_members(&layers, |m| {
+        let l = m["layers"][0].clone();
+        m["layers"].as_array_mut().unwrap().push(l);
+    });
+    fails(&oci_archive(&members), &["4 layers but the config has 3 diff_ids"]);
+}
+
+#[test]
+#[ignore = "needs skopeo: run scripts/test"]
+fn skopeo_oci_archives_and_layouts_of_the_golden_cases_pass() {
+    golden_tree();
+    let d = tempfile::tempdir().unwrap();
+    for case in ["basic", "from-image", "grouped", "odd-bytes"] {
+        let src = format!("docker-archive:{}", golden_dir().join("cases").join(case).join("expected.tar").display());
+        let oci = d.path().join(format!("{case}.oci"));
+        let dir = d.path().join(format!("{case}-dir"));
+        for dest in [format!("oci-archive:{}:{case}:1", oci.display()), format!("oci:{}:{case}:1", dir.display())] {
+            let st = std::process::Command::new("skopeo").args(["copy", "-q", &src, &dest]).output().unwrap();
+            assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+        }
+        for target in [&oci, &dir] {
+            let out = bin().arg("verify").arg(target).output().unwrap();
+            assert!(out.status.success(), "{case}: {}", String::from_utf8_lossy(&out.stderr));
+            let report = String::from_utf8_lossy(&out.stdout);
+            assert!(report.contains("(OCI)") && report.contains("every digest matches"), "{report}");
+        }
+        passes(&std::fs::read(&oci).unwrap());
+    }
+}
+
+#[test]
+fn our_own_oci_outputs_verify() {
+    golden_tree();
+    let conf = golden_dir().join("cases/grouped/conf.json");
+    let d = tempfile::tempdir().unwrap();
+    for lc in ["none", "gzip", "zstd"] {
+        let out = bin()
+            .args(["stream", "-q", "--format", "oci-archive", "--layer-compression", lc])
+            .arg(&conf)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let report = passes(&out.stdout);
+        assert!(report.contains("(OCI)"), "{report}");
+        let dir = d.path().join(lc);
+        let st = bin().args(["stream", "-q", "--layer-compression", lc, "--oci-layout"]).arg(&dir).arg(&conf).output();
+        assert!(st.unwrap().status.success());
+        let out = bin().args(["verify", "--strict"]).arg(&dir).output().unwrap();
+        assert!(out.status.success(), "{lc}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("every digest matches"));
+    }
+}

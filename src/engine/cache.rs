@@ -136,7 +136,7 @@ impl DigestCache {
     /// files.  Anything else (absent, unreadable, torn, corrupt, another
     /// file count) is a miss.
     pub fn get(&self, key: &[u8; 32], files: usize) -> Option<CachedLayer> {
-        let data = std::fs::read(self.path(key)).ok()?;
+        let data = read_entry(&self.path(key), max_entry_len(files))?;
         decode(&data, key).filter(|c| c.files.len() == files)
     }
 
@@ -151,6 +151,35 @@ impl DigestCache {
         tmp.persist(&path).map_err(|e| err(e.error))?;
         Ok(())
     }
+}
+
+/// The most bytes an entry for a layer of `files` files may have: its
+/// fixed fields and one hash per file, with room for fields to come.
+fn max_entry_len(files: usize) -> u64 {
+    4096 + 64 * files as u64
+}
+
+/// The bytes of the entry file at `path`, if it is a regular file of at most
+/// `max` bytes.  Opened without following a link and without blocking (a
+/// fifo or a link to `/dev/zero` planted in the cache is a miss, not a hang
+/// or a read without end), and read no further than `max`.
+pub fn read_entry(path: &Path, max: u64) -> Option<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::File::options().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path).ok()?;
+    let m = f.metadata().ok()?;
+    if !m.is_file() || m.len() > max {
+        return None;
+    }
+    let mut data = Vec::with_capacity(m.len() as usize);
+    // The file may grow after the fstat: the read stops past `max` anyway.
+    f.take(max + 1).read_to_end(&mut data).ok()?;
+    (data.len() as u64 <= max).then_some(data)
+}
+
+/// Decodes an entry's bytes (for the fuzzer: any bytes, no panic).
+pub fn decode_entry(data: &[u8], key: &[u8; 32]) -> Option<CachedLayer> {
+    decode(data, key)
 }
 
 fn encode(key: &[u8; 32], c: &CachedLayer) -> Vec<u8> {
@@ -233,6 +262,69 @@ mod tests {
         // An entry stored under another key's name is a miss.
         std::fs::write(&p, encode(&[8u8; 32], &layer)).unwrap();
         assert_eq!(c.get(&key, 3), None);
+    }
+
+    #[test]
+    fn entries_that_are_not_plausible_regular_files_are_misses() {
+        let d = tempfile::tempdir().unwrap();
+        let c = DigestCache::open(&d.path().join("cache")).unwrap();
+        let key = [3u8; 32];
+        let layer = CachedLayer {
+            digest: LayerDigest { size: 10240, sha256: [9; 32] },
+            files: vec![1],
+            unchanged_before_ns: 0,
+        };
+        c.put(&key, &layer).unwrap();
+        let p = c.path(&key);
+        let good = std::fs::read(&p).unwrap();
+        assert_eq!(c.get(&key, 1), Some(layer.clone()));
+        // A link to the entry itself is not followed.
+        let real = p.with_extension("real");
+        std::fs::rename(&p, &real).unwrap();
+        std::os::unix::fs::symlink(&real, &p).unwrap();
+        assert_eq!(c.get(&key, 1), None, "link");
+        std::fs::remove_file(&p).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", &p).unwrap();
+        assert_eq!(c.get(&key, 1), None, "link to /dev/zero");
+        std::fs::remove_file(&p).unwrap();
+        let cp = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(cp.as_ptr(), 0o600) }, 0);
+        assert_eq!(c.get(&key, 1), None, "fifo");
+        std::fs::remove_file(&p).unwrap();
+        std::fs::create_dir(&p).unwrap();
+        assert_eq!(c.get(&key, 1), None, "directory");
+        std::fs::remove_dir(&p).unwrap();
+        // Too large for the file count: not even read.
+        let mut big = good.clone();
+        big.resize(max_entry_len(1) as usize + 1, 0);
+        std::fs::write(&p, &big).unwrap();
+        assert_eq!(c.get(&key, 1), None, "implausible size");
+        std::fs::write(&p, &good).unwrap();
+        assert_eq!(c.get(&key, 1), Some(layer));
+    }
+
+    proptest::proptest! {
+        /// What the `cache_entry` fuzz target checks, on random bytes and
+        /// on damaged sound entries: no panic, and what decodes re-encodes
+        /// to the same bytes.
+        #[test]
+        fn any_entry_bytes_decode_or_miss(
+            data in proptest::collection::vec(proptest::num::u8::ANY, 0..400),
+            files in proptest::collection::vec(proptest::num::u128::ANY, 0..5),
+            flip in proptest::num::usize::ANY,
+        ) {
+            let key = [0x5a; 32];
+            if let Some(e) = decode_entry(&data, &key) {
+                proptest::prop_assert_eq!(encode(&key, &e), data);
+            }
+            let layer = CachedLayer { digest: LayerDigest { size: 7, sha256: [1; 32] }, files, unchanged_before_ns: -3 };
+            let mut good = encode(&key, &layer);
+            proptest::prop_assert_eq!(decode_entry(&good, &key), Some(layer));
+            let i = flip % good.len();
+            good[i] ^= 1;
+            proptest::prop_assert_eq!(decode_entry(&good, &key), None);
+        }
     }
 
     #[test]

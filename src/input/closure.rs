@@ -16,8 +16,8 @@ use serde_json::Value;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClosureError {
-    #[error("cannot read closure graph {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Read(#[from] crate::input::limited::LimitedError),
     #[error("closure graph {path} is not valid JSON: {source}")]
     Json { path: PathBuf, source: serde_json::Error },
     #[error("closure graph {path}: {what}")]
@@ -46,7 +46,8 @@ pub struct ClosureGraph {
 impl ClosureGraph {
     /// Reads a closure graph file in any of the accepted forms.
     pub fn load(path: &Path) -> Result<ClosureGraph, ClosureError> {
-        let bytes = std::fs::read(path).map_err(|source| ClosureError::Read { path: path.to_path_buf(), source })?;
+        use crate::input::limited::{read_capped, MAX_GRAPH};
+        let bytes = read_capped(path, "closure graph", MAX_GRAPH)?;
         let v: Value =
             serde_json::from_slice(&bytes).map_err(|source| ClosureError::Json { path: path.to_path_buf(), source })?;
         ClosureGraph::from_value(&v).map_err(|what| ClosureError::Invalid { path: path.to_path_buf(), what })

@@ -17,8 +17,8 @@ use crate::input::isotime::DateTime;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfError {
-    #[error("cannot read configuration {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Read(#[from] crate::input::limited::LimitedError),
     #[error("configuration {path} is not valid JSON: {source}")]
     Json { path: PathBuf, source: serde_json::Error },
     #[error("configuration: the top level must be a JSON object, found {found}")]
@@ -87,7 +87,7 @@ impl Conf {
     /// Reads and validates `path`. `repo_tag_override` is `--repo-tag`; when
     /// given, the file's `repo_tag` is not consulted (as in the reference).
     pub fn load(path: &Path, repo_tag_override: Option<&str>) -> Result<Conf, ConfError> {
-        let text = std::fs::read(path).map_err(|source| ConfError::Read { path: path.to_path_buf(), source })?;
+        let text = crate::input::limited::read_capped(path, "configuration", crate::input::limited::MAX_CONF)?;
         let value: Value =
             serde_json::from_slice(&text).map_err(|source| ConfError::Json { path: path.to_path_buf(), source })?;
         Conf::from_value(value, repo_tag_override, DateTime::now_utc())
@@ -126,6 +126,8 @@ impl Conf {
             Some(t) if !t.is_empty() => t.to_string(),
             _ => string_value("repo_tag", take("repo_tag")?)?,
         };
+        check_reference(&repo_tag)
+            .map_err(|why| ConfError::Invalid { key: "repo_tag".into(), message: format!("{repo_tag:?} {why}") })?;
         let config = match take("config")? {
             Value::Object(m) => m,
             other => return Err(type_err("config", "an object", &other)),
@@ -189,6 +191,86 @@ impl Conf {
             config,
         })
     }
+}
+
+/// Checks `NAME[:TAG]` against the docker reference grammar (what `docker
+/// load` accepts in `RepoTags`); the error says what is wrong.
+pub fn check_reference(r: &str) -> Result<(), String> {
+    let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    // The tag follows the last ':' that comes after the last '/'.
+    let slash = r.rfind('/').map_or(0, |i| i + 1);
+    let (name, tag) = match r[slash..].rfind(':') {
+        Some(i) => (&r[..slash + i], Some(&r[slash + i + 1..])),
+        None => (r, None),
+    };
+    if r.contains('@') {
+        return Err("is not a valid image reference: a digest (@) cannot be a tag".into());
+    }
+    if let Some(c) = r.chars().find(|c| c.is_control() || c.is_whitespace()) {
+        return Err(format!("is not a valid image reference: it holds {c:?}"));
+    }
+    if name.is_empty() {
+        return Err("is not a valid image reference: the name is empty".into());
+    }
+    if name.len() > 255 {
+        return Err("is not a valid image reference: the name is longer than 255 characters".into());
+    }
+    if let Some(t) = tag {
+        let ok = t.len() <= 128
+            && t.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
+            && t.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        if !ok {
+            return Err(format!(
+                "is not a valid image reference: tag {t:?} must be 1-128 of [A-Za-z0-9_.-], not starting with . or -"
+            ));
+        }
+    }
+    let mut parts: Vec<&str> = name.split('/').collect();
+    // A first component with a '.' or ':', or "localhost", is a registry host.
+    if parts.len() > 1 && (parts[0].contains(['.', ':']) || parts[0] == "localhost") {
+        let host = parts.remove(0);
+        let (h, port) = host.split_once(':').map_or((host, None), |(h, p)| (h, Some(p)));
+        let host_ok = !h.is_empty()
+            && h.split('.').all(|c| {
+                !c.is_empty()
+                    && c.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-')
+                    && !c.starts_with('-')
+                    && !c.ends_with('-')
+            });
+        if !host_ok || port.is_some_and(|p| p.is_empty() || !p.chars().all(|c| c.is_ascii_digit())) {
+            return Err(format!("is not a valid image reference: {host:?} is not a registry host[:port]"));
+        }
+    }
+    for p in parts {
+        // alnum (separator alnum)*, separator = '.', '_', '__' or '-'+.
+        let ok = p.starts_with(alnum) && p.ends_with(alnum) && {
+            let b = p.as_bytes();
+            let mut i = 0;
+            let mut good = true;
+            while i < b.len() {
+                if alnum(b[i] as char) {
+                    i += 1;
+                    continue;
+                }
+                let start = i;
+                while i < b.len() && !alnum(b[i] as char) {
+                    i += 1;
+                }
+                let sep = &p[start..i];
+                good &= matches!(sep, "." | "_" | "__") || sep.chars().all(|c| c == '-');
+            }
+            good
+        };
+        if !ok {
+            let why = if p.chars().any(|c| c.is_ascii_uppercase()) {
+                "must be lowercase"
+            } else {
+                "must be lowercase letters and digits, separated by '.', '_', '__' or '-'"
+            };
+            return Err(format!("is not a valid image reference: repository component {p:?} {why}"));
+        }
+    }
+    Ok(())
 }
 
 fn parse_time(key: &'static str, v: &Value, now: DateTime) -> Result<DateTime, ConfError> {
@@ -314,6 +396,29 @@ mod tests {
             let e = with("store_layers", paths).unwrap_err().to_string();
             assert!(e.contains(needle), "{e}");
         }
+    }
+
+    #[test]
+    fn repo_tags_are_docker_references() {
+        for good in ["a:b", "hello", "library/hello-world:1.0", "localhost:5000/x/y:latest", "reg.io/a__b/c.d-e:v_1"] {
+            assert_eq!(check_reference(good), Ok(()), "{good}");
+        }
+        for (bad, needle) in [
+            ("Hello:1", "must be lowercase"),
+            ("a:b\n", "'\\n'"),
+            ("a b:1", "' '"),
+            ("a:", "tag \"\""),
+            ("a:-x", "tag"),
+            ("a..b:1", "separated"),
+            ("/a:1", "repository component"),
+            ("a@sha256:00", "digest"),
+            (":1", "name is empty"),
+        ] {
+            let e = check_reference(bad).unwrap_err();
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
+        let e = with("repo_tag", json!("Bad:1")).unwrap_err().to_string();
+        assert_eq!(e, "configuration: key \"repo_tag\": \"Bad:1\" is not a valid image reference: repository component \"Bad\" must be lowercase");
     }
 
     #[test]

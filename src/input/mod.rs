@@ -7,4 +7,5 @@ pub mod conf;
 pub mod contents;
 pub mod isotime;
 pub mod layerdigest;
+pub mod limited;
 pub mod wrapper;

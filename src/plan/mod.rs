@@ -38,6 +38,8 @@ pub enum PlanError {
     Walk { layer: usize, source: Arc<WalkError> },
     #[error("customisation layer {path}: {what}")]
     Customisation { path: PathBuf, what: String },
+    #[error("contents directory {path}: {what}")]
+    Contents { path: PathBuf, what: String },
 }
 
 /// The customisation layer: a directory with `layer.tar` and `checksum`.
@@ -120,8 +122,18 @@ impl ImagePlan {
             CustomisationSource::Prebuilt { dir, text } => PlannedLayer::Customisation(customisation(dir, text)?),
             CustomisationSource::Contents(dir) => {
                 let listing = match dir {
-                    Some(d) => list_contents(d, crate::store::walk::default_threads())
-                        .map_err(|source| PlanError::Walk { layer: 0, source: Arc::new(source) })?,
+                    Some(d) => list_contents(d, crate::store::walk::default_threads()).map_err(|e| {
+                        let what = match e {
+                            WalkError::Missing { path } if path == *d => "does not exist".to_string(),
+                            WalkError::Io { path, source }
+                                if path == *d && source.kind() == std::io::ErrorKind::NotFound =>
+                            {
+                                "does not exist".to_string()
+                            }
+                            e => e.to_string(),
+                        };
+                        PlanError::Contents { path: d.clone(), what }
+                    })?,
                     None => Listing::default(),
                 };
                 let listing = LayerListing::ready(listing);

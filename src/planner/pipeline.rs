@@ -365,6 +365,11 @@ fn package_key(path: &str) -> String {
 /// a copy of `s`.  Paths no root reaches come last, sorted by name (the
 /// reference appends them in hash-set order).
 fn popularity_order(g: &Graph, u: &Universe) -> Vec<u32> {
+    popularity_order_within(g, u, ANCESTOR_BITS_BUDGET)
+}
+
+/// [`popularity_order`], holding at most `budget` bytes of ancestor bits.
+fn popularity_order_within(g: &Graph, u: &Universe, budget: usize) -> Vec<u32> {
     let n = g.len();
     let preds = g.preds();
     // Depth-first expansion; back edges become leaf copies (index >= n).
@@ -428,7 +433,7 @@ fn popularity_order(g: &Graph, u: &Universe) -> Vec<u32> {
         }
     }
     let keys: Vec<String> = g.verts.iter().map(|&v| package_key(&u.names[v as usize])).collect();
-    let scores = Scores::new(&xpreds, &order, &copies, &reached);
+    let scores = Scores::new(&xpreds, &children, &order, &copies, &reached, budget);
     let mut idx: Vec<u32> = (0..n as u32).collect();
     idx.sort_by(|&a, &b| {
         let (a, b) = (a as usize, b as usize);
@@ -504,34 +509,45 @@ impl Ext {
     }
 }
 
-/// The terms of a popularity sum: each copy once, and each strict ancestor
-/// of any copy once more (a copy that reaches another copy is both).
-fn members_of(anc: &[u64], words: usize, copies: &[u32], out: &mut Vec<u32>) {
+/// The terms of a popularity sum: each copy once, then each strict ancestor
+/// of any copy once more (a copy that reaches another copy is both), in
+/// vertex order.  One reverse search per copy: memory linear in the graph.
+fn members_of(xpreds: &[Vec<u32>], copies: &[u32], out: &mut Vec<u32>) {
+    let total = xpreds.len();
     out.clear();
     out.extend_from_slice(copies);
-    let mut union = vec![0u64; words];
-    for &c in copies {
-        let c = c as usize;
-        for (w, u) in union.iter_mut().enumerate() {
-            *u |= anc[c * words + w];
+    let mut union = vec![false; total];
+    let mut by_other = vec![false; copies.len()];
+    let mut seen = vec![false; total];
+    let mut stack = Vec::new();
+    for (oi, &o) in copies.iter().enumerate() {
+        seen.iter_mut().for_each(|x| *x = false);
+        seen[o as usize] = true;
+        stack.push(o);
+        while let Some(v) = stack.pop() {
+            union[v as usize] = true;
+            for &p in &xpreds[v as usize] {
+                if !std::mem::replace(&mut seen[p as usize], true) {
+                    stack.push(p);
+                }
+            }
+        }
+        for (ci, &c) in copies.iter().enumerate() {
+            by_other[ci] |= ci != oi && seen[c as usize];
         }
     }
-    for &c in copies {
-        let c = c as usize;
-        let by_other =
-            copies.iter().any(|&o| o as usize != c && anc[o as usize * words + c / 64] & (1 << (c % 64)) != 0);
-        if !by_other {
-            union[c / 64] &= !(1 << (c % 64));
+    for (ci, &c) in copies.iter().enumerate() {
+        if !by_other[ci] {
+            union[c as usize] = false;
         }
     }
-    for (w, &bits) in union.iter().enumerate() {
-        let mut b = bits;
-        while b != 0 {
-            out.push((w * 64 + b.trailing_zeros() as usize) as u32);
-            b &= b - 1;
-        }
-    }
+    out.extend((0..total).filter(|&v| union[v]).map(|v| v as u32));
 }
+
+/// Bytes of ancestor bits held at once: the sums are made a block of
+/// target vertices at a time, so memory stays linear in the closure (all
+/// targets at once took the square: 1.5 GB at 100,000 paths).
+const ANCESTOR_BITS_BUDGET: usize = 32 << 20;
 
 /// Popularity of every vertex: an extended float for magnitude, the exact
 /// value modulo 2^128 for equality, and exact big integers on demand for the
@@ -539,9 +555,6 @@ fn members_of(anc: &[u64], words: usize, copies: &[u32], out: &mut Vec<u32>) {
 struct Scores<'a> {
     approx: Vec<Ext>,
     residue: Vec<u128>,
-    /// Ancestor bitsets (self included), `words` per vertex.
-    anc: Vec<u64>,
-    words: usize,
     copies: &'a [Vec<u32>],
     xpreds: &'a [Vec<u32>],
     order: &'a [u32],
@@ -549,8 +562,16 @@ struct Scores<'a> {
 }
 
 impl<'a> Scores<'a> {
-    fn new(xpreds: &'a [Vec<u32>], order: &'a [u32], copies: &'a [Vec<u32>], reached: &[bool]) -> Scores<'a> {
+    fn new(
+        xpreds: &'a [Vec<u32>],
+        children: &[Vec<u32>],
+        order: &'a [u32],
+        copies: &'a [Vec<u32>],
+        reached: &[bool],
+        budget: usize,
+    ) -> Scores<'a> {
         let total = xpreds.len();
+        let n = copies.len();
         // A(v): paths from the virtual root, as Ext and modulo 2^128.
         let mut a_ext = vec![Ext::ZERO; total];
         let mut a_mod = vec![0u128; total];
@@ -566,56 +587,70 @@ impl<'a> Scores<'a> {
                 }
             }
         }
-        // Ancestor sets (self included) as bitsets, in topological order.
-        let words = total.div_ceil(64);
-        let mut anc = vec![0u64; total * words];
-        for &v in order {
-            let v = v as usize;
-            anc[v * words + v / 64] |= 1 << (v % 64);
-            for &p in &xpreds[v] {
-                let (src, dst) = (p as usize * words, v * words);
-                for w in 0..words {
-                    let bits = anc[src + w];
-                    anc[dst + w] |= bits;
-                }
-            }
-        }
-        let mut approx = Vec::with_capacity(copies.len());
-        let mut residue = Vec::with_capacity(copies.len());
-        let mut members = Vec::new();
-        for s in 0..copies.len() {
-            if !reached[s] {
-                approx.push(Ext::ZERO);
-                residue.push(0);
+        // A never decreases along an edge, so the largest term is a copy's.
+        let top: Vec<i64> = (0..n).map(|s| copies[s].iter().map(|&c| a_ext[c as usize].e).max().unwrap_or(0)).collect();
+        let single: Vec<bool> = (0..n).map(|s| reached[s] && copies[s].len() == 1).collect();
+        let mut sum = vec![0f64; n];
+        let mut residue = vec![0u128; n];
+        // A vertex with one copy (no cycle through it) sums A over its
+        // ancestors (itself included).  For a block of such targets, each
+        // vertex gets the bits of the targets it reaches (in reverse
+        // topological order); the sums then take their terms in vertex
+        // order, as one ancestor row read in order would.
+        let words = (budget / 8 / total.max(1)).clamp(1, n.div_ceil(64).max(1));
+        let mut reach = vec![0u64; total * words];
+        for start in (0..n).step_by(words * 64) {
+            let end = n.min(start + words * 64);
+            if !(start..end).any(|s| single[s]) {
                 continue;
             }
-            // A never decreases along an edge, so the largest term is a copy's.
-            let top = copies[s].iter().map(|&c| a_ext[c as usize].e).max().unwrap_or(0);
-            let (mut sum, mut r) = (0f64, 0u128);
-            let mut add = |x: usize| {
-                sum += a_ext[x].scaled(top);
-                r = r.wrapping_add(a_mod[x]);
-            };
-            if let [c] = copies[s].as_slice() {
-                // One copy (no cycle through it): exactly its ancestor row.
-                let row = &anc[*c as usize * words..(*c as usize + 1) * words];
-                for (w, &bits) in row.iter().enumerate() {
+            reach.fill(0);
+            for &v in order.iter().rev() {
+                let v = v as usize;
+                if (start..end).contains(&v) && single[v] {
+                    let b = v - start;
+                    reach[v * words + b / 64] |= 1 << (b % 64);
+                }
+                for &c in &children[v] {
+                    for w in 0..words {
+                        let bits = reach[c as usize * words + w];
+                        reach[v * words + w] |= bits;
+                    }
+                }
+            }
+            for v in 0..total {
+                for (w, &bits) in reach[v * words..(v + 1) * words].iter().enumerate() {
                     let mut b = bits;
                     while b != 0 {
-                        add(w * 64 + b.trailing_zeros() as usize);
+                        let s = start + w * 64 + b.trailing_zeros() as usize;
+                        sum[s] += a_ext[v].scaled(top[s]);
+                        residue[s] = residue[s].wrapping_add(a_mod[v]);
                         b &= b - 1;
                     }
                 }
-            } else {
-                members_of(&anc, words, &copies[s], &mut members);
-                members.iter().for_each(|&x| add(x as usize));
             }
-            let mut e = Ext::from_f64(sum);
-            e.e = e.e.saturating_add(top);
-            approx.push(e);
-            residue.push(r);
         }
-        Scores { approx, residue, anc, words, copies, xpreds, order, exact: std::cell::RefCell::new(None) }
+        drop(reach);
+        let mut approx = Vec::with_capacity(n);
+        let mut members = Vec::new();
+        for s in 0..n {
+            if !reached[s] {
+                approx.push(Ext::ZERO);
+                residue[s] = 0;
+                continue;
+            }
+            if !single[s] {
+                members_of(xpreds, &copies[s], &mut members);
+                for &x in &members {
+                    sum[s] += a_ext[x as usize].scaled(top[s]);
+                    residue[s] = residue[s].wrapping_add(a_mod[x as usize]);
+                }
+            }
+            let mut e = Ext::from_f64(sum[s]);
+            e.e = e.e.saturating_add(top[s]);
+            approx.push(e);
+        }
+        Scores { approx, residue, copies, xpreds, order, exact: std::cell::RefCell::new(None) }
     }
 
     fn cmp(&self, a: usize, b: usize) -> std::cmp::Ordering {
@@ -644,7 +679,7 @@ impl<'a> Scores<'a> {
         });
         let sum = |s: usize| {
             let mut m = Vec::new();
-            members_of(&self.anc, self.words, &self.copies[s], &mut m);
+            members_of(self.xpreds, &self.copies[s], &mut m);
             m.iter().fold(BigUint::default(), |acc, &x| acc + &exact[x as usize])
         };
         sum(a).cmp(&sum(b))
@@ -994,6 +1029,33 @@ mod tests {
                 .collect();
             proptest::prop_assert_eq!(ours, naive_popularity(&g));
         }
+    }
+
+    #[test]
+    fn block_size_does_not_change_the_order() {
+        // 400 paths, a few references each, and a reference cycle: many
+        // blocks of 64 targets against one block of all.
+        let name = |i: usize| format!("/nix/store/{:032}-p{i}", i * 7919 % 1000);
+        let nodes: Vec<Node> = (0..400)
+            .map(|i| {
+                let mut refs: Vec<String> =
+                    [i + 1, i * 3 + 2, i * 5 + 7].iter().filter(|&&j| j < 400).map(|&j| name(j)).collect();
+                if i == 399 {
+                    refs.push(name(350));
+                }
+                Node {
+                    path: name(i),
+                    references: refs,
+                    nar_size: (i as u64 * 37) % 11,
+                    closure_size: None,
+                    nar_hash: None,
+                }
+            })
+            .collect();
+        let (u, g) = Universe::build(&ClosureGraph { nodes }, &HashSet::new());
+        let whole = popularity_order_within(&g, &u, 1 << 30);
+        assert_eq!(popularity_order_within(&g, &u, 1), whole);
+        assert_eq!(popularity_order_within(&g, &u, 400 * 8 * 2), whole);
     }
 
     #[test]

@@ -2,9 +2,12 @@
 //! gzip, bzip2, xz or zstd (the reference's `tarfile.open` reads the first
 //! three; zstd is ours).
 //!
-//! The archive is indexed once (member headers and data offsets, never whole
-//! members in memory), `manifest.json` and the config it names are read with
-//! a size bound, and each layer named by the manifest is later copied through
+//! The archive is scanned for the members that can matter (`manifest.json`
+//! and the names a docker-archive's configs and layers have; a second scan
+//! for exactly the names the manifest gives when the first kept too few),
+//! so memory does not grow with the number of members; `manifest.json`
+//! (parsed by [`crate::read::manifest`], as `verify` parses it) and the
+//! config it names are read with a size bound, and each layer named by the manifest is later copied through
 //! member header and all, re-encoded as `tarfile` re-encodes a member it read
 //! (`tar.addfile(layer_tarinfo, ...)`), while its content is hashed and
 //! compared with its diff_id.  Malformed archives get an error naming the
@@ -17,11 +20,14 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::engine::digest::{hex, parse_sha256_hex, HashSink};
+use crate::read::manifest::{escapes_archive, parse_docker_manifest, DockerEntry};
 use crate::read::tarread::{read_full, TarError, TarReader};
 pub use crate::read::tarread::{Compression, Member};
 
-/// Largest manifest.json or config we read (real ones are a few KiB).
-pub const MAX_JSON: u64 = 16 << 20;
+/// Largest base config read (real ones are a few KiB; it is kept whole, as
+/// its `config` object goes into the image).  `manifest.json` has
+/// [`crate::read::manifest::MAX_MANIFEST`], as for `verify`.
+pub const MAX_JSON: u64 = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BaseError {
@@ -33,8 +39,8 @@ pub enum BaseError {
     Truncated { path: PathBuf, member: String },
     #[error("base image {path} has no member {member:?}")]
     MissingMember { path: PathBuf, member: String },
-    #[error("base image {path}: {member} is larger than {MAX_JSON} bytes")]
-    TooLarge { path: PathBuf, member: String },
+    #[error("base image {path}: {member} is larger than the {limit}-byte limit")]
+    TooLarge { path: PathBuf, member: String, limit: u64 },
     #[error("base image {path}: {what}")]
     Invalid { path: PathBuf, what: String },
     #[error("base image {path}: layer {member} has sha256:{actual}, but its diff_id is sha256:{expected}")]
@@ -86,39 +92,91 @@ fn open_at(path: &Path, compression: Compression, offset: u64) -> Result<Box<dyn
     Ok(r)
 }
 
-/// Reads every member header of the archive.
-fn index(path: &Path, compression: Compression) -> Result<Vec<Member>, BaseError> {
+/// Most members kept from the first look at the archive, besides
+/// `manifest.json`; an archive with more (or with names we did not expect)
+/// is read a second time for exactly the members its manifest names.
+const MAX_CANDIDATES: usize = 4096;
+/// Most bytes of kept member headers (names, pax records).
+pub const MAX_KEPT_HEADERS: u64 = 64 << 20;
+
+fn header_bytes(m: &Member) -> u64 {
+    (m.name.len() + m.linkname.len() + m.pax.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()) as u64
+}
+
+/// A name a docker-archive's config or layer usually has.
+fn usual_name(name: &[u8]) -> bool {
+    name.ends_with(b".json") || name.ends_with(b"/layer.tar") || name.starts_with(b"blobs/")
+}
+
+/// The members of one scan: the last member of each kept name, and whether
+/// some were left out (the caps).
+struct Scan {
+    members: std::collections::HashMap<Vec<u8>, Member>,
+    complete: bool,
+}
+
+/// Reads every member header, keeping the last member of each name `keep`
+/// takes (`manifest.json` always): memory grows with what is kept, never
+/// with the number of members.
+fn scan(path: &Path, compression: Compression, keep: &dyn Fn(&[u8]) -> bool, cap: usize) -> Result<Scan, BaseError> {
     let mut t = TarReader::new(open_at(path, compression, 0)?);
-    let mut members = Vec::new();
     let err = |e: TarError| match e {
         TarError::Io(source) => BaseError::Io { path: path.to_path_buf(), source },
         TarError::NotTar(why) => BaseError::NotTar { path: path.to_path_buf(), why },
         TarError::Truncated(member) => BaseError::Truncated { path: path.to_path_buf(), member },
     };
+    let mut scan = Scan { members: std::collections::HashMap::new(), complete: true };
+    let mut bytes = 0u64;
     while let Some(m) = t.next_member().map_err(err)? {
-        members.push(m);
+        let always = m.name == b"manifest.json";
+        if !always && !keep(&m.name) {
+            continue;
+        }
+        let size = header_bytes(&m);
+        let fits = scan.members.len() < cap && bytes + size <= MAX_KEPT_HEADERS;
+        if !always && !fits && !scan.members.contains_key(&m.name) {
+            scan.complete = false;
+            continue;
+        }
+        bytes += size;
+        if let Some(old) = scan.members.insert(m.name.clone(), m) {
+            bytes -= header_bytes(&old);
+        }
+        if bytes > MAX_KEPT_HEADERS {
+            return Err(BaseError::Invalid {
+                path: path.to_path_buf(),
+                what: format!("the members it names have more than {MAX_KEPT_HEADERS} bytes of headers (a limit)"),
+            });
+        }
     }
-    if members.is_empty() {
+    if t.members() == 0 {
         return Err(BaseError::NotTar { path: path.to_path_buf(), why: "it has no members".into() });
     }
-    Ok(members)
+    Ok(scan)
 }
 
-/// `tarfile.getmember`: the last member with exactly this name.
-fn find<'a>(members: &'a [Member], name: &str) -> Option<&'a Member> {
-    let name = name.trim_end_matches('/');
-    members.iter().rev().find(|m| m.name == name.as_bytes())
+impl Scan {
+    /// `tarfile.getmember`: the last member with exactly this name.
+    fn find(&self, name: &str) -> Option<&Member> {
+        self.members.get(name.trim_end_matches('/').as_bytes())
+    }
 }
 
-fn read_json(path: &Path, compression: Compression, member: &Member) -> Result<Value, BaseError> {
-    if member.size > MAX_JSON {
-        return Err(BaseError::TooLarge { path: path.to_path_buf(), member: member.name_lossy() });
+/// A member's data, at most `limit` bytes.
+fn read_bytes(path: &Path, compression: Compression, member: &Member, limit: u64) -> Result<Vec<u8>, BaseError> {
+    if member.size > limit {
+        return Err(BaseError::TooLarge { path: path.to_path_buf(), member: member.name_lossy(), limit });
     }
     let mut r = open_at(path, compression, member.data_offset)?;
     let mut data = vec![0u8; member.size as usize];
     if read_full(&mut r, &mut data).map_err(io_err(path))? < data.len() {
         return Err(BaseError::Truncated { path: path.to_path_buf(), member: member.name_lossy() });
     }
+    Ok(data)
+}
+
+fn read_json(path: &Path, compression: Compression, member: &Member) -> Result<Value, BaseError> {
+    let data = read_bytes(path, compression, member, MAX_JSON)?;
     serde_json::from_slice(&data).map_err(|e| BaseError::Invalid {
         path: path.to_path_buf(),
         what: format!("{} is not valid JSON: {e}", member.name_lossy()),
@@ -129,37 +187,40 @@ impl BaseImage {
     /// Indexes and validates the base image.
     pub fn open(path: &Path) -> Result<BaseImage, BaseError> {
         let compression = detect(path)?;
-        let members = index(path, compression)?;
+        let first = scan(path, compression, &|n| usual_name(n), MAX_CANDIDATES)?;
         let invalid = |what: String| BaseError::Invalid { path: path.to_path_buf(), what };
         let missing = |member: &str| BaseError::MissingMember { path: path.to_path_buf(), member: member.to_string() };
 
-        let manifest_m = find(&members, "manifest.json").ok_or_else(|| missing("manifest.json"))?;
-        let manifest = read_json(path, compression, manifest_m)?;
-        let images = manifest.as_array().ok_or_else(|| invalid("manifest.json is not a list".into()))?;
+        let manifest_m = first.find("manifest.json").ok_or_else(|| missing("manifest.json"))?;
+        let manifest = read_bytes(path, compression, manifest_m, crate::read::manifest::MAX_MANIFEST)?;
+        let images = parse_docker_manifest(&manifest).map_err(|e| invalid(format!("manifest.json: {e}")))?;
         if images.len() != 1 {
             return Err(invalid(format!(
                 "manifest.json describes {} images; a base image must hold exactly one (save just the one you need)",
                 images.len()
             )));
         }
-        let image = &images[0];
-        let config_name = image
-            .get("Config")
-            .and_then(Value::as_str)
-            .ok_or_else(|| invalid("manifest.json: \"Config\" is missing or not a string".into()))?;
-        let layer_names: Vec<&str> = image
-            .get("Layers")
-            .and_then(Value::as_array)
-            .ok_or_else(|| invalid("manifest.json: \"Layers\" is missing or not a list".into()))?
-            .iter()
-            .map(|v| v.as_str().ok_or_else(|| invalid("manifest.json: \"Layers\" holds a non-string".into())))
-            .collect::<Result<_, _>>()?;
-        for name in std::iter::once(config_name).chain(layer_names.iter().copied()) {
-            if name.starts_with('/') || name.split('/').any(|c| c == "..") {
+        let DockerEntry { config: config_name, layers: layer_names, .. } = &images[0];
+        let config_name = config_name.as_str();
+        for name in std::iter::once(config_name).chain(layer_names.iter().map(String::as_str)) {
+            if escapes_archive(name) {
                 return Err(invalid(format!("manifest.json names {name:?}, which escapes the archive")));
             }
         }
-        let config_m = find(&members, config_name).ok_or_else(|| missing(config_name))?;
+        // The members the manifest names, from the first scan when it kept
+        // them all, else from a second scan for exactly these names.
+        let wanted: std::collections::HashSet<Vec<u8>> = std::iter::once(config_name)
+            .chain(layer_names.iter().map(String::as_str))
+            .map(|n| n.trim_end_matches('/').as_bytes().to_vec())
+            .collect();
+        let found_all = first.complete && wanted.iter().all(|n| usual_name(n));
+        let members = if found_all {
+            first
+        } else {
+            // (`manifest.json` is kept too, whatever the cap.)
+            scan(path, compression, &|n| wanted.contains(n), wanted.len() + 1)?
+        };
+        let config_m = members.find(config_name).ok_or_else(|| missing(config_name))?;
         let config_json = read_json(path, compression, config_m)?;
         let diff_ids: Vec<&str> = config_json
             .pointer("/rootfs/diff_ids")
@@ -187,7 +248,7 @@ impl BaseImage {
         }
         let mut layers = Vec::with_capacity(layer_names.len());
         for (name, diff_id) in layer_names.iter().zip(&diff_ids) {
-            let member = find(&members, name).ok_or_else(|| missing(name))?.clone();
+            let member = members.find(name).ok_or_else(|| missing(name))?.clone();
             if !member.is_file() {
                 return Err(invalid(format!("layer {name} is not a regular file in the archive")));
             }

@@ -2,5 +2,6 @@
 //! `nixstream verify`.
 
 pub mod baseimage;
+pub mod manifest;
 pub mod tarread;
 pub mod verify;

@@ -17,6 +17,10 @@ use crate::compat::tarheader::{self, typeflag, Header};
 
 /// Largest pax or GNU long-name extended header read into memory.
 pub const MAX_EXTENDED: u64 = 16 << 20;
+/// Most bytes read after the end-of-archive block (writers pad to a record,
+/// 10 KiB for `tarfile` and GNU tar): more is not a tar archive as any
+/// writer makes it, and reading on would never end on `/dev/zero`.
+pub const MAX_TRAILER: u64 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TarError {
@@ -196,6 +200,41 @@ fn field_num(b: &[u8]) -> Option<i64> {
     i64::from_str_radix(s, 8).ok()
 }
 
+/// The sum of `b`'s bytes, eight at a time (archives of millions of empty
+/// members spend most of their reading time here).
+fn byte_sum(b: &[u8]) -> i64 {
+    const LO8: u64 = 0x00ff_00ff_00ff_00ff;
+    const LO16: u64 = 0x0000_ffff_0000_ffff;
+    let mut total = 0u64;
+    let whole = b.len() - b.len() % 8;
+    let mut i = 0;
+    while i < whole {
+        let w = u64::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3], b[i + 4], b[i + 5], b[i + 6], b[i + 7]]);
+        let pairs = (w & LO8) + ((w >> 8) & LO8);
+        let quads = (pairs & LO16) + ((pairs >> 16) & LO16);
+        total += (quads & 0xffff_ffff) + (quads >> 32);
+        i += 8;
+    }
+    for &c in &b[whole..] {
+        total += u64::from(c);
+    }
+    total as i64
+}
+
+/// A header block's checksum: its bytes summed with the checksum field
+/// read as eight spaces.
+fn header_sum(block: &[u8]) -> i64 {
+    byte_sum(&block[..tarheader::BLOCK]) - byte_sum(&block[148..156]) + 8 * i64::from(b' ')
+}
+
+/// True when `b` starts with a tar header block whose checksum holds (a
+/// plain layer tar, whatever its first name looks like).
+pub fn is_header_block(b: &[u8]) -> bool {
+    b.len() >= tarheader::BLOCK
+        && byte_sum(&b[..tarheader::BLOCK]) != 0
+        && field_num(&b[148..156]) == Some(header_sum(b))
+}
+
 fn parse_pax(data: &[u8]) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
     let mut out = Vec::new();
     let mut rest = data;
@@ -325,15 +364,14 @@ impl<R: Read> TarReader<R> {
             if n < tarheader::BLOCK {
                 return Err(self.truncated());
             }
-            if block.iter().all(|&b| b == 0) {
+            if byte_sum(&block) == 0 {
                 self.ended = true;
                 return Ok(None);
             }
             let not_tar = |why: String| TarError::NotTar(why);
             let stored = field_num(&block[148..156])
                 .ok_or_else(|| not_tar(format!("bad header checksum field at offset {start}")))?;
-            let sum: i64 = block[..148].iter().chain(&[b' '; 8]).chain(&block[156..]).map(|&b| i64::from(b)).sum();
-            if stored != sum {
+            if stored != header_sum(&block) {
                 return Err(not_tar(format!("header checksum mismatch at offset {start}")));
             }
             let size =
@@ -459,10 +497,16 @@ impl<R: Read> TarReader<R> {
     }
 
     /// Reads to the end of the archive's data (the zero blocks and any record
-    /// padding after them), so a checksum over the whole stream is complete.
+    /// padding after them), so a checksum over the whole stream is complete;
+    /// more than [`MAX_TRAILER`] bytes of it is an error.
     pub fn drain(&mut self) -> Result<u64, TarError> {
-        let n = discard(&mut self.r).map_err(|e| self.io(e))?;
+        let n = discard(&mut (&mut self.r).take(MAX_TRAILER + 1)).map_err(|e| self.io(e))?;
         self.offset += n;
+        if n > MAX_TRAILER {
+            return Err(TarError::NotTar(format!(
+                "more than {MAX_TRAILER} bytes follow its end-of-archive block, the limit; writers pad to 10240"
+            )));
+        }
         Ok(n)
     }
 }
@@ -582,6 +626,15 @@ mod tests {
         let m = TarReader::new(&out[..]).next_member().unwrap().unwrap();
         assert_eq!(m.name, name);
         assert!(out.windows(6).any(|w| w == b"path=["), "the name is in a pax record");
+    }
+
+    #[test]
+    fn byte_sums_are_sums() {
+        let b: Vec<u8> = (0..1029u32).map(|i| (i * 7919 % 256) as u8).collect();
+        for len in [0, 1, 7, 8, 9, 512, 1029] {
+            assert_eq!(byte_sum(&b[..len]), b[..len].iter().map(|&c| i64::from(c)).sum::<i64>(), "{len}");
+        }
+        assert_eq!(byte_sum(&[255u8; 512]), 255 * 512);
     }
 
     #[test]

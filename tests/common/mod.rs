@@ -150,3 +150,54 @@ pub fn tar_of(members: &[(&str, &[u8])]) -> Vec<u8> {
     }
     b.into_inner().unwrap()
 }
+
+/// A child's exit status, output and peak RSS.
+pub struct Measured {
+    pub code: Option<i32>,
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+    /// Peak resident set size of the child, in KiB (`wait4`'s rusage: this
+    /// child alone, not the other tests' children).
+    pub max_rss_kib: u64,
+}
+
+/// Writes a child's stdin.
+pub type Producer = Box<dyn FnOnce(&mut dyn std::io::Write) + Send>;
+
+/// Runs `cmd`, feeding it `input` (a producer writing the child's stdin, so
+/// big inputs never sit on disk or in memory), and measures it.
+// The child is reaped by wait4 (for its own rusage), not by Child::wait.
+#[allow(clippy::zombie_processes)]
+pub fn run_measured(mut cmd: Command, input: Option<Producer>) -> Measured {
+    use std::process::Stdio;
+    cmd.stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() });
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let writer = input.map(|f| {
+        let mut stdin = child.stdin.take().unwrap();
+        std::thread::spawn(move || f(&mut stdin))
+    });
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let mut stderr = String::new();
+    let _ = err.read_to_string(&mut stderr);
+    let stdout = reader.join().unwrap();
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is valid; wait4 reaps our own child once.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = child.id() as libc::pid_t;
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    assert_eq!(r, pid, "wait4");
+    if let Some(w) = writer {
+        let _ = w.join();
+    }
+    let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+    Measured { code, stdout, stderr, max_rss_kib: ru.ru_maxrss as u64 }
+}
+
+/// The bound the memory tests hold the child to.
+pub const MAX_RSS_KIB: u64 = 256 * 1024;
