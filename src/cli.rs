@@ -23,7 +23,7 @@ use crate::plan::{ImagePlan, PlannedLayer};
 use crate::planner::autolayer::auto_layer;
 use crate::planner::pipeline;
 use crate::store::walk::{Kind, Listing};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 
 /// Exit statuses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -530,10 +530,10 @@ fn emit(
         summary
     } else {
         let stdout = match &o.output {
-            Some(path) => std::mem::ManuallyDrop::new(
-                std::fs::File::create(path).with_context(|| format!("cannot create the output {}", path.display()))?,
-            ),
-            None => stdout_file(),
+            Some(path) => {
+                std::fs::File::create(path).with_context(|| format!("cannot create the output {}", path.display()))?
+            }
+            None => stdout_file()?,
         };
         let pipe = grow_pipe(&stdout);
         // The writer hands over 1 MiB chunks, and smaller ones only when it
@@ -543,7 +543,7 @@ fn emit(
         // Plain output into a pipe: big files go in by reference.
         let splice = pipe && o.compress == Compress::None && !o.no_splice && blobs.compression() == Compression::None;
         opts.splice = splice.then(|| Policy::new(std::time::SystemTime::now(), o.splice_min));
-        let splice_into = splice.then(|| stdout.as_raw_fd());
+        let splice_into = splice.then(|| stdout.as_fd());
         let ((_, written), summary) = crate::engine::run(&plan, &opts, &progress, |engine| {
             with_tar_stream(&mut out, splice_into, &progress, |tar| match o.format {
                 Format::DockerArchive => docker_archive::write(engine, tar).map(|_| ()),
@@ -551,10 +551,8 @@ fn emit(
             })
         })?;
         out.finish()?.flush()?;
-        if o.output.is_some() {
-            // The file is ours to close (ManuallyDrop keeps stdout open).
-            drop(std::mem::ManuallyDrop::into_inner(stdout));
-        }
+        // Closes the output file now (stdout's duplicate: fd 1 stays open).
+        drop(stdout);
         stats.bytes_out = written.bytes;
         stats.bytes_spliced = written.spliced;
         summary
@@ -978,19 +976,16 @@ fn grow_pipe(out: &std::fs::File) -> bool {
     use std::os::unix::fs::FileTypeExt;
     let pipe = out.metadata().is_ok_and(|m| m.file_type().is_fifo());
     if pipe {
-        // SAFETY: fcntl on a descriptor we hold; the result is ignored.
-        unsafe { libc::fcntl(out.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
+        let _ = rustix::pipe::fcntl_setpipe_size(out, 1 << 20);
     }
     pipe
 }
 
 /// Standard output as a `File`, unbuffered (Rust's stdout is line-buffered,
-/// which would cut large writes at newlines).
-fn stdout_file() -> std::mem::ManuallyDrop<std::fs::File> {
-    use std::os::unix::io::FromRawFd;
-    // SAFETY: fd 1 stays open for the life of the process; ManuallyDrop
-    // keeps it from being closed when this value is dropped.
-    std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(1) })
+/// which would cut large writes at newlines): a duplicate of fd 1, the same
+/// open file (offset, flags, pipe); dropping it leaves fd 1 open.
+fn stdout_file() -> io::Result<std::fs::File> {
+    Ok(io::stdout().as_fd().try_clone_to_owned()?.into())
 }
 
 fn completions(a: &CompletionsArgs) -> anyhow::Result<()> {

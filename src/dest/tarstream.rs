@@ -8,7 +8,7 @@
 //! a spliced file that changed) is the cause of any failure it sees.
 
 use std::io::{self, Write};
-use std::os::fd::RawFd;
+use std::os::fd::BorrowedFd;
 
 use crate::compat::tarheader::{self, Header};
 use crate::engine::EngineError;
@@ -39,7 +39,7 @@ pub struct Written {
 /// writes to, unbuffered, when files may be spliced into it.
 pub fn with_tar_stream<W: Write + Send, T, E: From<EngineError>>(
     out: W,
-    splice_into: Option<RawFd>,
+    splice_into: Option<BorrowedFd<'_>>,
     progress: &Progress,
     f: impl FnOnce(&mut TarStream) -> Result<T, E>,
 ) -> Result<(T, Written), E> {

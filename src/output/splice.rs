@@ -36,9 +36,14 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
+
+use rustix::event::{PollFd, PollFlags};
+use rustix::fs::OFlags;
+use rustix::io::Errno;
+use rustix::pipe::SpliceFlags;
 
 pub use crate::render::sink::FileRef;
 use crate::store::fsat;
@@ -110,8 +115,8 @@ pub struct Changed {
 /// The writer thread's side: splices files into the pipe `pipe`, counts
 /// every byte that goes in, and checks each spliced file once the consumer
 /// has read past it.
-pub struct Splicer {
-    pipe: RawFd,
+pub struct Splicer<'p> {
+    pipe: BorrowedFd<'p>,
     written: u64,
     pending: VecDeque<Pending>,
 }
@@ -126,10 +131,10 @@ fn changed(f: &FileRef, what: String) -> io::Error {
     io::Error::other(Changed { path: f.path.clone(), what })
 }
 
-impl Splicer {
+impl<'p> Splicer<'p> {
     /// `pipe` must be the pipe every byte of the archive goes into, in
-    /// order, unbuffered; the caller keeps it open.
-    pub fn new(pipe: RawFd) -> Splicer {
+    /// order, unbuffered.
+    pub fn new(pipe: BorrowedFd<'p>) -> Splicer<'p> {
         Splicer { pipe, written: 0, pending: VecDeque::new() }
     }
 
@@ -144,39 +149,28 @@ impl Splicer {
     /// [`Changed`] error inside the `io::Error`; the pipe's own failures are
     /// plain `io::Error`s.
     pub fn splice(&mut self, f: FileRef) -> io::Result<()> {
-        let mut off: libc::loff_t = 0;
+        let mut off: u64 = 0;
         let mut cleared = false;
-        while (off as u64) < f.len {
-            let left = (f.len - off as u64).min(1 << 30) as usize;
-            // SAFETY: two descriptors we hold, an offset we own, no pointers kept.
-            let n = unsafe {
-                libc::splice(f.fd.as_raw_fd(), &mut off, self.pipe, std::ptr::null_mut(), left, libc::SPLICE_F_MOVE)
-            };
-            if n > 0 {
+        while off < f.len {
+            let left = (f.len - off).min(1 << 30) as usize;
+            match rustix::pipe::splice(&f.fd, Some(&mut off), self.pipe, None, left, SpliceFlags::MOVE) {
                 // `off` moved by `n` already.
-                self.written += n as u64;
-                continue;
-            }
-            if n == 0 {
-                return Err(changed(&f, fsat::ended_early(f.fd.as_fd(), f.len, f.len - off as u64)));
-            }
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EINTR) => {}
+                Ok(n) if n > 0 => self.written += n as u64,
+                Ok(_) => return Err(changed(&f, fsat::ended_early(f.fd.as_fd(), f.len, f.len - off))),
+                Err(Errno::INTR) => {}
                 // Either side may be non-blocking: the file was opened
                 // O_NONBLOCK (against a fifo in its place; it is a regular
                 // file, so blocking is fine), and the pipe may be a parent's
                 // non-blocking one, full for now.
-                Some(libc::EAGAIN) if !cleared => {
+                Err(Errno::AGAIN) if !cleared => {
                     cleared = true;
-                    // SAFETY: fcntl on a descriptor we hold.
-                    unsafe {
-                        let fl = libc::fcntl(f.fd.as_raw_fd(), libc::F_GETFL);
-                        libc::fcntl(f.fd.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
+                    // A failure here shows as the next splice's EAGAIN.
+                    if let Ok(fl) = rustix::fs::fcntl_getfl(&f.fd) {
+                        let _ = rustix::fs::fcntl_setfl(&f.fd, fl - OFlags::NONBLOCK);
                     }
                 }
-                Some(libc::EAGAIN) => wait_writable(self.pipe)?,
-                _ => return Err(e),
+                Err(Errno::AGAIN) => wait_writable(self.pipe)?,
+                Err(e) => return Err(e.into()),
             }
         }
         self.pending.push_back(Pending { end: self.written, file: f });
@@ -207,10 +201,10 @@ impl Splicer {
             if self.pending.is_empty() {
                 return Ok(());
             }
-            let mut pfd = libc::pollfd { fd: self.pipe, events: 0, revents: 0 };
-            // SAFETY: one pollfd we own; POLLERR is reported whatever `events` says.
-            let r = unsafe { libc::poll(&mut pfd, 1, 0) };
-            if r > 0 && pfd.revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+            // POLLERR is reported whatever `events` says.
+            let mut pfd = [PollFd::new(&self.pipe, PollFlags::empty())];
+            let r = rustix::event::poll(&mut pfd, Some(&rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 }));
+            if r.is_ok_and(|n| n > 0) && pfd[0].revents().intersects(PollFlags::ERR | PollFlags::HUP) {
                 return Err(io::Error::from(io::ErrorKind::BrokenPipe));
             }
             std::thread::sleep(nap);
@@ -220,12 +214,7 @@ impl Splicer {
 
     /// Bytes written into the pipe that the consumer has not read yet.
     fn in_pipe(&self) -> io::Result<u64> {
-        let mut n: libc::c_int = 0;
-        // SAFETY: FIONREAD writes one int.
-        if unsafe { libc::ioctl(self.pipe, libc::FIONREAD, &mut n) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(n as u64)
+        Ok(rustix::io::ioctl_fionread(self.pipe)?)
     }
 
     /// Spliced files not yet checked (the consumer has not read them all).
@@ -243,20 +232,16 @@ fn check(f: &FileRef) -> io::Result<()> {
 }
 
 /// Waits until `fd` takes more bytes; a reader that left is a broken pipe.
-pub fn wait_writable(fd: std::os::fd::RawFd) -> io::Result<()> {
-    let mut pfd = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
+pub fn wait_writable(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let mut pfd = [PollFd::new(&fd, PollFlags::OUT)];
     loop {
-        // SAFETY: one pollfd we own.
-        let r = unsafe { libc::poll(&mut pfd, 1, -1) };
-        if r >= 0 {
-            if pfd.revents & libc::POLLERR != 0 {
-                return Err(io::Error::from(io::ErrorKind::BrokenPipe));
+        match rustix::event::poll(&mut pfd, None) {
+            Ok(_) if pfd[0].revents().contains(PollFlags::ERR) => {
+                return Err(io::Error::from(io::ErrorKind::BrokenPipe))
             }
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
+            Ok(_) => return Ok(()),
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
         }
     }
 }
@@ -289,13 +274,13 @@ mod tests {
         let p = d.path().join("data");
         let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
         std::fs::write(&p, &data).unwrap();
-        let (r, mut w) = std::io::pipe().unwrap();
+        let (r, w) = std::io::pipe().unwrap();
         let reader = read_all(r);
-        let mut s = Splicer::new(w.as_raw_fd());
-        w.write_all(b"head").unwrap();
+        let mut s = Splicer::new(w.as_fd());
+        (&w).write_all(b"head").unwrap();
         s.wrote(4).unwrap();
         s.splice(file_ref(&p)).unwrap();
-        w.write_all(b"tail").unwrap();
+        (&w).write_all(b"tail").unwrap();
         s.wrote(4).unwrap();
         s.drain().unwrap();
         assert_eq!(s.pending(), 0);
@@ -315,7 +300,7 @@ mod tests {
         // Within a pipe's default 64 KiB: spliced with nobody reading yet.
         std::fs::write(&p, vec![1u8; 40_000]).unwrap();
         let (r, w) = std::io::pipe().unwrap();
-        let mut s = Splicer::new(w.as_raw_fd());
+        let mut s = Splicer::new(w.as_fd());
         s.splice(file_ref(&p)).unwrap();
         assert_eq!(s.pending(), 1, "nothing read yet: the check waits");
         // Past the file system's timestamp granularity (a coarse clock
@@ -332,8 +317,8 @@ mod tests {
         let c = e.get_ref().and_then(|i| i.downcast_ref::<Changed>()).expect("a Changed error");
         assert_eq!(c.path, p);
         assert!(c.what.contains("ctime"), "{}", c.what);
-        drop(w);
         drop(s);
+        drop(w);
         reader.join().unwrap();
     }
 
@@ -346,7 +331,7 @@ mod tests {
         f.len = 80_000;
         let (r, w) = std::io::pipe().unwrap();
         let reader = read_all(r);
-        let e = Splicer::new(w.as_raw_fd()).splice(f).unwrap_err();
+        let e = Splicer::new(w.as_fd()).splice(f).unwrap_err();
         let c = e.get_ref().and_then(|i| i.downcast_ref::<Changed>()).expect("a Changed error");
         assert!(c.what.contains("size 80000 became 70000"), "{}", c.what);
         drop(w);
@@ -359,7 +344,7 @@ mod tests {
         let p = d.path().join("data");
         std::fs::write(&p, vec![1u8; 40_000]).unwrap();
         let (r, w) = std::io::pipe().unwrap();
-        let mut s = Splicer::new(w.as_raw_fd());
+        let mut s = Splicer::new(w.as_fd());
         s.splice(file_ref(&p)).unwrap();
         drop(r);
         assert_eq!(s.drain().unwrap_err().kind(), io::ErrorKind::BrokenPipe);

@@ -17,7 +17,7 @@
 //! and the splicer checked every spliced file.
 
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
@@ -99,19 +99,19 @@ impl Chunks {
         let start = self.current.len();
         let want = max.min(self.size - start);
         self.current.reserve(want);
+        // Into the spare capacity, not zeroed first: the kernel writes
+        // what is read.
         let n = loop {
-            // SAFETY: `want` bytes of spare capacity were reserved past
-            // `start`; the kernel writes at most that many.
-            let n = unsafe { libc::read(fd.as_raw_fd(), self.current.as_mut_ptr().add(start).cast(), want) };
-            if n >= 0 {
-                break n as usize;
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
+            match rustix::io::read(fd, &mut self.current.spare_capacity_mut()[..want]) {
+                Ok((read, _)) => break read.len(),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
             }
         };
-        // SAFETY: the kernel initialised those `n` bytes.
+        // SAFETY: `read` initialised the first `n` bytes of the spare
+        // capacity, which start at `start`, the vector's length.  (rustix's
+        // `spare_capacity` would do this safely, but reads into all of the
+        // spare capacity, which can exceed `max`.)
         unsafe { self.current.set_len(start + n) };
         Ok(&self.current[start..])
     }
@@ -150,7 +150,7 @@ impl Write for Blocking<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         loop {
             match (&*self.0).write(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_writable(self.0.as_raw_fd())?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_writable(self.0.as_fd())?,
                 r => return r,
             }
         }
@@ -189,7 +189,7 @@ pub fn run<W: Write>(
     mut out: W,
     full: Receiver<Piece>,
     empty: Sender<Vec<u8>>,
-    mut splicer: Option<Splicer>,
+    mut splicer: Option<Splicer<'_>>,
 ) -> io::Result<(W, u64)> {
     let mut spliced = 0u64;
     for piece in full.iter() {

@@ -38,6 +38,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use rustix::fs::OFlags;
+
 use crate::compat::tarheader::{self, typeflag, Header};
 use crate::output::splice::Policy;
 use crate::render::sink::{FileRef, LayerOut};
@@ -357,7 +359,7 @@ fn open_entry(
     let changed = |what: String| LayerError::Changed { path: p(), what };
     let c = name.set(open_name).map_err(|source| LayerError::Read { path: p(), source })?;
     let flags =
-        if e.kind == Kind::Directory { libc::O_RDONLY | libc::O_DIRECTORY } else { libc::O_RDONLY | libc::O_NONBLOCK };
+        if e.kind == Kind::Directory { OFlags::RDONLY | OFlags::DIRECTORY } else { OFlags::RDONLY | OFlags::NONBLOCK };
     let fd = match fsat::open(parent, c, flags) {
         Ok(fd) => fd,
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Err(changed("it was removed".into())),

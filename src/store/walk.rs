@@ -690,9 +690,8 @@ mod tests {
         let root = d.path().join("abc-pkg");
         big_tree(&root);
         let fifo = root.join("d5/s20/deep/er/pipe");
-        let c = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
-        // SAFETY: a NUL-terminated path.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        use rustix::fs::{FileType, Mode, CWD};
+        rustix::fs::mknodat(CWD, &fifo, FileType::Fifo, Mode::from_raw_mode(0o644), 0).unwrap();
         for threads in [1, 2, 4] {
             let e = list_layer(std::slice::from_ref(&root), threads).unwrap_err();
             assert!(matches!(&e, WalkError::Unsupported { path, kind: "fifo" } if *path == fifo), "{e}");
