@@ -126,7 +126,7 @@ fn store_path_outside_store_dir() {
 /// nobody when we are root.
 fn stream_as_nobody(conf: &Path) -> std::process::Output {
     std::fs::set_permissions(conf, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let is_root = unsafe { libc::geteuid() } == 0;
+    let is_root = rustix::process::geteuid().is_root();
     let mut cmd = if is_root {
         let mut c = Command::new("setpriv");
         c.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(env!("CARGO_BIN_EXE_nixstream"));
@@ -410,8 +410,8 @@ fn unreadable_directory_is_named() {
 fn fifos_and_sockets_are_named_errors() {
     let f = fixture();
     let fifo = f.pkg.join("a-fifo");
-    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    use rustix::fs::{FileType, Mode, CWD};
+    rustix::fs::mknodat(CWD, &fifo, FileType::Fifo, Mode::from_raw_mode(0o644), 0).unwrap();
     fails_with(&f.conf(&f.good()), &["a-fifo", "is a fifo"]);
     std::fs::remove_file(&fifo).unwrap();
     let _sock = std::os::unix::net::UnixListener::bind(f.pkg.join("a-socket")).unwrap();
@@ -442,21 +442,15 @@ fn long_names_and_paths_beyond_path_max() {
     let fd_root = std::fs::File::open(&f.pkg).unwrap();
     // Build the deep tree with *at calls: the path is too long for mkdir.
     let mut dir = std::os::fd::OwnedFd::from(fd_root);
+    use rustix::fs::{Mode, OFlags};
     for _ in 0..18 {
-        let c = std::ffi::CString::new(seg.clone()).unwrap();
-        use std::os::fd::{AsRawFd, FromRawFd};
-        assert_eq!(unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), 0o755) }, 0);
-        let fd = unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY) };
-        assert!(fd >= 0);
-        dir = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        rustix::fs::mkdirat(&dir, seg.as_str(), Mode::from_raw_mode(0o755)).unwrap();
+        dir = rustix::fs::openat(&dir, seg.as_str(), OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap();
         deep = deep.join(&seg);
     }
     {
-        use std::os::fd::{AsRawFd, FromRawFd};
-        let c = std::ffi::CString::new("deep-file").unwrap();
-        let fd = unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), libc::O_WRONLY | libc::O_CREAT, 0o644) };
-        assert!(fd >= 0);
-        let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+        let fd = rustix::fs::openat(&dir, "deep-file", OFlags::WRONLY | OFlags::CREATE, Mode::from_raw_mode(0o644));
+        let mut file = std::fs::File::from(fd.unwrap());
         std::io::Write::write_all(&mut file, b"deep content").unwrap();
     }
     let deep_file = deep.join("deep-file");

@@ -123,17 +123,13 @@ fn copied_bytes_are_not_affected_by_a_later_change() {
 /// temporarily unavailable"); the writer now waits for the reader.
 #[test]
 fn a_non_blocking_output_pipe_is_waited_on() {
-    use std::os::fd::AsRawFd;
     let f = fixture();
     let want = bin().args(["stream", "-q", "--no-splice"]).arg(&f.conf).output().unwrap();
     assert!(want.status.success());
     for how in ["--jobs=2", "--no-splice"] {
         let (mut r, w) = std::io::pipe().unwrap();
-        // SAFETY: fcntl on a descriptor we hold.
-        unsafe {
-            let fl = libc::fcntl(w.as_raw_fd(), libc::F_GETFL);
-            assert_eq!(libc::fcntl(w.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK), 0);
-        }
+        let fl = rustix::fs::fcntl_getfl(&w).unwrap();
+        rustix::fs::fcntl_setfl(&w, fl | rustix::fs::OFlags::NONBLOCK).unwrap();
         let mut child =
             bin().args(["stream", "-q", how]).arg(&f.conf).stdout(w).stderr(Stdio::piped()).spawn().unwrap();
         // Let it fill the pipe and find it full.
