@@ -727,8 +727,8 @@ fn cache_entries_that_are_fifos_links_or_huge_are_misses() {
             let _ = std::fs::remove_file(e);
             match how {
                 "fifo" => {
-                    let c = std::ffi::CString::new(e.as_os_str().as_encoded_bytes()).unwrap();
-                    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+                    use rustix::fs::{FileType, Mode, CWD};
+                    rustix::fs::mknodat(CWD, e, FileType::Fifo, Mode::from_raw_mode(0o644), 0).unwrap();
                 }
                 "zero" => std::os::unix::fs::symlink("/dev/zero", e).unwrap(),
                 _ => std::fs::File::create(e).unwrap().set_len(4 << 30).unwrap(),

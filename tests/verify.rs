@@ -478,8 +478,8 @@ fn oci_archives_and_layout_directories_pass() {
     assert!(err.contains(n.as_str()) && err.contains("its name does not carry"), "{err}");
     // A blob that is a fifo is named, not waited on.
     std::fs::remove_file(d.path().join(n)).unwrap();
-    let c = std::ffi::CString::new(d.path().join(n).as_os_str().as_encoded_bytes()).unwrap();
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    use rustix::fs::{FileType, Mode, CWD};
+    rustix::fs::mknodat(CWD, d.path().join(n), FileType::Fifo, Mode::from_raw_mode(0o600), 0).unwrap();
     let out = bin().arg("verify").arg(d.path()).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");

@@ -287,9 +287,8 @@ mod tests {
         std::os::unix::fs::symlink("/dev/zero", &p).unwrap();
         assert_eq!(c.get(&key, 1), None, "link to /dev/zero");
         std::fs::remove_file(&p).unwrap();
-        let cp = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: a valid NUL-terminated path.
-        assert_eq!(unsafe { libc::mkfifo(cp.as_ptr(), 0o600) }, 0);
+        use rustix::fs::{FileType, Mode, CWD};
+        rustix::fs::mknodat(CWD, &p, FileType::Fifo, Mode::from_raw_mode(0o600), 0).unwrap();
         assert_eq!(c.get(&key, 1), None, "fifo");
         std::fs::remove_file(&p).unwrap();
         std::fs::create_dir(&p).unwrap();

@@ -88,9 +88,8 @@ mod tests {
         std::os::unix::fs::symlink(&f, &l).unwrap();
         assert!(open_regular(&l).is_err(), "a link is not followed");
         let fifo = d.path().join("p");
-        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: a valid NUL-terminated path.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        use rustix::fs::{FileType, Mode, CWD};
+        rustix::fs::mknodat(CWD, &fifo, FileType::Fifo, Mode::from_raw_mode(0o600), 0).unwrap();
         assert!(open_regular(&fifo).is_err(), "a fifo neither blocks nor opens");
         assert!(open_regular(d.path()).is_err());
     }
