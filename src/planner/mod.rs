@@ -3,3 +3,5 @@
 
 pub mod autolayer;
 pub mod pipeline;
+pub mod previous;
+pub mod stable;
