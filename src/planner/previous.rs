@@ -277,7 +277,13 @@ mod tests {
         for items in [
             vec![],
             vec!["/nix/store/abc-x".to_string()],
-            vec!["/s/it's".into(), "/s/tab\there".into(), "/s/héllo".into(), "/s/q\"uo'te\\".into(), "/s/\u{7f}".into()],
+            vec![
+                "/s/it's".into(),
+                "/s/tab\there".into(),
+                "/s/héllo".into(),
+                "/s/q\"uo'te\\".into(),
+                "/s/\u{7f}".into(),
+            ],
         ] {
             assert_eq!(parse_py_str_list(&repr_str_list(&items)), Some(items.clone()), "{}", repr_str_list(&items));
         }
@@ -301,11 +307,8 @@ mod tests {
 
     #[test]
     fn another_store_is_refused() {
-        let p = Previous {
-            source: "old.json".into(),
-            layers: vec![vec!["/gnu/store/abc-x".into()]],
-            ..Default::default()
-        };
+        let p =
+            Previous { source: "old.json".into(), layers: vec![vec!["/gnu/store/abc-x".into()]], ..Default::default() };
         let e = p.check_store("/nix/store").unwrap_err().to_string();
         assert_eq!(e, "previous plan old.json names store paths under /gnu/store, but the closure is under /nix/store");
         assert!(p.check_store("/gnu/store").is_ok());

@@ -110,12 +110,21 @@ fn estimate(s: &[u64]) -> f64 {
     }
 }
 
+/// A path's own change likelihood from `1 + the number of paths that use
+/// it`: its inverse square.  Between two releases on one package set,
+/// change gathers at the top: the application and what only it uses.
+fn weight_of(users: f64) -> f64 {
+    1.0 / (users * users)
+}
+
 /// The graph as the planner sees it: indices, sizes, closure sketches.
 struct Graph<'g> {
     paths: Vec<&'g str>,
     size: Vec<u64>,
     /// The sketch of each path's closure (itself included).
     sketch: Vec<Vec<u64>>,
+    /// Each path's hash → how likely it is to change by itself.
+    weight: HashMap<u64, f64>,
 }
 
 impl<'g> Graph<'g> {
@@ -137,28 +146,84 @@ impl<'g> Graph<'g> {
                 comp[v as usize] = c as u32;
             }
         }
-        // Tarjan yields a component after every component it reaches.
-        let mut comp_sketch: Vec<Vec<u64>> = Vec::with_capacity(sccs.len());
+        // Paths are told apart by name, not by store hash, so that a
+        // release that only rebuilds a path leaves every sketch, and so the
+        // plan, as it was; paths of the same name are numbered in (name,
+        // hash) order.
+        let mut by_key: Vec<u32> = (0..n as u32).collect();
+        by_key.sort_by(|&a, &b| path_key(&graph.nodes[a as usize].path).cmp(&path_key(&graph.nodes[b as usize].path)));
+        let mut hash = vec![0u64; n];
+        let mut last: Option<(&str, u64)> = None;
+        for &v in &by_key {
+            let name = path_key(&graph.nodes[v as usize].path).0;
+            let nth = match last {
+                Some((prev, k)) if prev == name => k + 1,
+                _ => 0,
+            };
+            last = Some((name, nth));
+            hash[v as usize] = xxh3_64(format!("{name}\0{nth}").as_bytes());
+        }
+        let own = |members: &[u32]| {
+            let mut s: Vec<u64> = members.iter().map(|&v| hash[v as usize]).collect();
+            s.sort_unstable();
+            s.dedup();
+            s.truncate(K);
+            s
+        };
+        // Tarjan yields a component after every component it reaches:
+        // closures in that order, users (ancestors) in the reverse one.
+        let mut down: Vec<Vec<u64>> = Vec::with_capacity(sccs.len());
         for (c, members) in sccs.iter().enumerate() {
-            let mut own: Vec<u64> = members.iter().map(|&v| xxh3_64(graph.nodes[v as usize].path.as_bytes())).collect();
-            own.sort_unstable();
-            own.dedup();
-            own.truncate(K);
-            let mut s = own;
+            let mut s = own(members);
             for &v in members {
                 for &r in &refs[v as usize] {
                     let rc = comp[r as usize] as usize;
                     if rc != c {
-                        s = merge_sketch(&s, &comp_sketch[rc]);
+                        s = merge_sketch(&s, &down[rc]);
                     }
                 }
             }
-            comp_sketch.push(s);
+            down.push(s);
         }
+        let mut users: Vec<Vec<u32>> = vec![Vec::new(); sccs.len()];
+        for (v, rs) in refs.iter().enumerate() {
+            for &r in rs {
+                let (cv, cr) = (comp[v], comp[r as usize]);
+                if cv != cr {
+                    users[cr as usize].push(cv);
+                }
+            }
+        }
+        let mut up: Vec<Vec<u64>> = vec![Vec::new(); sccs.len()];
+        for c in (0..sccs.len()).rev() {
+            let mut s = own(&sccs[c]);
+            for &u in &users[c] {
+                s = merge_sketch(&s, &up[u as usize]);
+            }
+            up[c] = s;
+        }
+        // A path much of the closure builds on changes rarely (changing it
+        // rebuilds all of that); a path little or nothing uses is what
+        // releases change: its own change likelihood is 1 / (1 + the
+        // number of paths that use it).
+        let weight = (0..n).map(|v| (hash[v], weight_of(estimate(&up[comp[v] as usize])))).collect();
         Graph {
             paths: graph.nodes.iter().map(|n| n.path.as_str()).collect(),
             size: graph.nodes.iter().map(|n| n.nar_size).collect(),
-            sketch: (0..n).map(|v| comp_sketch[comp[v] as usize].clone()).collect(),
+            sketch: (0..n).map(|v| down[comp[v] as usize].clone()).collect(),
+            weight,
+        }
+    }
+
+    /// How likely a layer whose closures' union has sketch `s` is to
+    /// change: the sum of its paths' weights (exact for small unions, else
+    /// the estimated count times the sample's mean weight).
+    fn volatility(&self, s: &[u64]) -> f64 {
+        let sum: f64 = s.iter().map(|h| self.weight.get(h).copied().unwrap_or(1.0)).sum();
+        if s.len() < K {
+            sum
+        } else {
+            estimate(s) * sum / s.len() as f64
         }
     }
 }
@@ -232,8 +297,8 @@ struct Group {
 }
 
 impl Group {
-    fn cost(&self) -> f64 {
-        self.size as f64 * estimate(&self.sketch)
+    fn cost(&self, g: &Graph) -> f64 {
+        self.size as f64 * g.volatility(&self.sketch)
     }
 }
 
@@ -242,7 +307,7 @@ impl Group {
 fn merge_down(g: &Graph, mut groups: Vec<Group>, slots: usize) -> Vec<Group> {
     let key = |gr: &Group| {
         let first = gr.members.iter().map(|&m| path_key(g.paths[m as usize])).min().unwrap_or(("", ""));
-        (estimate(&gr.sketch), first)
+        (g.volatility(&gr.sketch), first)
     };
     groups.sort_by(|a, b| {
         let (ea, ka) = key(a);
@@ -260,8 +325,8 @@ fn merge_down(g: &Graph, mut groups: Vec<Group>, slots: usize) -> Vec<Group> {
     let mut next: Vec<Option<usize>> = (0..n).map(|i| Some(i + 1).filter(|&j| j < n)).collect();
     let pair_cost = |a: &Group, b: &Group| -> i128 {
         let s = merge_sketch(&a.sketch, &b.sketch);
-        let merged = (a.size + b.size) as f64 * estimate(&s);
-        (merged - a.cost() - b.cost()).round() as i128
+        let merged = (a.size + b.size) as f64 * g.volatility(&s);
+        (merged - a.cost(g) - b.cost(g)).round() as i128
     };
     // (cost, left, stamps): smallest cost first, then the lowest pair.
     let mut heap: BinaryHeap<Reverse<(i128, usize, u32, usize, u32)>> = BinaryHeap::new();
@@ -422,7 +487,11 @@ pub fn plan_joint(
                     a.sort();
                     b.sort();
                     if a != b {
-                        return Err(StableError::JointMismatch { image: i + 1, first: first + 1, path: node.path.clone() });
+                        return Err(StableError::JointMismatch {
+                            image: i + 1,
+                            first: first + 1,
+                            path: node.path.clone(),
+                        });
                     }
                 }
                 None => {
