@@ -77,7 +77,7 @@ fn main() {
     println!(
         "| scenario | paths | planner | pushed | changed | pushed ÷ changed | pulled | layers |\n|---|---:|---|---:|---:|---:|---:|---:|"
     );
-    let mut totals: HashMap<&str, u64> = HashMap::new();
+    let mut totals: HashMap<(String, &str), u64> = HashMap::new();
     for s in scenarios.iter().filter(|s| s.file_name().unwrap() != "joint") {
         let name = s.file_name().unwrap().to_string_lossy().to_string();
         let releases = graphs(s);
@@ -96,7 +96,7 @@ fn main() {
                 prev = new;
             }
             if name.contains("sequence") {
-                totals.insert(planner.name(), pushed);
+                totals.insert((name.clone(), planner.name()), pushed);
             }
             println!(
                 "| {name} | {paths} | {} | {} | {} | {:.2} | {} | {layers} |",
@@ -108,8 +108,16 @@ fn main() {
             );
         }
     }
-    if let (Some(a), Some(s)) = (totals.get("auto-layer"), totals.get("stable --previous")) {
-        println!("\nsequence: stable --previous pushes {:.2} of what auto-layer pushes", *s as f64 / *a as f64);
+    let mut sequences: Vec<&String> = totals.keys().map(|(s, _)| s).collect();
+    sequences.sort();
+    sequences.dedup();
+    for s in sequences {
+        let get = |p: &'static str| totals[&(s.clone(), p)] as f64;
+        println!(
+            "\n{s}: stable --previous pushes {:.2} of what auto-layer pushes (stable alone: {:.2})",
+            get("stable --previous") / get("auto-layer"),
+            get("stable") / get("auto-layer")
+        );
     }
     let joint = Path::new(&dir).join("joint");
     if joint.is_dir() {

@@ -10,6 +10,7 @@ use std::time::Instant;
 use nixstream::input::closure::{ClosureGraph, Node};
 use nixstream::planner::autolayer::auto_layer;
 use nixstream::planner::pipeline::{parse, plan_layers};
+use nixstream::planner::stable;
 
 fn main() {
     let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(20_000);
@@ -72,4 +73,25 @@ fn main() {
             layers.len()
         );
     }
+    let t = Instant::now();
+    let fresh = stable::plan(&g, &HashSet::new(), 99, None).unwrap();
+    println!("{:<40} {:>8.3} s  {} layers", "stable, 99 layers", t.elapsed().as_secs_f64(), fresh.layers.len());
+    // A previous release of 100 layers, a third of which lost a path
+    // since (they are planned again, with the paths new to the closure).
+    let mut previous = fresh.layers.clone();
+    previous.push(vec![path(n + 1)]);
+    for (i, l) in previous.iter_mut().enumerate() {
+        if i % 3 == 0 {
+            l.push(format!("/nix/store/{:032}-gone-{i}", 0));
+        }
+    }
+    let t = Instant::now();
+    let again = stable::plan(&g, &HashSet::new(), 99, Some(&previous)).unwrap();
+    println!(
+        "{:<40} {:>8.3} s  {} layers, {} kept",
+        format!("stable, {}-layer previous", previous.len()),
+        t.elapsed().as_secs_f64(),
+        again.layers.len(),
+        again.kept
+    );
 }

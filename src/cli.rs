@@ -197,8 +197,9 @@ pub struct ClosureArgs {
     pub exclude_paths: Option<PathBuf>,
 }
 
-/// The planner of `layers` and `plan` (without one: the stable planner,
-/// as `image` plans).
+/// The planner of `layers` and `plan`.  Without one they plan as `image`
+/// does: auto-layer within --max-layers, or the stable planner when given
+/// --previous or --joint.
 #[derive(clap::Args, Debug)]
 pub struct LayeringChoice {
     /// A layering pipeline, as nixpkgs' layeringPipeline takes it: JSON text, or @FILE. Matches nixpkgs' flatten-references-graph.
@@ -210,10 +211,10 @@ pub struct LayeringChoice {
     /// The popularity contest ([["popularity_contest"], ["limit_layers", N]]) within --max-layers.
     #[arg(long, group = "layering")]
     pub popularity: bool,
-    /// The stable planner (the default): layers that survive releases, built on --previous when given.
+    /// The stable planner: layers that survive releases, built on --previous when given (implied by --previous and --joint).
     #[arg(long, group = "layering")]
     pub stable: bool,
-    /// The layer budget of --stable and --popularity, as `image --max-layers`: at most N layers in all, one of them the customisation layer.
+    /// The layer budget when no --auto-layer N is given, as `image --max-layers`: at most N layers in all, one of them the customisation layer.
     #[arg(long, default_value_t = 100, value_name = "N")]
     pub max_layers: usize,
     /// The previous release's layers: a JSON list of lists (as `layers` prints) or an image (docker-archive or oci-archive). The stable planner keeps what it can of them; `plan` compares with them.
@@ -876,9 +877,11 @@ fn plan_with(closure: &ClosureGraph, exclude: &HashSet<String>, l: &LayeringChoi
             ["limit_layers", store_budget(l.max_layers)?]
         ]))?;
         plain(pipeline::plan_layers(closure, &steps, exclude)?)
-    } else {
+    } else if l.stable || previous.is_some() {
         let prev = previous.as_ref().map(|p| p.layers.as_slice());
         stable::plan(closure, exclude, store_budget(l.max_layers)?, prev)?
+    } else {
+        plain(auto_layer(closure, exclude, store_budget(l.max_layers)?))
     };
     note(&planned);
     Ok(Chosen { planned, previous })

@@ -29,6 +29,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -117,6 +118,24 @@ fn weight_of(users: f64) -> f64 {
     1.0 / (users * users)
 }
 
+/// The keys of [`Graph::weight`] are already hashes.
+#[derive(Default)]
+struct HashIsKey(u64);
+
+impl Hasher for HashIsKey {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ b as u64;
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
 /// The graph as the planner sees it: indices, sizes, closure sketches.
 struct Graph<'g> {
     paths: Vec<&'g str>,
@@ -124,7 +143,7 @@ struct Graph<'g> {
     /// The sketch of each path's closure (itself included).
     sketch: Vec<Vec<u64>>,
     /// Each path's hash → how likely it is to change by itself.
-    weight: HashMap<u64, f64>,
+    weight: HashMap<u64, f64, BuildHasherDefault<HashIsKey>>,
 }
 
 impl<'g> Graph<'g> {
@@ -292,28 +311,37 @@ struct Group {
     members: Vec<u32>,
     size: u64,
     sketch: Vec<u64>,
+    volatility: f64,
+    /// Expected bytes sent again: size × volatility.
+    cost: f64,
     /// Whole previous layer (its paths keep their order while it stays whole).
     previous: bool,
 }
 
 impl Group {
-    fn cost(&self, g: &Graph) -> f64 {
-        self.size as f64 * g.volatility(&self.sketch)
+    fn new(g: &Graph, members: Vec<u32>, sketch: Vec<u64>, previous: bool) -> Group {
+        let size = members.iter().map(|&m| g.size[m as usize]).sum();
+        let volatility = g.volatility(&sketch);
+        Group { members, size, cost: size as f64 * volatility, volatility, sketch, previous }
     }
 }
 
+/// A merge: (cost, left group, its stamp, right group, its stamp); a
+/// stamp that moved on means the candidate is stale.
+type Candidate = (i128, usize, u32, usize, u32);
+
 /// Merges neighbouring groups (in volatility order) until at most `slots`
 /// remain; returns them bottom first.
-fn merge_down(g: &Graph, mut groups: Vec<Group>, slots: usize) -> Vec<Group> {
-    let key = |gr: &Group| {
-        let first = gr.members.iter().map(|&m| path_key(g.paths[m as usize])).min().unwrap_or(("", ""));
-        (g.volatility(&gr.sketch), first)
-    };
-    groups.sort_by(|a, b| {
-        let (ea, ka) = key(a);
-        let (eb, kb) = key(b);
-        ea.total_cmp(&eb).then_with(|| ka.cmp(&kb))
-    });
+fn merge_down(g: &Graph, groups: Vec<Group>, slots: usize) -> Vec<Group> {
+    let mut keyed: Vec<(f64, (&str, &str), Group)> = groups
+        .into_iter()
+        .map(|gr| {
+            let first = gr.members.iter().map(|&m| path_key(g.paths[m as usize])).min().unwrap_or(("", ""));
+            (gr.volatility, first, gr)
+        })
+        .collect();
+    keyed.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
+    let mut groups: Vec<Group> = keyed.into_iter().map(|(_, _, gr)| gr).collect();
     let n = groups.len();
     if n <= slots {
         return groups;
@@ -326,10 +354,10 @@ fn merge_down(g: &Graph, mut groups: Vec<Group>, slots: usize) -> Vec<Group> {
     let pair_cost = |a: &Group, b: &Group| -> i128 {
         let s = merge_sketch(&a.sketch, &b.sketch);
         let merged = (a.size + b.size) as f64 * g.volatility(&s);
-        (merged - a.cost(g) - b.cost(g)).round() as i128
+        (merged - a.cost - b.cost).round() as i128
     };
-    // (cost, left, stamps): smallest cost first, then the lowest pair.
-    let mut heap: BinaryHeap<Reverse<(i128, usize, u32, usize, u32)>> = BinaryHeap::new();
+    // Smallest cost first, then the lowest pair.
+    let mut heap: BinaryHeap<Reverse<Candidate>> = BinaryHeap::new();
     for i in 0..n - 1 {
         heap.push(Reverse((pair_cost(&groups[i], &groups[i + 1]), i, 0, i + 1, 0)));
     }
@@ -339,15 +367,11 @@ fn merge_down(g: &Graph, mut groups: Vec<Group>, slots: usize) -> Vec<Group> {
         if !alive[a] || !alive[b] || stamp[a] != sa || stamp[b] != sb {
             continue;
         }
-        let right = std::mem::replace(
-            &mut groups[b],
-            Group { members: Vec::new(), size: 0, sketch: Vec::new(), previous: false },
-        );
-        let left = &mut groups[a];
-        left.members.extend(right.members);
-        left.size += right.size;
-        left.sketch = merge_sketch(&left.sketch, &right.sketch);
-        left.previous = false;
+        let right = std::mem::take(&mut groups[b].members);
+        let mut members = std::mem::take(&mut groups[a].members);
+        members.extend(right);
+        let sketch = merge_sketch(&groups[a].sketch, &groups[b].sketch);
+        groups[a] = Group::new(g, members, sketch, false);
         alive[b] = false;
         stamp[a] += 1;
         next[a] = next[b];
@@ -366,7 +390,7 @@ fn merge_down(g: &Graph, mut groups: Vec<Group>, slots: usize) -> Vec<Group> {
 }
 
 fn singleton(g: &Graph, v: u32) -> Group {
-    Group { members: vec![v], size: g.size[v as usize], sketch: g.sketch[v as usize].clone(), previous: false }
+    Group::new(g, vec![v], g.sketch[v as usize].clone(), false)
 }
 
 fn layer_paths(g: &Graph, group: &Group) -> Vec<String> {
@@ -403,8 +427,7 @@ pub fn plan(
                 for &m in &members {
                     sketch = merge_sketch(&sketch, &g.sketch[m as usize]);
                 }
-                let size = members.iter().map(|&m| g.size[m as usize]).sum();
-                kept.push(Group { members, size, sketch, previous: true });
+                kept.push(Group::new(&g, members, sketch, true));
             }
         }
         if kept.is_empty() && !prev.is_empty() {
@@ -418,20 +441,15 @@ pub fn plan(
     let pool: Vec<u32> =
         (0..g.paths.len() as u32).filter(|&v| wanted(g.paths[v as usize]) && !in_kept.contains(&v)).collect();
 
-    // Room for what is new: at least as many layers as it has roots
-    // (paths nothing else in it uses) plus one, or as many as it has paths.
+    // Room for what is not kept: its share of the budget by bytes, and at
+    // least two layers (the new top apart from the rest), when it has
+    // that many paths.
     let mut released: Vec<Group> = Vec::new();
     if !kept.is_empty() {
-        let in_pool: HashSet<u32> = pool.iter().copied().collect();
-        let used_by_pool: HashSet<u32> = pool
-            .iter()
-            .flat_map(|&v| {
-                graph.nodes[v as usize].references.iter().map(|r| index[r.as_str()]).filter(move |&r| r != v)
-            })
-            .filter(|r| in_pool.contains(r))
-            .collect();
-        let pool_roots = pool.iter().filter(|v| !used_by_pool.contains(v)).count();
-        let want = pool.len().min(pool_roots + 1).min(budget);
+        let pool_bytes: u64 = pool.iter().map(|&v| g.size[v as usize]).sum();
+        let total = pool_bytes + kept.iter().map(|k| k.size).sum::<u64>();
+        let share = (budget as f64 * pool_bytes as f64 / total.max(1) as f64).round() as usize;
+        let want = pool.len().min(share.max(2)).min(budget);
         let free = budget.saturating_sub(kept.len());
         if free < want {
             let need = want - free;
