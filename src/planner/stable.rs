@@ -2,27 +2,32 @@
 //!
 //! A registry stores, and a Docker host keeps, a layer only as long as its
 //! exact set of store paths is unchanged; one changed path re-sends the whole
-//! layer.  A store path changes whenever anything in its closure changes, so
-//! under the plain assumption that every path is equally likely to change,
-//! a layer of paths `G` is sent again with a likelihood that grows with the
-//! number of paths in the union of their closures.  The planner orders the
-//! paths by that number (a dependency before what uses it: stable at the
+//! layer.  A store path changes whenever anything in its closure changes.
+//! Each path is given a likelihood of changing by itself: the inverse square
+//! of `1 + the number of paths that use it` (between two releases on one
+//! package set, change gathers at the top: the application and what only it
+//! uses; a library much of the closure builds on changes rarely).  A layer's
+//! volatility is the sum of those likelihoods over the union of its paths'
+//! closures.  The planner orders the paths by volatility (stable at the
 //! bottom, volatile at the top), starts from one layer per path and, while
 //! there are more layers than the budget allows, merges the two neighbouring
 //! layers whose merge adds the least expected re-sent bytes:
-//! `size(A∪B)·n(A∪B) − size(A)·n(A) − size(B)·n(B)`, `n` being the closure
-//! count.  The top application thus stays apart from its stable private
-//! dependencies, and small paths that change with the same things share a
-//! layer.  Closure counts come from k-minimum-values sketches (exact up to
-//! [`K`] paths, an estimate above), so planning stays linear in the graph.
+//! `size(A∪B)·v(A∪B) − size(A)·v(A) − size(B)·v(B)`.  The top application
+//! thus stays apart from its stable private dependencies, and small paths
+//! that change with the same things share a layer.  Closures and users are
+//! k-minimum-values sketches over the paths' names (exact up to [`K`] paths,
+//! an estimate above, and unmoved by a release that only rebuilds a path), so
+//! planning stays linear in the graph.
 //!
 //! Given the previous release's layers, every previous layer whose paths are
 //! all still in the closure (a store path that is still there is unchanged)
 //! is kept, with its paths in their order, in its previous order at the
-//! bottom; the rest of the closure is planned above in the layers left.  When
-//! too few layers are left for what is new, the smallest kept layers are let
-//! go (they may still come out whole, and so be reused, above), and the
-//! result says so in its notes.
+//! bottom; the rest of the closure is planned above in the layers left.
+//! When fewer layers are left than the rest deserves (its share of the
+//! budget by bytes, and at least two, so a new top stays apart), the
+//! smallest kept layers are let go: a few bytes sent again now buy a plan
+//! that keeps paying.  They may still come out whole, and so be reused,
+//! above; the result says so in its notes.
 //!
 //! [`plan_joint`] plans several images at once: the paths all of them share
 //! are planned once, as the same bottom layers of every image.
