@@ -424,8 +424,12 @@ pub fn plan(
 
     // Previous layers whose every path is still wanted, in order.
     let mut kept: Vec<Group> = Vec::new();
+    // Each kept layer's position in the previous plan, and the first
+    // previous layer that is not kept: a host pulls from there up anyway.
+    let mut kept_at: Vec<usize> = Vec::new();
+    let mut first_break = usize::MAX;
     if let Some(prev) = previous {
-        for layer in prev {
+        for (i, layer) in prev.iter().enumerate() {
             if !layer.is_empty() && layer.iter().all(|p| wanted(p)) {
                 let members: Vec<u32> = layer.iter().map(|p| index[p.as_str()]).collect();
                 let mut sketch = Vec::new();
@@ -433,6 +437,9 @@ pub fn plan(
                     sketch = merge_sketch(&sketch, &g.sketch[m as usize]);
                 }
                 kept.push(Group::new(&g, members, sketch, true));
+                kept_at.push(i);
+            } else if !layer.is_empty() {
+                first_break = first_break.min(i);
             }
         }
         if kept.is_empty() && !prev.is_empty() {
@@ -446,9 +453,11 @@ pub fn plan(
     let pool: Vec<u32> =
         (0..g.paths.len() as u32).filter(|&v| wanted(g.paths[v as usize]) && !in_kept.contains(&v)).collect();
 
-    // Room for what is not kept: its share of the budget by bytes, and at
-    // least two layers (the new top apart from the rest), when it has
-    // that many paths.
+    // Room for what is not kept.  It deserves its share of the budget by
+    // bytes, and at least two layers (a new top apart from the rest): kept
+    // layers above the first broken one are let go for that (a host pulls
+    // them anyway), smallest first.  And it needs one layer: if the budget
+    // leaves none, the topmost kept layers go (the least pulled again).
     let mut released: Vec<Group> = Vec::new();
     if !kept.is_empty() {
         let pool_bytes: u64 = pool.iter().map(|&v| g.size[v as usize]).sum();
@@ -456,13 +465,20 @@ pub fn plan(
         let share = (budget as f64 * pool_bytes as f64 / total.max(1) as f64).round() as usize;
         let want = pool.len().min(share.max(2)).min(budget);
         let free = budget.saturating_sub(kept.len());
-        if free < want {
-            let need = want - free;
-            // The smallest kept layers go: the fewest bytes sent again.
-            let mut order: Vec<usize> = (0..kept.len()).collect();
-            order.sort_by_key(|&i| (kept[i].size, Reverse(i)));
-            let mut go: Vec<usize> = order.into_iter().take(need).collect();
-            go.sort_unstable();
+        let must = (kept.len() + usize::from(!pool.is_empty())).saturating_sub(budget);
+        let mut above: Vec<usize> = (0..kept.len()).filter(|&j| kept_at[j] > first_break).collect();
+        above.sort_by_key(|&j| (kept[j].size, Reverse(j)));
+        let mut go: Vec<usize> = above.into_iter().take(want.saturating_sub(free)).collect();
+        for j in (0..kept.len()).rev() {
+            if go.len() >= must {
+                break;
+            }
+            if !go.contains(&j) {
+                go.push(j);
+            }
+        }
+        go.sort_unstable();
+        if !go.is_empty() {
             let bytes: u64 = go.iter().map(|&i| kept[i].size).sum();
             for &i in go.iter().rev() {
                 released.push(kept.remove(i));
@@ -663,17 +679,28 @@ mod tests {
     }
 
     #[test]
-    fn a_full_budget_lets_the_smallest_previous_layers_go_and_says_so() {
+    fn a_full_budget_lets_previous_layers_go_and_says_so() {
         let g = sample();
         let prev: Vec<Vec<String>> =
             ["/s/d1-libc", "/s/e1-tiny", "/s/f1-tiny", "/s/c1-runtime"].iter().map(|p| vec![p.to_string()]).collect();
-        // Budget 4, four previous layers kept: app and priv need room.
+        // Budget 4, four previous layers whole: app and priv need one, the
+        // topmost kept layer goes (the least pulled again).
         let p = plan(&g, &HashSet::new(), 4, Some(&prev)).unwrap();
         every_path_once(&g, &p.layers);
         assert_eq!(p.layers.len(), 4);
-        assert_eq!(p.kept, 2, "{:?}", p.layers);
-        assert_eq!(p.layers[..2], [prev[0].clone(), prev[3].clone()]);
-        assert!(p.notes[0].contains("let go of 2 of the previous layers"), "{:?}", p.notes);
+        assert_eq!(p.kept, 3, "{:?}", p.layers);
+        assert_eq!(p.layers[..3], prev[..3]);
+        assert!(p.notes[0].contains("let go of 1 of the previous layers"), "{:?}", p.notes);
+
+        // A broken layer low in the stack: above it, the smallest kept
+        // layer goes, so that what is new gets two layers.
+        let mut prev = prev;
+        prev.insert(1, vec!["/s/old-gone".into()]);
+        let p = plan(&g, &HashSet::new(), 5, Some(&prev)).unwrap();
+        every_path_once(&g, &p.layers);
+        assert_eq!(p.kept, 3, "{:?}", p.layers);
+        assert_eq!(p.layers[..3], [prev[0].clone(), prev[2].clone(), prev[4].clone()]);
+        assert_eq!(p.layers.len(), 5);
     }
 
     #[test]
