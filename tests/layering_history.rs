@@ -203,6 +203,22 @@ fn previous_image_history_is_read_back() {
         got.push(layers);
     }
     assert!(got.windows(2).all(|w| w[0] == w[1]), "a JSON plan and both images give the same plan");
+
+    // The next image, built on the previous one: its kept layers are the
+    // very same layers (same diff_ids, in the same places).
+    let next = tmp.path().join("new.tar");
+    run(bin()
+        .args(["image", "-q", "--max-layers", &max, &new, "--previous"])
+        .arg(&archive)
+        .stdout(std::fs::File::create(&next).unwrap()));
+    let diff_ids = |f: &Path| {
+        let a = common::validate(&std::fs::read(f).unwrap());
+        a.config["rootfs"]["diff_ids"].as_array().unwrap().clone()
+    };
+    let (before, after) = (diff_ids(&archive), diff_ids(&next));
+    let kept = old_plan.layers.len() - 1;
+    assert_eq!(before[..kept], after[..kept], "the kept layers are byte-identical");
+    assert_ne!(before[kept], after[kept], "the app's layer changed");
 }
 
 fn graph_file(dir: &Path, store: &str) -> PathBuf {

@@ -549,13 +549,21 @@ pub fn plan_joint(
         .map(|gr| gr.nodes.iter().filter(|n| !exclude.contains(&n.path)).map(|n| n.nar_size).sum::<u64>())
         .max()
         .unwrap_or(0);
-    let any_private = graphs.iter().any(|gr| gr.nodes.iter().any(|n| !shared.contains(n.path.as_str())));
-    // The shared part gets its share of the budget by bytes.
+    // Each image's own paths keep two layers (its top apart from the rest)
+    // when they are that many; the shared part gets its share of the rest
+    // by bytes.
+    let own_min = graphs
+        .iter()
+        .map(|gr| {
+            gr.nodes.iter().filter(|n| !shared.contains(n.path.as_str()) && !exclude.contains(&n.path)).count().min(2)
+        })
+        .max()
+        .unwrap_or(0);
     let shared_slots = if shared.is_empty() {
         0
     } else {
         let by_bytes = (budget as f64 * shared_bytes as f64 / largest.max(1) as f64).round() as usize;
-        by_bytes.clamp(1, if any_private { budget - 1 } else { budget })
+        by_bytes.clamp(1, budget.saturating_sub(own_min).max(1))
     };
     let mut not_shared: HashSet<String> = exclude.clone();
     not_shared.extend(union.nodes.iter().filter(|n| !shared.contains(n.path.as_str())).map(|n| n.path.clone()));
