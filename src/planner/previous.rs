@@ -47,11 +47,6 @@ pub struct Previous {
 }
 
 impl Previous {
-    /// Every path of the previous plan.
-    pub fn closure(&self) -> HashSet<&str> {
-        self.layers.iter().flatten().map(String::as_str).collect()
-    }
-
     /// What to tell the user before planning, if anything.
     pub fn note(&self) -> Option<String> {
         if self.layers.is_empty() && self.from_image {
