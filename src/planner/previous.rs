@@ -90,8 +90,15 @@ pub fn load(path: &Path) -> Result<Previous, PreviousError> {
     let head = r.fill_buf().map_err(io_err)?;
     let first = head.iter().find(|b| !b.is_ascii_whitespace()).copied();
     if matches!(first, Some(b'[') | Some(b'{')) && !looks_like_tar(head) {
+        let limit = crate::input::limited::MAX_GRAPH;
         let mut text = Vec::new();
-        r.read_to_end(&mut text).map_err(io_err)?;
+        r.take(limit + 1).read_to_end(&mut text).map_err(io_err)?;
+        if text.len() as u64 > limit {
+            return Err(PreviousError::Plan {
+                path: path.to_path_buf(),
+                what: format!("larger than the {limit}-byte limit"),
+            });
+        }
         let v: Value = serde_json::from_slice(&text).map_err(|e| PreviousError::Plan {
             path: path.to_path_buf(),
             what: format!("not valid JSON ({e}); expected a list of lists of store paths, or an image archive"),
