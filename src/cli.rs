@@ -21,7 +21,8 @@ use crate::output::splice::Policy;
 use crate::output::writer::Blocking;
 use crate::plan::{ImagePlan, PlannedLayer};
 use crate::planner::autolayer::auto_layer;
-use crate::planner::pipeline;
+use crate::planner::previous::Previous;
+use crate::planner::{compare, pipeline, stable};
 use crate::store::walk::{Kind, Listing};
 use std::os::fd::AsFd;
 
@@ -196,8 +197,10 @@ pub struct ClosureArgs {
     pub exclude_paths: Option<PathBuf>,
 }
 
+/// The planner of `layers` and `plan`.  Without one they plan as `image`
+/// does: auto-layer within --max-layers, or the stable planner when given
+/// --previous or --joint.
 #[derive(clap::Args, Debug)]
-#[group(id = "layering", required = true, multiple = false)]
 pub struct LayeringChoice {
     /// A layering pipeline, as nixpkgs' layeringPipeline takes it: JSON text, or @FILE. Matches nixpkgs' flatten-references-graph.
     #[arg(long, value_name = "JSON|@FILE", group = "layering")]
@@ -205,6 +208,21 @@ pub struct LayeringChoice {
     /// nixpkgs' size-based auto-layer (auto-layer.py) with at most N layers.
     #[arg(long, value_name = "N", group = "layering")]
     pub auto_layer: Option<usize>,
+    /// The popularity contest ([["popularity_contest"], ["limit_layers", N]]) within --max-layers.
+    #[arg(long, group = "layering")]
+    pub popularity: bool,
+    /// The stable planner: layers that survive releases, built on --previous when given (implied by --previous and --joint).
+    #[arg(long, group = "layering")]
+    pub stable: bool,
+    /// The layer budget when no --auto-layer N is given, as `image --max-layers`: at most N layers in all, one of them the customisation layer.
+    #[arg(long, default_value_t = 100, value_name = "N")]
+    pub max_layers: usize,
+    /// The previous release's layers: a JSON list of lists (as `layers` prints) or an image (docker-archive or oci-archive). The stable planner keeps what it can of them; `plan` compares with them.
+    #[arg(long, value_name = "PLAN|IMAGE")]
+    pub previous: Option<PathBuf>,
+    /// Plan every input as its own image, at once, so the paths all of them hold are the same bottom layers of each (stable planner).
+    #[arg(long, conflicts_with_all = ["previous", "pipeline", "auto_layer", "popularity"])]
+    pub joint: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -221,7 +239,7 @@ pub struct PlanArgs {
     pub closure: ClosureArgs,
     #[command(flatten)]
     pub layering: LayeringChoice,
-    /// Print the plan as JSON: [{"layer", "paths", "bytes"}].
+    /// Print the plan as JSON: [{"layer", "paths", "bytes"}]; with --previous, {"layers": [{..., "reused", "pulled"}], "pushed", "pulled", "changed", "ratio", "kept"}.
     #[arg(long)]
     pub json: bool,
 }
@@ -242,6 +260,12 @@ pub struct ImageArgs {
     /// Plan with this layering pipeline (JSON text or @FILE), as nixpkgs' layeringPipeline.
     #[arg(long, value_name = "JSON|@FILE", group = "image_layering")]
     pub pipeline: Option<String>,
+    /// Plan with the stable planner: layers that survive releases (implied by --previous).
+    #[arg(long, group = "image_layering")]
+    pub stable: bool,
+    /// The previous release's layers (a JSON plan as `layers` prints, or an image archive): the stable planner keeps every one still whole, at the bottom.
+    #[arg(long, value_name = "PLAN|IMAGE", conflicts_with_all = ["auto_layer", "popularity", "pipeline"])]
+    pub previous: Option<PathBuf>,
     /// The image config (Cmd, Env, ...) as a JSON object, or @FILE.
     #[arg(long, value_name = "JSON|@FILE")]
     pub config: Option<String>,
@@ -801,59 +825,232 @@ fn load_closure(c: &ClosureArgs) -> anyhow::Result<(ClosureGraph, HashSet<String
     Ok((ClosureGraph::from_store(&c.input)?, exclude))
 }
 
-fn plan_with(
-    closure: &ClosureGraph,
-    exclude: &HashSet<String>,
-    l: &LayeringChoice,
-) -> anyhow::Result<Vec<Vec<String>>> {
-    if let Some(n) = l.auto_layer {
-        anyhow::ensure!(n > 0, "--auto-layer needs at least 1 layer");
-        return Ok(auto_layer(closure, exclude, n));
+/// A plan, with what the previous release (if given) let it keep.
+struct Chosen {
+    planned: crate::planner::stable::Planned,
+    previous: Option<Previous>,
+}
+
+/// Reads `--previous`, checked against the closure's store directory; says
+/// on stderr when nothing in it can be reused.
+fn load_previous(file: Option<&Path>, closure: &ClosureGraph) -> anyhow::Result<Option<Previous>> {
+    let Some(file) = file else { return Ok(None) };
+    let prev = crate::planner::previous::load(file)?;
+    if let Some(store) = crate::planner::previous::store_dir_of(closure.nodes.iter().map(|n| n.path.as_str())) {
+        prev.check_store(&store)?;
     }
-    let text = l.pipeline.as_deref().expect("clap requires one layering option");
-    let steps = pipeline::parse(&json_arg("pipeline", text, crate::input::limited::MAX_PIPELINE)?)?;
-    Ok(pipeline::plan_layers(closure, &steps, exclude)?)
+    if let Some(note) = prev.note() {
+        let _ = writeln!(io::stderr(), "nixstream: {note}");
+    }
+    Ok(Some(prev))
+}
+
+fn note(planned: &crate::planner::stable::Planned) {
+    for n in &planned.notes {
+        let _ = writeln!(io::stderr(), "nixstream: {n}");
+    }
+}
+
+/// Store layers left by `max_layers` once the customisation layer has one.
+fn store_budget(max_layers: usize) -> anyhow::Result<usize> {
+    anyhow::ensure!(
+        max_layers >= 2,
+        "--max-layers {max_layers} leaves no layer for the store paths: the customisation layer takes one"
+    );
+    Ok(max_layers - 1)
+}
+
+fn plan_with(closure: &ClosureGraph, exclude: &HashSet<String>, l: &LayeringChoice) -> anyhow::Result<Chosen> {
+    let previous = load_previous(l.previous.as_deref(), closure)?;
+    let plain = |layers: Vec<Vec<String>>| crate::planner::stable::Planned { layers, ..Default::default() };
+    let planned = if let Some(n) = l.auto_layer {
+        anyhow::ensure!(n > 0, "--auto-layer needs at least 1 layer");
+        plain(auto_layer(closure, exclude, n))
+    } else if let Some(text) = &l.pipeline {
+        let steps = pipeline::parse(&json_arg("pipeline", text, crate::input::limited::MAX_PIPELINE)?)?;
+        plain(pipeline::plan_layers(closure, &steps, exclude)?)
+    } else if l.popularity {
+        let steps = pipeline::parse(&serde_json::json!([
+            ["popularity_contest"],
+            ["limit_layers", store_budget(l.max_layers)?]
+        ]))?;
+        plain(pipeline::plan_layers(closure, &steps, exclude)?)
+    } else if l.stable || previous.is_some() {
+        let prev = previous.as_ref().map(|p| p.layers.as_slice());
+        stable::plan(closure, exclude, store_budget(l.max_layers)?, prev)?
+    } else {
+        plain(auto_layer(closure, exclude, store_budget(l.max_layers)?))
+    };
+    note(&planned);
+    Ok(Chosen { planned, previous })
+}
+
+/// `--joint`: one closure per input, planned together.
+fn joint_plans(c: &ClosureArgs, l: &LayeringChoice) -> anyhow::Result<Vec<(ClosureGraph, Vec<Vec<String>>)>> {
+    let mut graphs = Vec::new();
+    let mut exclude = HashSet::new();
+    for input in &c.input {
+        let one = ClosureArgs { input: vec![input.clone()], exclude_paths: c.exclude_paths.clone() };
+        let (g, ex) = load_closure(&one)?;
+        graphs.push(g);
+        exclude = ex;
+    }
+    let plans = stable::plan_joint(&graphs, &exclude, store_budget(l.max_layers)?)?;
+    Ok(graphs.into_iter().zip(plans).map(|(g, p)| (g, p.layers)).collect())
 }
 
 fn layers(a: &LayersArgs) -> anyhow::Result<()> {
-    let (closure, exclude) = load_closure(&a.closure)?;
-    let layers = plan_with(&closure, &exclude, &a.layering)?;
     let mut out = io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, &layers)?;
+    if a.layering.joint {
+        let plans: Vec<Vec<Vec<String>>> = joint_plans(&a.closure, &a.layering)?.into_iter().map(|(_, l)| l).collect();
+        serde_json::to_writer_pretty(&mut out, &plans)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    let (closure, exclude) = load_closure(&a.closure)?;
+    let chosen = plan_with(&closure, &exclude, &a.layering)?;
+    serde_json::to_writer_pretty(&mut out, &chosen.planned.layers)?;
     writeln!(out)?;
     Ok(())
 }
 
 fn plan(a: &PlanArgs) -> anyhow::Result<()> {
-    let (closure, exclude) = load_closure(&a.closure)?;
-    let layers = plan_with(&closure, &exclude, &a.layering)?;
-    let size: HashMap<&str, u64> = closure.nodes.iter().map(|n| (n.path.as_str(), n.nar_size)).collect();
-    let bytes = |l: &[String]| l.iter().map(|p| size.get(p.as_str()).copied().unwrap_or(0)).sum::<u64>();
-    let mut out = io::stdout().lock();
-    if a.json {
-        let v: Vec<serde_json::Value> = layers
+    if a.layering.joint {
+        let plans = joint_plans(&a.closure, &a.layering)?;
+        let mut out = io::stdout().lock();
+        let shared = plans
             .iter()
-            .enumerate()
-            .map(|(i, l)| serde_json::json!({"layer": i + 1, "paths": l, "bytes": bytes(l)}))
-            .collect();
-        serde_json::to_writer_pretty(&mut out, &v)?;
+            .map(|(_, l)| l)
+            .skip(1)
+            .map(|l| l.iter().zip(&plans[0].1).take_while(|(x, y)| x == y).count())
+            .min()
+            .unwrap_or(0);
+        if a.json {
+            let v: Vec<serde_json::Value> =
+                plans.iter().map(|(g, l)| serde_json::json!({"layers": plan_json(g, l), "shared": shared})).collect();
+            serde_json::to_writer_pretty(&mut out, &v)?;
+            writeln!(out)?;
+            return Ok(());
+        }
+        for ((g, l), input) in plans.iter().zip(&a.closure.input) {
+            writeln!(out, "{input}: the bottom {shared} layers are shared by all {} images", plans.len())?;
+            plan_table(&mut out, g, l)?;
+            writeln!(out)?;
+        }
+        return Ok(());
+    }
+    let (closure, exclude) = load_closure(&a.closure)?;
+    let chosen = plan_with(&closure, &exclude, &a.layering)?;
+    let layers = &chosen.planned.layers;
+    let mut out = io::stdout().lock();
+    if let Some(prev) = &chosen.previous {
+        let size: HashMap<&str, u64> = closure.nodes.iter().map(|n| (n.path.as_str(), n.nar_size)).collect();
+        let c = compare::compare(layers, &prev.layers, &size);
+        if a.json {
+            let v = serde_json::json!({
+                "layers": plan_json(&closure, layers).into_iter().zip(&c.layers)
+                    .map(|(mut v, lc)| { v["reused"] = lc.reused.into(); v["pulled"] = lc.pulled.into(); v })
+                    .collect::<Vec<_>>(),
+                "pushed": c.pushed, "pulled": c.pulled, "changed": c.changed, "total": c.total,
+                "ratio": c.ratio(), "kept": chosen.planned.kept, "previous_layers": prev.layers.len(),
+            });
+            serde_json::to_writer_pretty(&mut out, &v)?;
+            writeln!(out)?;
+        } else {
+            compare_table(&mut out, &closure, layers, &c)?;
+        }
+        return Ok(());
+    }
+    if a.json {
+        serde_json::to_writer_pretty(&mut out, &plan_json(&closure, layers))?;
         writeln!(out)?;
         return Ok(());
     }
-    let name = |p: &str| {
-        p.rsplit('/').next().and_then(|b| b.split_once('-')).map(|(_, n)| n.to_string()).unwrap_or_else(|| p.into())
-    };
+    plan_table(&mut out, &closure, layers)
+}
+
+fn plan_json(closure: &ClosureGraph, layers: &[Vec<String>]) -> Vec<serde_json::Value> {
+    let size: HashMap<&str, u64> = closure.nodes.iter().map(|n| (n.path.as_str(), n.nar_size)).collect();
+    let bytes = |l: &[String]| l.iter().map(|p| size.get(p.as_str()).copied().unwrap_or(0)).sum::<u64>();
+    layers.iter().enumerate().map(|(i, l)| serde_json::json!({"layer": i + 1, "paths": l, "bytes": bytes(l)})).collect()
+}
+
+/// A store path's name, without the store directory and hash.
+fn short_name(p: &str) -> String {
+    p.rsplit('/').next().and_then(|b| b.split_once('-')).map(|(_, n)| n.to_string()).unwrap_or_else(|| p.into())
+}
+
+/// The three largest paths of a layer, by name.
+fn largest(size: &HashMap<&str, u64>, l: &[String]) -> String {
+    let mut by_size: Vec<&String> = l.iter().collect();
+    by_size.sort_by_key(|p| std::cmp::Reverse(size.get(p.as_str()).copied().unwrap_or(0)));
+    let names: Vec<String> = by_size.iter().take(3).map(|p| short_name(p)).collect();
+    let more = if l.len() > 3 { format!(" (+{} more)", l.len() - 3) } else { String::new() };
+    format!("{}{more}", names.join(", "))
+}
+
+fn plan_table(out: &mut impl Write, closure: &ClosureGraph, layers: &[Vec<String>]) -> anyhow::Result<()> {
+    let size: HashMap<&str, u64> = closure.nodes.iter().map(|n| (n.path.as_str(), n.nar_size)).collect();
+    let bytes = |l: &[String]| l.iter().map(|p| size.get(p.as_str()).copied().unwrap_or(0)).sum::<u64>();
     writeln!(out, "{:>5} {:>6} {:>10}  largest paths", "layer", "paths", "bytes")?;
     for (i, l) in layers.iter().enumerate() {
-        let mut by_size: Vec<&String> = l.iter().collect();
-        by_size.sort_by_key(|p| std::cmp::Reverse(size.get(p.as_str()).copied().unwrap_or(0)));
-        let largest: Vec<String> = by_size.iter().take(3).map(|p| name(p)).collect();
-        let more = if l.len() > 3 { format!(" (+{} more)", l.len() - 3) } else { String::new() };
-        writeln!(out, "{:>5} {:>6} {:>10}  {}{more}", i + 1, l.len(), human(bytes(l)), largest.join(", "))?;
+        writeln!(out, "{:>5} {:>6} {:>10}  {}", i + 1, l.len(), human(bytes(l)), largest(&size, l))?;
     }
     let total: u64 = layers.iter().map(|l| bytes(l)).sum();
     let paths: usize = layers.iter().map(Vec::len).sum();
     writeln!(out, "{:>5} {:>6} {:>10}  {} layers", "total", paths, human(total), layers.len())?;
+    Ok(())
+}
+
+/// The new plan against the previous one: a row and a bar per layer (top
+/// first, as a stack), then the totals.
+fn compare_table(
+    out: &mut impl Write,
+    closure: &ClosureGraph,
+    layers: &[Vec<String>],
+    c: &compare::Comparison,
+) -> anyhow::Result<()> {
+    const WIDTH: u64 = 30;
+    let size: HashMap<&str, u64> = closure.nodes.iter().map(|n| (n.path.as_str(), n.nar_size)).collect();
+    let most = c.layers.iter().map(|l| l.bytes).max().unwrap_or(0).max(1);
+    writeln!(
+        out,
+        "{:>5} {:>6} {:>10}  {:<6} {:<4} {:<w$}  largest paths",
+        "layer",
+        "paths",
+        "bytes",
+        "",
+        "pull",
+        "",
+        w = WIDTH as usize
+    )?;
+    for (i, (l, lc)) in layers.iter().zip(&c.layers).enumerate().rev() {
+        let n = (lc.bytes * WIDTH).div_ceil(most).max(1) as usize;
+        let bar = if lc.reused { "░".repeat(n) } else { "█".repeat(n) };
+        writeln!(
+            out,
+            "{:>5} {:>6} {:>10}  {:<6} {:<4} {bar}{:pad$}  {}",
+            i + 1,
+            l.len(),
+            human(lc.bytes),
+            if lc.reused { "reused" } else { "new" },
+            if lc.pulled { "↓" } else { "" },
+            "",
+            largest(&size, l),
+            pad = WIDTH as usize - n,
+        )?;
+    }
+    let reused = c.layers.iter().filter(|l| l.reused).count();
+    writeln!(
+        out,
+        "{reused} of {} layers reused (░ reused, █ new; ↓ pulled by a host holding the previous image)",
+        c.layers.len()
+    )?;
+    writeln!(out, "pushed            {:>10}  ({} new layers)", human(c.pushed), c.layers.len() - reused)?;
+    writeln!(out, "pulled by a host  {:>10}", human(c.pulled))?;
+    let ratio = c.ratio().map(|r| format!("pushed ÷ changed {r:.2}")).unwrap_or_else(|| "nothing changed".into());
+    writeln!(out, "really changed    {:>10}  ({ratio})", human(c.changed))?;
+    writeln!(out, "image             {:>10}", human(c.total))?;
     Ok(())
 }
 
@@ -905,6 +1102,11 @@ fn image(a: &ImageArgs) -> anyhow::Result<()> {
     } else if a.popularity {
         let steps = pipeline::parse(&serde_json::json!([["popularity_contest"], ["limit_layers", budget]]))?;
         pipeline::plan_layers(&closure, &steps, &exclude)?
+    } else if a.stable || a.previous.is_some() {
+        let previous = load_previous(a.previous.as_deref(), &closure)?;
+        let planned = stable::plan(&closure, &exclude, budget, previous.as_ref().map(|p| p.layers.as_slice()))?;
+        note(&planned);
+        planned.layers
     } else {
         auto_layer(&closure, &exclude, budget)
     };

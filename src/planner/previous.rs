@@ -1,0 +1,319 @@
+//! The previous release's layers (`--previous`): a plan as `nixstream
+//! layers` prints it (a JSON list of lists of store paths), or an image — a
+//! docker-archive or an oci-archive, plain or compressed — whose config
+//! history names each layer's store paths, as the reference writes it
+//! (`store paths: ['/nix/store/...', ...]`, Python's list repr).
+//!
+//! An image's layers that name no store paths (a base image's, the
+//! customisation layer) are left out and counted; an image none of whose
+//! layers names store paths (one made by another tool) gives an empty plan
+//! and a note saying nothing can be reused.  A plan whose paths all lie
+//! outside the new closure's store directory is an error: it was made for
+//! another store.  The archive is read once, as a stream; only members that
+//! look like JSON and are at most [`MAX_JSON`] bytes are kept.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{self, BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::read::tarread::{read_full, Compression, TarError, TarReader};
+
+/// Largest JSON member (index, manifest, config) read from an image.
+pub const MAX_JSON: u64 = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PreviousError {
+    #[error("previous plan {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("previous plan {path}: {what}")]
+    Plan { path: PathBuf, what: String },
+    #[error("previous image {path}: {what}")]
+    Image { path: PathBuf, what: String },
+    #[error("previous plan {path} names store paths under {found}, but the closure is under {store}")]
+    OtherStore { path: PathBuf, found: String, store: String },
+}
+
+/// The previous release's store layers, bottom first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Previous {
+    pub source: PathBuf,
+    pub layers: Vec<Vec<String>>,
+    /// Image layers that named no store paths (base, customisation).
+    pub other_layers: usize,
+    /// Whether it came from an image (not a JSON plan).
+    pub from_image: bool,
+}
+
+impl Previous {
+    /// What to tell the user before planning, if anything.
+    pub fn note(&self) -> Option<String> {
+        if self.layers.is_empty() && self.from_image {
+            Some(format!(
+                "previous image {}: none of its {} layers names store paths in its history (made by another tool?): nothing can be reused, planning afresh",
+                self.source.display(),
+                self.other_layers
+            ))
+        } else {
+            None
+        }
+    }
+
+    /// Errs when the plan is for another store: it has paths, and none lies
+    /// directly under `store_dir`.
+    pub fn check_store(&self, store_dir: &str) -> Result<(), PreviousError> {
+        let under = |p: &str| p.strip_prefix(store_dir).is_some_and(|r| r.starts_with('/') && !r[1..].contains('/'));
+        let mut paths = self.layers.iter().flatten();
+        let Some(first) = paths.clone().next() else { return Ok(()) };
+        if paths.any(|p| under(p)) {
+            return Ok(());
+        }
+        let found = Path::new(first).parent().map(|d| d.display().to_string()).unwrap_or_else(|| first.clone());
+        Err(PreviousError::OtherStore { path: self.source.clone(), found, store: store_dir.to_string() })
+    }
+}
+
+/// The store directory of a closure's paths (`/nix/store` for
+/// `/nix/store/HASH-name`); `None` for an empty closure.
+pub fn store_dir_of<'a>(mut paths: impl Iterator<Item = &'a str>) -> Option<String> {
+    paths.next().and_then(|p| Path::new(p).parent()).map(|d| d.display().to_string())
+}
+
+/// Reads a previous plan or image.
+pub fn load(path: &Path) -> Result<Previous, PreviousError> {
+    let io_err = |source| PreviousError::Io { path: path.to_path_buf(), source };
+    let f = std::fs::File::open(path).map_err(io_err)?;
+    let mut outer = BufReader::with_capacity(1 << 20, f);
+    let compression = Compression::sniff(outer.fill_buf().map_err(io_err)?);
+    let mut r = BufReader::new(compression.decoder(outer).map_err(io_err)?);
+    let head = r.fill_buf().map_err(io_err)?;
+    let first = head.iter().find(|b| !b.is_ascii_whitespace()).copied();
+    if matches!(first, Some(b'[') | Some(b'{')) && !looks_like_tar(head) {
+        let limit = crate::input::limited::MAX_GRAPH;
+        let mut text = Vec::new();
+        r.take(limit + 1).read_to_end(&mut text).map_err(io_err)?;
+        if text.len() as u64 > limit {
+            return Err(PreviousError::Plan {
+                path: path.to_path_buf(),
+                what: format!("larger than the {limit}-byte limit"),
+            });
+        }
+        let v: Value = serde_json::from_slice(&text).map_err(|e| PreviousError::Plan {
+            path: path.to_path_buf(),
+            what: format!("not valid JSON ({e}); expected a list of lists of store paths, or an image archive"),
+        })?;
+        let layers = plan_from_json(&v).map_err(|what| PreviousError::Plan { path: path.to_path_buf(), what })?;
+        return Ok(Previous { source: path.to_path_buf(), layers, other_layers: 0, from_image: false });
+    }
+    from_archive(r, path)
+}
+
+/// A 512-byte tar header has "ustar" at offset 257.
+fn looks_like_tar(head: &[u8]) -> bool {
+    head.len() >= 262 && &head[257..262] == b"ustar"
+}
+
+/// A list of lists of store paths, each path once.
+pub fn plan_from_json(v: &Value) -> Result<Vec<Vec<String>>, String> {
+    let outer = v.as_array().ok_or("expected a list of layers (lists of store paths)")?;
+    let mut seen = HashSet::new();
+    let mut layers = Vec::with_capacity(outer.len());
+    for (i, l) in outer.iter().enumerate() {
+        let items = l.as_array().ok_or_else(|| format!("layer {}: expected a list of store paths", i + 1))?;
+        let mut layer = Vec::with_capacity(items.len());
+        for p in items {
+            let p = p.as_str().ok_or_else(|| format!("layer {}: {p} is not a string", i + 1))?;
+            if !p.starts_with('/') {
+                return Err(format!("layer {}: {p:?} is not an absolute store path", i + 1));
+            }
+            if !seen.insert(p.to_string()) {
+                return Err(format!("layer {}: {p} is already in an earlier layer", i + 1));
+            }
+            layer.push(p.to_string());
+        }
+        layers.push(layer);
+    }
+    Ok(layers)
+}
+
+fn from_archive(r: impl Read, path: &Path) -> Result<Previous, PreviousError> {
+    let bad = |what: String| PreviousError::Image { path: path.to_path_buf(), what };
+    let tar_err = |e: TarError| match e {
+        TarError::Io(source) => PreviousError::Io { path: path.to_path_buf(), source },
+        e => bad(format!("neither a JSON plan nor a readable image archive: {e}")),
+    };
+    let mut t = TarReader::new(r);
+    let mut json: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut kept = 0u64;
+    while let Some(m) = t.next_member().map_err(tar_err)? {
+        if !m.is_file() || m.size > MAX_JSON || kept + m.size > 4 * MAX_JSON {
+            continue;
+        }
+        let mut first = [0u8; 1];
+        if m.size == 0 || read_full(&mut t, &mut first).map_err(|e| tar_err(TarError::Io(e)))? == 0 {
+            continue;
+        }
+        if first[0] != b'{' && first[0] != b'[' {
+            continue;
+        }
+        let mut data = first.to_vec();
+        t.read_to_end(&mut data).map_err(|e| tar_err(TarError::Io(e)))?;
+        kept += m.size;
+        json.insert(m.name_lossy().trim_start_matches("./").to_string(), data);
+    }
+    let parse = |name: &str| -> Result<Value, PreviousError> {
+        let data = json.get(name).ok_or_else(|| bad(format!("it has no {name}")))?;
+        serde_json::from_slice(data).map_err(|e| bad(format!("{name} is not valid JSON: {e}")))
+    };
+    let blob = |digest: &str| -> String { format!("blobs/{}", digest.replacen(':', "/", 1)) };
+    let config = if json.contains_key("manifest.json") {
+        let m = parse("manifest.json")?;
+        let name = m
+            .get(0)
+            .and_then(|e| e.get("Config"))
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("manifest.json names no Config".into()))?;
+        parse(name)?
+    } else if json.contains_key("index.json") {
+        let index = parse("index.json")?;
+        let digest = index
+            .get("manifests")
+            .and_then(|m| m.get(0))
+            .and_then(|m| m.get("digest"))
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("index.json lists no manifest".into()))?;
+        let manifest = parse(&blob(digest))?;
+        let config = manifest
+            .get("config")
+            .and_then(|c| c.get("digest"))
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad(format!("manifest {digest} names no config")))?;
+        parse(&blob(config))?
+    } else {
+        return Err(bad("it has neither manifest.json (docker-archive) nor index.json (oci-archive)".into()));
+    };
+    let history = config.get("history").and_then(Value::as_array).cloned().unwrap_or_default();
+    let mut layers = Vec::new();
+    let mut other = 0;
+    let mut seen = HashSet::new();
+    for h in history.iter().filter(|h| !h.get("empty_layer").and_then(Value::as_bool).unwrap_or(false)) {
+        let paths = h
+            .get("comment")
+            .and_then(Value::as_str)
+            .and_then(|c| c.strip_prefix("store paths: "))
+            .and_then(parse_py_str_list)
+            .filter(|ps| !ps.is_empty() && ps.iter().all(|p| p.starts_with('/')));
+        match paths {
+            // A customisation layer names a directory, once; a store
+            // layer's paths are in no other layer.
+            Some(ps) if ps.iter().all(|p| seen.insert(p.clone())) => layers.push(ps),
+            _ => other += 1,
+        }
+    }
+    Ok(Previous { source: path.to_path_buf(), layers, other_layers: other, from_image: true })
+}
+
+/// Parses Python's repr of a list of str: `['a', "b'c", 'd\\n']`.
+pub fn parse_py_str_list(s: &str) -> Option<Vec<String>> {
+    let mut chars = s.trim().chars().peekable();
+    if chars.next()? != '[' {
+        return None;
+    }
+    let mut out = Vec::new();
+    loop {
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        match chars.next()? {
+            ']' if out.is_empty() => break,
+            q @ ('\'' | '"') => {
+                let mut item = String::new();
+                loop {
+                    match chars.next()? {
+                        c if c == q => break,
+                        '\\' => match chars.next()? {
+                            'n' => item.push('\n'),
+                            't' => item.push('\t'),
+                            'r' => item.push('\r'),
+                            'x' => item.push(hex_char(&mut chars, 2)?),
+                            'u' => item.push(hex_char(&mut chars, 4)?),
+                            'U' => item.push(hex_char(&mut chars, 8)?),
+                            c => item.push(c),
+                        },
+                        c => item.push(c),
+                    }
+                }
+                out.push(item);
+                while chars.peek().is_some_and(|c| c.is_whitespace()) {
+                    chars.next();
+                }
+                match chars.next()? {
+                    ',' => continue,
+                    ']' => break,
+                    _ => return None,
+                }
+            }
+            _ => return None,
+        }
+    }
+    chars.next().is_none().then_some(out)
+}
+
+fn hex_char(chars: &mut impl Iterator<Item = char>, n: usize) -> Option<char> {
+    let digits: String = chars.take(n).collect();
+    if digits.len() != n {
+        return None;
+    }
+    char::from_u32(u32::from_str_radix(&digits, 16).ok()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compat::pyjson::repr_str_list;
+    use serde_json::json;
+
+    #[test]
+    fn python_list_reprs_read_back() {
+        for items in [
+            vec![],
+            vec!["/nix/store/abc-x".to_string()],
+            vec![
+                "/s/it's".into(),
+                "/s/tab\there".into(),
+                "/s/héllo".into(),
+                "/s/q\"uo'te\\".into(),
+                "/s/\u{7f}".into(),
+            ],
+        ] {
+            assert_eq!(parse_py_str_list(&repr_str_list(&items)), Some(items.clone()), "{}", repr_str_list(&items));
+        }
+        assert_eq!(parse_py_str_list("['/a' '/b']"), None);
+        assert_eq!(parse_py_str_list("['/a'] extra"), None);
+        assert_eq!(parse_py_str_list("not a list"), None);
+    }
+
+    #[test]
+    fn json_plans_are_checked() {
+        assert_eq!(plan_from_json(&json!([["/s/a"], ["/s/b", "/s/c"]])).unwrap().len(), 2);
+        let e = plan_from_json(&json!({"a": 1})).unwrap_err();
+        assert!(e.contains("expected a list of layers"), "{e}");
+        let e = plan_from_json(&json!([["/s/a"], ["/s/a"]])).unwrap_err();
+        assert!(e.contains("layer 2: /s/a is already in an earlier layer"), "{e}");
+        let e = plan_from_json(&json!([["/s/a", 3]])).unwrap_err();
+        assert!(e.contains("layer 1: 3 is not a string"), "{e}");
+        let e = plan_from_json(&json!([["rel"]])).unwrap_err();
+        assert!(e.contains("not an absolute store path"), "{e}");
+    }
+
+    #[test]
+    fn another_store_is_refused() {
+        let p =
+            Previous { source: "old.json".into(), layers: vec![vec!["/gnu/store/abc-x".into()]], ..Default::default() };
+        let e = p.check_store("/nix/store").unwrap_err().to_string();
+        assert_eq!(e, "previous plan old.json names store paths under /gnu/store, but the closure is under /nix/store");
+        assert!(p.check_store("/gnu/store").is_ok());
+        assert!(Previous::default().check_store("/nix/store").is_ok());
+    }
+}

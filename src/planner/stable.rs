@@ -1,0 +1,751 @@
+//! The stable planner: layers that survive releases.
+//!
+//! A registry stores, and a Docker host keeps, a layer only as long as its
+//! exact set of store paths is unchanged; one changed path re-sends the whole
+//! layer.  A store path changes whenever anything in its closure changes.
+//! Each path is given a likelihood of changing by itself: the inverse square
+//! of `1 + the number of paths that use it` (between two releases on one
+//! package set, change gathers at the top: the application and what only it
+//! uses; a library much of the closure builds on changes rarely).  A layer's
+//! volatility is the sum of those likelihoods over the union of its paths'
+//! closures.  The planner orders the paths by volatility (stable at the
+//! bottom, volatile at the top), starts from one layer per path and, while
+//! there are more layers than the budget allows, merges the two neighbouring
+//! layers whose merge adds the least expected re-sent bytes:
+//! `size(A∪B)·v(A∪B) − size(A)·v(A) − size(B)·v(B)`.  The top application
+//! thus stays apart from its stable private dependencies, and small paths
+//! that change with the same things share a layer.  Closures and users are
+//! k-minimum-values sketches over the paths' names (exact up to [`K`] paths,
+//! an estimate above, and unmoved by a release that only rebuilds a path), so
+//! planning stays linear in the graph.
+//!
+//! Given the previous release's layers, every previous layer whose paths are
+//! all still in the closure (a store path that is still there is unchanged)
+//! is kept, with its paths in their order, in its previous order at the
+//! bottom; the rest of the closure is planned above in the layers left.
+//! When fewer layers are left than the rest deserves (its share of the
+//! budget by bytes, and at least two, so a new top stays apart), the
+//! smallest kept layers are let go: a few bytes sent again now buy a plan
+//! that keeps paying.  They may still come out whole, and so be reused,
+//! above; the result says so in its notes.
+//!
+//! [`plan_joint`] plans several images at once: the paths all of them share
+//! are planned once, as the same bottom layers of every image.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::input::closure::ClosureGraph;
+
+/// Sketch size: closure counts are exact up to this many paths.
+pub const K: usize = 64;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StableError {
+    #[error("a layer budget of 0 leaves no layer for the store paths")]
+    NoBudget,
+    #[error("joint planning needs at least two images, found {0}")]
+    JointNeedsTwo(usize),
+    #[error("image {image} gives {path} other references than image {first} does (two different stores?)")]
+    JointMismatch { image: usize, first: usize, path: String },
+}
+
+/// A plan and how it came about.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Planned {
+    /// Bottom first.
+    pub layers: Vec<Vec<String>>,
+    /// How many bottom layers are previous layers kept as they were.
+    pub kept: usize,
+    /// What the user should know (previous layers let go, nothing reusable).
+    pub notes: Vec<String>,
+}
+
+/// `/nix/store/HASH-name` → (name, hash): release-stable order first.
+fn path_key(path: &str) -> (&str, &str) {
+    let base = path.rsplit('/').next().unwrap_or(path);
+    match base.split_once('-') {
+        Some((hash, name)) => (name, hash),
+        None => (base, ""),
+    }
+}
+
+/// Sorted, deduplicated union of two sketches, cut to the K smallest.
+fn merge_sketch(a: &[u64], b: &[u64]) -> Vec<u64> {
+    let mut out = Vec::with_capacity(K.min(a.len() + b.len()));
+    let (mut i, mut j) = (0, 0);
+    while out.len() < K && (i < a.len() || j < b.len()) {
+        let v = match (a.get(i), b.get(j)) {
+            (Some(&x), Some(&y)) if x == y => {
+                i += 1;
+                j += 1;
+                x
+            }
+            (Some(&x), Some(&y)) if x < y => {
+                i += 1;
+                x
+            }
+            (Some(_), Some(&y)) => {
+                j += 1;
+                y
+            }
+            (Some(&x), None) => {
+                i += 1;
+                x
+            }
+            (None, Some(&y)) => {
+                j += 1;
+                y
+            }
+            (None, None) => unreachable!(),
+        };
+        out.push(v);
+    }
+    out
+}
+
+/// The number of distinct paths a sketch stands for.
+fn estimate(s: &[u64]) -> f64 {
+    if s.len() < K {
+        s.len() as f64
+    } else {
+        (K - 1) as f64 / ((s[K - 1] as f64 + 1.0) / (u64::MAX as f64 + 1.0))
+    }
+}
+
+/// A path's own change likelihood from `1 + the number of paths that use
+/// it`: its inverse square.  Between two releases on one package set,
+/// change gathers at the top: the application and what only it uses.
+fn weight_of(users: f64) -> f64 {
+    1.0 / (users * users)
+}
+
+/// The keys of [`Graph::weight`] are already hashes.
+#[derive(Default)]
+struct HashIsKey(u64);
+
+impl Hasher for HashIsKey {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ b as u64;
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+/// The graph as the planner sees it: indices, sizes, closure sketches.
+struct Graph<'g> {
+    paths: Vec<&'g str>,
+    size: Vec<u64>,
+    /// The sketch of each path's closure (itself included).
+    sketch: Vec<Vec<u64>>,
+    /// Each path's hash → how likely it is to change by itself.
+    weight: HashMap<u64, f64, BuildHasherDefault<HashIsKey>>,
+}
+
+impl<'g> Graph<'g> {
+    fn new(graph: &'g ClosureGraph) -> Graph<'g> {
+        let index = graph.index();
+        let n = graph.nodes.len();
+        let refs: Vec<Vec<u32>> = graph
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, node)| {
+                node.references.iter().map(|r| index[r.as_str()] as u32).filter(|&r| r as usize != i).collect()
+            })
+            .collect();
+        let sccs = tarjan(&refs);
+        let mut comp = vec![0u32; n];
+        for (c, members) in sccs.iter().enumerate() {
+            for &v in members {
+                comp[v as usize] = c as u32;
+            }
+        }
+        // Paths are told apart by name, not by store hash, so that a
+        // release that only rebuilds a path leaves every sketch, and so the
+        // plan, as it was; paths of the same name are numbered in (name,
+        // hash) order.
+        let mut by_key: Vec<u32> = (0..n as u32).collect();
+        by_key.sort_by(|&a, &b| path_key(&graph.nodes[a as usize].path).cmp(&path_key(&graph.nodes[b as usize].path)));
+        let mut hash = vec![0u64; n];
+        let mut last: Option<(&str, u64)> = None;
+        for &v in &by_key {
+            let name = path_key(&graph.nodes[v as usize].path).0;
+            let nth = match last {
+                Some((prev, k)) if prev == name => k + 1,
+                _ => 0,
+            };
+            last = Some((name, nth));
+            hash[v as usize] = xxh3_64(format!("{name}\0{nth}").as_bytes());
+        }
+        let own = |members: &[u32]| {
+            let mut s: Vec<u64> = members.iter().map(|&v| hash[v as usize]).collect();
+            s.sort_unstable();
+            s.dedup();
+            s.truncate(K);
+            s
+        };
+        // Tarjan yields a component after every component it reaches:
+        // closures in that order, users (ancestors) in the reverse one.
+        let mut down: Vec<Vec<u64>> = Vec::with_capacity(sccs.len());
+        for (c, members) in sccs.iter().enumerate() {
+            let mut s = own(members);
+            for &v in members {
+                for &r in &refs[v as usize] {
+                    let rc = comp[r as usize] as usize;
+                    if rc != c {
+                        s = merge_sketch(&s, &down[rc]);
+                    }
+                }
+            }
+            down.push(s);
+        }
+        let mut users: Vec<Vec<u32>> = vec![Vec::new(); sccs.len()];
+        for (v, rs) in refs.iter().enumerate() {
+            for &r in rs {
+                let (cv, cr) = (comp[v], comp[r as usize]);
+                if cv != cr {
+                    users[cr as usize].push(cv);
+                }
+            }
+        }
+        let mut up: Vec<Vec<u64>> = vec![Vec::new(); sccs.len()];
+        for c in (0..sccs.len()).rev() {
+            let mut s = own(&sccs[c]);
+            for &u in &users[c] {
+                s = merge_sketch(&s, &up[u as usize]);
+            }
+            up[c] = s;
+        }
+        // A path much of the closure builds on changes rarely (changing it
+        // rebuilds all of that); a path little or nothing uses is what
+        // releases change: its own change likelihood is 1 / (1 + the
+        // number of paths that use it).
+        let weight = (0..n).map(|v| (hash[v], weight_of(estimate(&up[comp[v] as usize])))).collect();
+        Graph {
+            paths: graph.nodes.iter().map(|n| n.path.as_str()).collect(),
+            size: graph.nodes.iter().map(|n| n.nar_size).collect(),
+            sketch: (0..n).map(|v| down[comp[v] as usize].clone()).collect(),
+            weight,
+        }
+    }
+
+    /// How likely a layer whose closures' union has sketch `s` is to
+    /// change: the sum of its paths' weights (exact for small unions, else
+    /// the estimated count times the sample's mean weight).
+    fn volatility(&self, s: &[u64]) -> f64 {
+        let sum: f64 = s.iter().map(|h| self.weight.get(h).copied().unwrap_or(1.0)).sum();
+        if s.len() < K {
+            sum
+        } else {
+            estimate(s) * sum / s.len() as f64
+        }
+    }
+}
+
+/// Strongly connected components of `adj`, each after every component it
+/// reaches (iterative Tarjan).
+fn tarjan(adj: &[Vec<u32>]) -> Vec<Vec<u32>> {
+    let n = adj.len();
+    const UNSEEN: u32 = u32::MAX;
+    let mut index = vec![UNSEEN; n];
+    let mut low = vec![0u32; n];
+    let mut on_stack = vec![false; n];
+    let mut stack: Vec<u32> = Vec::new();
+    let mut out = Vec::new();
+    let mut next = 0u32;
+    let mut call: Vec<(u32, usize)> = Vec::new();
+    for root in 0..n as u32 {
+        if index[root as usize] != UNSEEN {
+            continue;
+        }
+        call.push((root, 0));
+        index[root as usize] = next;
+        low[root as usize] = next;
+        next += 1;
+        stack.push(root);
+        on_stack[root as usize] = true;
+        while let Some(&mut (v, ref mut edge)) = call.last_mut() {
+            if let Some(&w) = adj[v as usize].get(*edge) {
+                *edge += 1;
+                if index[w as usize] == UNSEEN {
+                    index[w as usize] = next;
+                    low[w as usize] = next;
+                    next += 1;
+                    stack.push(w);
+                    on_stack[w as usize] = true;
+                    call.push((w, 0));
+                } else if on_stack[w as usize] {
+                    low[v as usize] = low[v as usize].min(index[w as usize]);
+                }
+                continue;
+            }
+            call.pop();
+            if let Some(&(parent, _)) = call.last() {
+                low[parent as usize] = low[parent as usize].min(low[v as usize]);
+            }
+            if low[v as usize] == index[v as usize] {
+                let mut members = Vec::new();
+                while let Some(w) = stack.pop() {
+                    on_stack[w as usize] = false;
+                    members.push(w);
+                    if w == v {
+                        break;
+                    }
+                }
+                out.push(members);
+            }
+        }
+    }
+    out
+}
+
+/// A layer being formed.
+#[derive(Debug, Clone)]
+struct Group {
+    /// Graph indices; for a previous layer, in that layer's order.
+    members: Vec<u32>,
+    size: u64,
+    sketch: Vec<u64>,
+    volatility: f64,
+    /// Expected bytes sent again: size × volatility.
+    cost: f64,
+    /// Whole previous layer (its paths keep their order while it stays whole).
+    previous: bool,
+}
+
+impl Group {
+    fn new(g: &Graph, members: Vec<u32>, sketch: Vec<u64>, previous: bool) -> Group {
+        let size = members.iter().map(|&m| g.size[m as usize]).sum();
+        let volatility = g.volatility(&sketch);
+        Group { members, size, cost: size as f64 * volatility, volatility, sketch, previous }
+    }
+}
+
+/// A merge: (cost, left group, its stamp, right group, its stamp); a
+/// stamp that moved on means the candidate is stale.
+type Candidate = (i128, usize, u32, usize, u32);
+
+/// Merges neighbouring groups (in volatility order) until at most `slots`
+/// remain; returns them bottom first.
+fn merge_down(g: &Graph, groups: Vec<Group>, slots: usize) -> Vec<Group> {
+    let mut keyed: Vec<(f64, (&str, &str), Group)> = groups
+        .into_iter()
+        .map(|gr| {
+            let first = gr.members.iter().map(|&m| path_key(g.paths[m as usize])).min().unwrap_or(("", ""));
+            (gr.volatility, first, gr)
+        })
+        .collect();
+    keyed.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
+    let mut groups: Vec<Group> = keyed.into_iter().map(|(_, _, gr)| gr).collect();
+    let n = groups.len();
+    if n <= slots {
+        return groups;
+    }
+    let slots = slots.max(1);
+    let mut alive = vec![true; n];
+    let mut stamp = vec![0u32; n];
+    let mut prev: Vec<Option<usize>> = (0..n).map(|i| i.checked_sub(1)).collect();
+    let mut next: Vec<Option<usize>> = (0..n).map(|i| Some(i + 1).filter(|&j| j < n)).collect();
+    let pair_cost = |a: &Group, b: &Group| -> i128 {
+        let s = merge_sketch(&a.sketch, &b.sketch);
+        let merged = (a.size + b.size) as f64 * g.volatility(&s);
+        (merged - a.cost - b.cost).round() as i128
+    };
+    // Smallest cost first, then the lowest pair.
+    let mut heap: BinaryHeap<Reverse<Candidate>> = BinaryHeap::new();
+    for i in 0..n - 1 {
+        heap.push(Reverse((pair_cost(&groups[i], &groups[i + 1]), i, 0, i + 1, 0)));
+    }
+    let mut count = n;
+    while count > slots {
+        let Some(Reverse((_, a, sa, b, sb))) = heap.pop() else { break };
+        if !alive[a] || !alive[b] || stamp[a] != sa || stamp[b] != sb {
+            continue;
+        }
+        let right = std::mem::take(&mut groups[b].members);
+        let mut members = std::mem::take(&mut groups[a].members);
+        members.extend(right);
+        let sketch = merge_sketch(&groups[a].sketch, &groups[b].sketch);
+        groups[a] = Group::new(g, members, sketch, false);
+        alive[b] = false;
+        stamp[a] += 1;
+        next[a] = next[b];
+        if let Some(c) = next[b] {
+            prev[c] = Some(a);
+        }
+        count -= 1;
+        if let Some(p) = prev[a] {
+            heap.push(Reverse((pair_cost(&groups[p], &groups[a]), p, stamp[p], a, stamp[a])));
+        }
+        if let Some(c) = next[a] {
+            heap.push(Reverse((pair_cost(&groups[a], &groups[c]), a, stamp[a], c, stamp[c])));
+        }
+    }
+    groups.into_iter().zip(alive).filter(|(_, alive)| *alive).map(|(g, _)| g).collect()
+}
+
+fn singleton(g: &Graph, v: u32) -> Group {
+    Group::new(g, vec![v], g.sketch[v as usize].clone(), false)
+}
+
+fn layer_paths(g: &Graph, group: &Group) -> Vec<String> {
+    let mut paths: Vec<&str> = group.members.iter().map(|&m| g.paths[m as usize]).collect();
+    if !group.previous {
+        paths.sort_by(|a, b| path_key(a).cmp(&path_key(b)));
+    }
+    paths.into_iter().map(str::to_string).collect()
+}
+
+/// Plans `graph`'s paths (less `exclude`) into at most `budget` layers,
+/// building on `previous` (bottom first) when given.
+pub fn plan(
+    graph: &ClosureGraph,
+    exclude: &HashSet<String>,
+    budget: usize,
+    previous: Option<&[Vec<String>]>,
+) -> Result<Planned, StableError> {
+    if budget == 0 {
+        return Err(StableError::NoBudget);
+    }
+    let g = Graph::new(graph);
+    let index: HashMap<&str, u32> = g.paths.iter().enumerate().map(|(i, p)| (*p, i as u32)).collect();
+    let wanted = |p: &str| index.contains_key(p) && !exclude.contains(p);
+    let mut notes = Vec::new();
+
+    // Previous layers whose every path is still wanted, in order.
+    let mut kept: Vec<Group> = Vec::new();
+    // Each kept layer's position in the previous plan, and the first
+    // previous layer that is not kept: a host pulls from there up anyway.
+    let mut kept_at: Vec<usize> = Vec::new();
+    let mut first_break = usize::MAX;
+    if let Some(prev) = previous {
+        for (i, layer) in prev.iter().enumerate() {
+            if !layer.is_empty() && layer.iter().all(|p| wanted(p)) {
+                let members: Vec<u32> = layer.iter().map(|p| index[p.as_str()]).collect();
+                let mut sketch = Vec::new();
+                for &m in &members {
+                    sketch = merge_sketch(&sketch, &g.sketch[m as usize]);
+                }
+                kept.push(Group::new(&g, members, sketch, true));
+                kept_at.push(i);
+            } else if !layer.is_empty() {
+                first_break = first_break.min(i);
+            }
+        }
+        if kept.is_empty() && !prev.is_empty() {
+            notes.push(format!(
+                "none of the {} previous layers can be reused (each lost or changed a path): planned afresh",
+                prev.len()
+            ));
+        }
+    }
+    let in_kept: HashSet<u32> = kept.iter().flat_map(|k| k.members.iter().copied()).collect();
+    let pool: Vec<u32> =
+        (0..g.paths.len() as u32).filter(|&v| wanted(g.paths[v as usize]) && !in_kept.contains(&v)).collect();
+
+    // Room for what is not kept.  It deserves its share of the budget by
+    // bytes, and at least two layers (a new top apart from the rest): kept
+    // layers above the first broken one are let go for that (a host pulls
+    // them anyway), smallest first.  And it needs one layer: if the budget
+    // leaves none, the topmost kept layers go (the least pulled again).
+    let mut released: Vec<Group> = Vec::new();
+    if !kept.is_empty() {
+        let pool_bytes: u64 = pool.iter().map(|&v| g.size[v as usize]).sum();
+        let total = pool_bytes + kept.iter().map(|k| k.size).sum::<u64>();
+        let share = (budget as f64 * pool_bytes as f64 / total.max(1) as f64).round() as usize;
+        let want = pool.len().min(share.max(2)).min(budget);
+        let free = budget.saturating_sub(kept.len());
+        let must = (kept.len() + usize::from(!pool.is_empty())).saturating_sub(budget);
+        let mut above: Vec<usize> = (0..kept.len()).filter(|&j| kept_at[j] > first_break).collect();
+        above.sort_by_key(|&j| (kept[j].size, Reverse(j)));
+        let mut go: Vec<usize> = above.into_iter().take(want.saturating_sub(free)).collect();
+        for j in (0..kept.len()).rev() {
+            if go.len() >= must {
+                break;
+            }
+            if !go.contains(&j) {
+                go.push(j);
+            }
+        }
+        go.sort_unstable();
+        if !go.is_empty() {
+            let bytes: u64 = go.iter().map(|&i| kept[i].size).sum();
+            for &i in go.iter().rev() {
+                released.push(kept.remove(i));
+            }
+            notes.push(format!(
+                "let go of {} of the previous layers ({bytes} bytes of paths) to make room for {} new or moved paths within {budget} layers",
+                go.len(),
+                pool.len()
+            ));
+        }
+    }
+    let slots = budget - kept.len();
+    let mut groups: Vec<Group> = pool.iter().map(|&v| singleton(&g, v)).collect();
+    groups.extend(released);
+    let top = if groups.is_empty() { Vec::new() } else { merge_down(&g, groups, slots) };
+    let kept_count = kept.len();
+    let layers = kept.iter().chain(top.iter()).map(|gr| layer_paths(&g, gr)).collect();
+    Ok(Planned { layers, kept: kept_count, notes })
+}
+
+/// Plans several images so that the paths all of them hold are the same
+/// bottom layers of each; every image stays within `budget` layers.
+pub fn plan_joint(
+    graphs: &[ClosureGraph],
+    exclude: &HashSet<String>,
+    budget: usize,
+) -> Result<Vec<Planned>, StableError> {
+    if graphs.len() < 2 {
+        return Err(StableError::JointNeedsTwo(graphs.len()));
+    }
+    if budget < 2 {
+        return Err(StableError::NoBudget);
+    }
+    // One graph of every path (each image's view of a path must agree).
+    let mut union = ClosureGraph::default();
+    let mut seen: HashMap<String, (usize, usize)> = HashMap::new();
+    let mut holders: HashMap<String, usize> = HashMap::new();
+    for (i, graph) in graphs.iter().enumerate() {
+        for node in &graph.nodes {
+            *holders.entry(node.path.clone()).or_default() += 1;
+            match seen.get(&node.path) {
+                Some(&(first, at)) => {
+                    let mut a = union.nodes[at].references.clone();
+                    let mut b = node.references.clone();
+                    a.sort();
+                    b.sort();
+                    if a != b {
+                        return Err(StableError::JointMismatch {
+                            image: i + 1,
+                            first: first + 1,
+                            path: node.path.clone(),
+                        });
+                    }
+                }
+                None => {
+                    seen.insert(node.path.clone(), (i, union.nodes.len()));
+                    union.nodes.push(node.clone());
+                }
+            }
+        }
+    }
+    let shared: HashSet<&str> =
+        holders.iter().filter(|(p, &n)| n == graphs.len() && !exclude.contains(*p)).map(|(p, _)| p.as_str()).collect();
+    let size: HashMap<&str, u64> = union.nodes.iter().map(|n| (n.path.as_str(), n.nar_size)).collect();
+    let shared_bytes: u64 = shared.iter().map(|p| size[p]).sum();
+    let largest: u64 = graphs
+        .iter()
+        .map(|gr| gr.nodes.iter().filter(|n| !exclude.contains(&n.path)).map(|n| n.nar_size).sum::<u64>())
+        .max()
+        .unwrap_or(0);
+    // Each image's own paths keep two layers (its top apart from the rest)
+    // when they are that many; the shared part gets its share of the rest
+    // by bytes.
+    let own_min = graphs
+        .iter()
+        .map(|gr| {
+            gr.nodes.iter().filter(|n| !shared.contains(n.path.as_str()) && !exclude.contains(&n.path)).count().min(2)
+        })
+        .max()
+        .unwrap_or(0);
+    let shared_slots = if shared.is_empty() {
+        0
+    } else {
+        let by_bytes = (budget as f64 * shared_bytes as f64 / largest.max(1) as f64).round() as usize;
+        by_bytes.clamp(1, budget.saturating_sub(own_min).max(1))
+    };
+    let mut not_shared: HashSet<String> = exclude.clone();
+    not_shared.extend(union.nodes.iter().filter(|n| !shared.contains(n.path.as_str())).map(|n| n.path.clone()));
+    let bottom = if shared.is_empty() { Planned::default() } else { plan(&union, &not_shared, shared_slots, None)? };
+    let mut out = Vec::with_capacity(graphs.len());
+    for graph in graphs {
+        let mut skip: HashSet<String> = exclude.clone();
+        skip.extend(shared.iter().map(|p| p.to_string()));
+        let own_slots = budget - bottom.layers.len();
+        let has_own = graph.nodes.iter().any(|n| !skip.contains(&n.path));
+        let top = if has_own { plan(graph, &skip, own_slots, None)?.layers } else { Vec::new() };
+        let mut layers = bottom.layers.clone();
+        layers.extend(top);
+        out.push(Planned { layers, kept: 0, notes: Vec::new() });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::input::closure::Node;
+
+    fn node(p: &str, r: &[&str], s: u64) -> Node {
+        Node {
+            path: format!("/s/{p}"),
+            references: r.iter().map(|x| format!("/s/{x}")).collect(),
+            nar_size: s,
+            closure_size: None,
+            nar_hash: None,
+        }
+    }
+
+    fn every_path_once(g: &ClosureGraph, layers: &[Vec<String>]) {
+        let mut all: Vec<&String> = layers.iter().flatten().collect();
+        all.sort();
+        let mut want: Vec<&String> = g.nodes.iter().map(|n| &n.path).collect();
+        want.sort();
+        assert_eq!(all, want);
+    }
+
+    fn sample() -> ClosureGraph {
+        ClosureGraph {
+            nodes: vec![
+                node("a1-app", &["b1-priv", "c1-runtime", "d1-libc"], 100),
+                node("b1-priv", &["d1-libc"], 500),
+                node("c1-runtime", &["d1-libc", "e1-tiny", "f1-tiny"], 1000),
+                node("d1-libc", &[], 2000),
+                node("e1-tiny", &["d1-libc"], 10),
+                node("f1-tiny", &["d1-libc"], 10),
+            ],
+        }
+    }
+
+    #[test]
+    fn sketches_count_closures_exactly_when_small() {
+        let g = sample();
+        let gg = Graph::new(&g);
+        let counts: Vec<f64> = gg.sketch.iter().map(|s| estimate(s)).collect();
+        assert_eq!(counts, [6.0, 2.0, 4.0, 1.0, 2.0, 2.0]);
+    }
+
+    #[test]
+    fn sketches_estimate_large_closures() {
+        // A chain of 5,000 paths: the top's closure holds all of them.
+        let n = 5000;
+        let nodes = (0..n)
+            .map(|i| {
+                let refs: Vec<String> = if i > 0 { vec![format!("p{}", i - 1)] } else { vec![] };
+                node(&format!("p{i}"), &refs.iter().map(String::as_str).collect::<Vec<_>>(), 1)
+            })
+            .collect();
+        let g = ClosureGraph { nodes };
+        let gg = Graph::new(&g);
+        let top = estimate(&gg.sketch[n - 1]);
+        assert!((top - n as f64).abs() < n as f64 * 0.35, "estimate {top} for {n}");
+        assert_eq!(estimate(&gg.sketch[10]), 11.0);
+    }
+
+    #[test]
+    fn cycles_share_one_closure() {
+        let g = ClosureGraph {
+            nodes: vec![node("a-x", &["b-y"], 1), node("b-y", &["a-x", "c-z"], 1), node("c-z", &[], 1)],
+        };
+        let gg = Graph::new(&g);
+        assert_eq!(estimate(&gg.sketch[0]), 3.0);
+        assert_eq!(estimate(&gg.sketch[1]), 3.0);
+        assert_eq!(estimate(&gg.sketch[2]), 1.0);
+    }
+
+    #[test]
+    fn the_app_stays_apart_and_tiny_paths_merge() {
+        let g = sample();
+        let p = plan(&g, &HashSet::new(), 5, None).unwrap();
+        every_path_once(&g, &p.layers);
+        assert_eq!(p.layers.len(), 5);
+        assert_eq!(p.layers.last().unwrap(), &["/s/a1-app"], "{:?}", p.layers);
+        assert!(p.layers.contains(&vec!["/s/e1-tiny".to_string(), "/s/f1-tiny".to_string()]), "{:?}", p.layers);
+        assert_eq!(p.layers[0], ["/s/d1-libc"], "the path everything uses at the bottom");
+        let one = plan(&g, &HashSet::new(), 1, None).unwrap();
+        assert_eq!(one.layers.len(), 1);
+        every_path_once(&g, &one.layers);
+        assert_eq!(plan(&g, &HashSet::new(), 0, None), Err(StableError::NoBudget));
+    }
+
+    #[test]
+    fn previous_layers_are_kept_in_order_at_the_bottom() {
+        let g = sample();
+        let prev: Vec<Vec<String>> = vec![
+            vec!["/s/d1-libc".into()],
+            vec!["/s/old-gone".into()],
+            vec!["/s/f1-tiny".into(), "/s/e1-tiny".into()],
+            vec!["/s/c1-runtime".into(), "/s/b1-priv".into()],
+        ];
+        let p = plan(&g, &HashSet::new(), 5, Some(&prev)).unwrap();
+        assert_eq!(p.kept, 3);
+        assert_eq!(p.layers[..3], [prev[0].clone(), prev[2].clone(), prev[3].clone()]);
+        assert_eq!(p.layers[3..], [vec!["/s/a1-app".to_string()]]);
+        every_path_once(&g, &p.layers);
+        assert!(p.notes.is_empty(), "{:?}", p.notes);
+    }
+
+    #[test]
+    fn a_full_budget_lets_previous_layers_go_and_says_so() {
+        let g = sample();
+        let prev: Vec<Vec<String>> =
+            ["/s/d1-libc", "/s/e1-tiny", "/s/f1-tiny", "/s/c1-runtime"].iter().map(|p| vec![p.to_string()]).collect();
+        // Budget 4, four previous layers whole: app and priv need one, the
+        // topmost kept layer goes (the least pulled again).
+        let p = plan(&g, &HashSet::new(), 4, Some(&prev)).unwrap();
+        every_path_once(&g, &p.layers);
+        assert_eq!(p.layers.len(), 4);
+        assert_eq!(p.kept, 3, "{:?}", p.layers);
+        assert_eq!(p.layers[..3], prev[..3]);
+        assert!(p.notes[0].contains("let go of 1 of the previous layers"), "{:?}", p.notes);
+
+        // A broken layer low in the stack: above it, the smallest kept
+        // layer goes, so that what is new gets two layers.
+        let mut prev = prev;
+        prev.insert(1, vec!["/s/old-gone".into()]);
+        let p = plan(&g, &HashSet::new(), 5, Some(&prev)).unwrap();
+        every_path_once(&g, &p.layers);
+        assert_eq!(p.kept, 3, "{:?}", p.layers);
+        assert_eq!(p.layers[..3], [prev[0].clone(), prev[2].clone(), prev[4].clone()]);
+        assert_eq!(p.layers.len(), 5);
+    }
+
+    #[test]
+    fn nothing_reusable_is_said() {
+        let g = sample();
+        let prev = vec![vec!["/s/zz-gone".to_string()]];
+        let p = plan(&g, &HashSet::new(), 5, Some(&prev)).unwrap();
+        assert_eq!(p.kept, 0);
+        assert!(p.notes[0].contains("none of the 1 previous layers"), "{:?}", p.notes);
+        assert_eq!(p.layers, plan(&g, &HashSet::new(), 5, None).unwrap().layers);
+    }
+
+    #[test]
+    fn excluded_paths_are_left_out_and_break_previous_layers() {
+        let g = sample();
+        let ex: HashSet<String> = ["/s/e1-tiny".to_string()].into();
+        let prev = vec![vec!["/s/e1-tiny".to_string(), "/s/f1-tiny".to_string()]];
+        let p = plan(&g, &ex, 3, Some(&prev)).unwrap();
+        assert_eq!(p.kept, 0);
+        assert!(!p.layers.iter().flatten().any(|x| x == "/s/e1-tiny"));
+        assert_eq!(p.layers.iter().flatten().count(), 5);
+    }
+
+    #[test]
+    fn joint_plans_share_the_common_bottom() {
+        let a = sample();
+        let mut b = sample();
+        b.nodes[0] = node("a2-other", &["c1-runtime"], 300);
+        b.nodes.remove(1);
+        let plans = plan_joint(&[a.clone(), b.clone()], &HashSet::new(), 4).unwrap();
+        every_path_once(&a, &plans[0].layers);
+        every_path_once(&b, &plans[1].layers);
+        assert!(plans.iter().all(|p| p.layers.len() <= 4));
+        let shared: Vec<&Vec<String>> =
+            plans[0].layers.iter().zip(&plans[1].layers).take_while(|(x, y)| x == y).map(|(x, _)| x).collect();
+        let shared_paths: HashSet<&String> = shared.iter().copied().flatten().collect();
+        assert_eq!(shared_paths.len(), 4, "libc, runtime and the tiny ones: {plans:?}");
+        assert!(matches!(plan_joint(&[a], &HashSet::new(), 4), Err(StableError::JointNeedsTwo(1))));
+    }
+}
