@@ -1,0 +1,76 @@
+//! The registry destination: an image pushed over the OCI distribution
+//! protocol, uploading only the blobs the registry lacks.
+//!
+//! [`reference`] parses `docker://HOST[:PORT]/REPO:TAG`; [`auth`] finds
+//! credentials and reads challenges; [`client`] speaks HTTP(S) with them
+//! (TLS verified unless the user says otherwise); [`push`] is the protocol:
+//! blobs first (`HEAD`, mount, or upload streamed from
+//! [`crate::engine::image::Image::write_layer`]), the manifest last.
+
+pub mod auth;
+pub mod client;
+pub mod push;
+pub mod reference;
+
+pub use push::{fetch_cache_hints, push, CacheHint, PushOptions, PushSummary, LAYER_KEY_ANNOTATION};
+pub use reference::Reference;
+
+/// What went wrong talking to a registry.  Every variant names the
+/// registry; the ones about a blob name the layer.  No variant carries a
+/// credential: they are kept in [`auth::Secret`] and never formatted.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error(transparent)]
+    Reference(#[from] reference::ReferenceError),
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
+    #[error("registry {registry}: {what}: {why}")]
+    Transport { registry: String, what: String, why: String, retryable: bool },
+    #[error("registry {registry}: {what}: HTTP {status}{}", registry_says(code, message))]
+    Status { registry: String, what: String, status: u16, code: Option<String>, message: Option<String> },
+    #[error("registry {registry}: {what}")]
+    Unauthorized { registry: String, what: String },
+    #[error("registry {registry}: {what}")]
+    Protocol { registry: String, what: String },
+    #[error("registry {registry}: TLS setup: {why}")]
+    TlsSetup { registry: String, why: String },
+    #[error("layer {layer} ({digest}): {source}")]
+    Layer {
+        layer: usize,
+        digest: String,
+        #[source]
+        source: Box<RegistryError>,
+    },
+    #[error("layer {layer}: {source}")]
+    Engine {
+        layer: usize,
+        #[source]
+        source: crate::engine::image::EngineError,
+    },
+    #[error("image config: {0}")]
+    Config(#[source] crate::engine::image::EngineError),
+    #[error("{0}")]
+    Usage(String),
+}
+
+fn registry_says(code: &Option<String>, message: &Option<String>) -> String {
+    match (code, message) {
+        (Some(c), Some(m)) => format!(" {c}: {m}"),
+        (Some(c), None) => format!(" {c}"),
+        (None, Some(m)) => format!(": {m}"),
+        (None, None) => String::new(),
+    }
+}
+
+impl RegistryError {
+    /// Worth another try: a timeout, throttling, a server error, a dropped
+    /// connection.  (A 401 after a token refresh is retried by the client.)
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            RegistryError::Transport { retryable, .. } => *retryable,
+            RegistryError::Status { status, .. } => matches!(status, 408 | 429 | 500..=599),
+            RegistryError::Layer { source, .. } => source.is_retryable(),
+            _ => false,
+        }
+    }
+}
