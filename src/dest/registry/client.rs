@@ -99,7 +99,15 @@ const BODY_LIMIT: u64 = 8 << 20;
 impl Client {
     /// Connects to the registry of `reference` (HTTPS, or plain HTTP where
     /// allowed and HTTPS fails to connect) and authenticates for a push.
-    pub fn connect(reference: &Reference, opts: &ClientOptions) -> Result<Client, RegistryError> {
+    ///
+    /// The first request is tried `tries` times with doubling waits from
+    /// `backoff` on a dropped connection, a 408, 429 or 5xx.
+    pub fn connect(
+        reference: &Reference,
+        opts: &ClientOptions,
+        tries: u32,
+        backoff: Duration,
+    ) -> Result<Client, RegistryError> {
         let registry = reference.registry.clone();
         let tls = tls_config(reference, opts)?;
         let config = ureq::Agent::config_builder()
@@ -125,33 +133,53 @@ impl Client {
             auth: Mutex::new(AuthState::None),
             auth_generation: Mutex::new(0),
         };
-        let probe = match client.raw(Method::GET, "/v2/", &[], Body::Empty, "GET /v2/") {
-            Ok(r) => r,
-            Err(https_err) if client.insecure || client.loopback => {
-                let https = std::mem::replace(&mut client.base, format!("http://{}", reference.api_host()));
-                match client.raw(Method::GET, "/v2/", &[], Body::Empty, "GET /v2/") {
-                    Ok(r) => r,
-                    Err(_) => {
-                        client.base = https;
-                        return Err(https_err);
-                    }
-                }
+        let probe = client.probe(reference, tries, backoff)?;
+        // The probe answers 2xx (no authentication) or 401.
+        if probe.status == 401 {
+            client.authenticate(&probe, 0)?;
+            // Wrong credentials show here, before any work is done.
+            let again = client.raw(Method::GET, "/v2/", &[], Body::Empty, "GET /v2/")?;
+            if again.status == 401 {
+                return Err(client.denied("GET /v2/", &again));
             }
-            Err(e) => return Err(e),
-        };
-        match probe.status {
-            200..=299 => {}
-            401 => {
-                client.authenticate(&probe, 0)?;
-                // Wrong credentials show here, before any work is done.
-                let again = client.raw(Method::GET, "/v2/", &[], Body::Empty, "GET /v2/")?;
-                if again.status == 401 {
-                    return Err(client.denied("GET /v2/", &again));
-                }
-            }
-            _ => return Err(client.status_error("GET /v2/ (is this a registry?)", &probe)),
         }
         Ok(client)
+    }
+
+    /// `GET /v2/` over HTTPS; where plain HTTP is allowed and HTTPS fails,
+    /// over HTTP, kept if an HTTP server answers there (with anything but
+    /// the 400 an HTTPS server gives plain HTTP, in which case the HTTPS
+    /// error stands, such as an untrusted certificate).
+    fn probe(&mut self, reference: &Reference, tries: u32, backoff: Duration) -> Result<Reply, RegistryError> {
+        let what = "GET /v2/";
+        let mut attempt = 0;
+        loop {
+            let r = match self.raw(Method::GET, "/v2/", &[], Body::Empty, what) {
+                Ok(r) => Ok(r),
+                Err(https_err) if self.insecure || self.loopback => {
+                    let https = std::mem::replace(&mut self.base, format!("http://{}", reference.api_host()));
+                    match self.raw(Method::GET, "/v2/", &[], Body::Empty, what) {
+                        Ok(r) if r.status != 400 => Ok(r),
+                        _ => {
+                            self.base = https;
+                            Err(https_err)
+                        }
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            let r = r.and_then(|r| match r.status {
+                200..=299 | 401 => Ok(r),
+                _ => Err(self.status_error("GET /v2/ (is this a registry?)", &r)),
+            });
+            match r {
+                Err(e) if e.is_retryable() && attempt + 1 < tries => {
+                    std::thread::sleep(backoff * 2u32.pow(attempt));
+                    attempt += 1;
+                }
+                r => return r,
+            }
+        }
     }
 
     pub fn registry(&self) -> &str {
@@ -415,14 +443,27 @@ impl Client {
     }
 
     fn transport_error(&self, what: &str, e: ureq::Error) -> RegistryError {
-        let retryable = matches!(
-            e,
-            ureq::Error::Io(_) | ureq::Error::Timeout(_) | ureq::Error::ConnectionFailed | ureq::Error::Protocol(_)
-        );
-        let why = match &e {
-            ureq::Error::HostNotFound => "host not found".to_string(),
-            ureq::Error::ConnectionFailed => "connection failed".to_string(),
-            other => other.to_string(),
+        let text = e.to_string();
+        // A name that does not resolve, or a certificate refused, is the
+        // same on the next try.
+        let lookup = matches!(e, ureq::Error::HostNotFound) || text.contains("failed to lookup address");
+        let certificate = text.contains("certificate");
+        let garbled = matches!(&e, ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::InvalidData);
+        let retryable = !lookup
+            && !certificate
+            && !garbled
+            && matches!(
+                e,
+                ureq::Error::Io(_) | ureq::Error::Timeout(_) | ureq::Error::ConnectionFailed | ureq::Error::Protocol(_)
+            );
+        let why = if lookup {
+            "host not found".to_string()
+        } else if certificate {
+            format!("TLS: {} (a private CA goes in --cert-dir)", text.trim_start_matches("io: "))
+        } else if matches!(e, ureq::Error::ConnectionFailed) {
+            "connection failed".to_string()
+        } else {
+            text
         };
         RegistryError::Transport { registry: self.registry.clone(), what: what.to_string(), why, retryable }
     }

@@ -159,7 +159,7 @@ pub fn push(
     };
     let mut client_opts = opts.client.clone();
     client_opts.pull_repositories.extend(opts.mount_from.iter().cloned());
-    let client = Client::connect(dest, &client_opts)?;
+    let client = Client::connect(dest, &client_opts, opts.tries, opts.backoff)?;
     let p = Pusher {
         image,
         client,
@@ -639,7 +639,7 @@ pub struct CacheHint {
 /// [`LAYER_KEY_ANNOTATION`], its key, blob and diff_id.  The config's
 /// digest is checked; the annotations are trusted (see docs/push.md).
 pub fn fetch_cache_hints(from: &Reference, opts: &ClientOptions) -> Result<Vec<CacheHint>, RegistryError> {
-    let c = Client::connect(from, opts)?;
+    let c = Client::connect(from, opts, 3, Duration::from_millis(500))?;
     let accept = format!("{}, {}", manifest::OCI_MANIFEST, manifest::DOCKER_MANIFEST);
     let path = c.repo_path(&format!("manifests/{}", from.manifest_reference()));
     let what = "GET --cache-from manifest";

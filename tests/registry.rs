@@ -1,0 +1,824 @@
+//! `push` against a real registry: Debian's `docker-registry` (the CNCF
+//! distribution registry), started here on a free loopback port with a
+//! generated config, once plain and once with htpasswd auth behind a TLS
+//! certificate made here with `openssl`.  Faults come from killing that
+//! registry mid-push and from a fault-injecting TCP proxy in front of it
+//! (dropped connections, 503 bursts, a slow link), never from a fake
+//! registry.  What was pushed is read back by skopeo, podman and docker.
+//!
+//! The image pushed is a small in-memory [`Image`] (gzip layers made here
+//! with a static busybox, so docker can run it): the source side is a test
+//! double until the engine implements `Image` for planned images; every
+//! byte the registry sees goes through the real push code.
+//!
+//! These need docker-registry, htpasswd (apache2-utils), openssl, skopeo,
+//! podman and docker: `scripts/test` installs them.  A missing program is a
+//! failure here, not a skip.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nixstream::dest::registry::auth::{self, Credentials};
+use nixstream::dest::registry::client::ClientOptions;
+use nixstream::dest::registry::{fetch_cache_hints, push, PushOptions, PushSummary, Reference, RegistryError};
+use nixstream::engine::digest::LayerDigest;
+use nixstream::engine::image::{Compression, Descriptor, EngineError, Image, LayerInfo};
+use sha2::{Digest, Sha256};
+
+const USER: &str = "pusher";
+const PASSWORD: &str = "correct-horse-battery-staple-7";
+
+fn sha(b: &[u8]) -> [u8; 32] {
+    Sha256::digest(b).into()
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (run scripts/setup-deps)"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+// ---------------------------------------------------------------- registry
+
+struct Tls {
+    /// The CA's certificate (what a client trusts).
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+/// A CA and a server certificate for 127.0.0.1 signed by it (a
+/// self-signed leaf would be refused by webpki as a CA used as an end
+/// entity, and rightly).
+fn make_tls(dir: &Path, name: &str) -> Tls {
+    let p = |f: &str| dir.join(format!("{name}-{f}"));
+    run_ok(Command::new("openssl").args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj"]).arg(format!("/CN=nixstream test CA {name}")).arg("-keyout").arg(p("ca.key")).arg("-out").arg(p("ca.crt")));
+    run_ok(Command::new("openssl").args(["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1"]).arg("-keyout").arg(p("server.key")).arg("-out").arg(p("server.csr")));
+    std::fs::write(p("ext.cnf"), "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n").unwrap();
+    run_ok(
+        Command::new("openssl")
+            .args(["x509", "-req", "-days", "2", "-CAcreateserial"])
+            .arg("-in")
+            .arg(p("server.csr"))
+            .arg("-CA")
+            .arg(p("ca.crt"))
+            .arg("-CAkey")
+            .arg(p("ca.key"))
+            .arg("-extfile")
+            .arg(p("ext.cnf"))
+            .arg("-out")
+            .arg(p("server.crt")),
+    );
+    Tls { ca: p("ca.crt"), cert: p("server.crt"), key: p("server.key") }
+}
+
+struct Registry {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    tls: Option<Tls>,
+}
+
+impl Registry {
+    /// A plain registry, or with `secure` htpasswd auth over TLS.
+    fn start(secure: bool) -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let storage = dir.path().join("storage");
+        let mut yaml = format!(
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            storage.display()
+        );
+        let tls = secure.then(|| make_tls(dir.path(), "reg"));
+        if let Some(t) = &tls {
+            yaml += &format!("  tls:\n    certificate: {}\n    key: {}\n", t.cert.display(), t.key.display());
+            let htpasswd = dir.path().join("htpasswd");
+            let line = run_ok(Command::new("htpasswd").args(["-Bbn", USER, PASSWORD]));
+            std::fs::write(&htpasswd, line).unwrap();
+            yaml += &format!("auth:\n  htpasswd:\n    realm: nixstream-test\n    path: {}\n", htpasswd.display());
+        }
+        let config = dir.path().join("config.yml");
+        std::fs::write(&config, yaml).unwrap();
+        let mut r = Registry { child: None, port, dir, config, tls };
+        r.spawn();
+        r
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("cannot run docker-registry (run scripts/setup-deps)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "docker-registry did not listen:\n{}", self.log());
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("docker-registry exited ({st}):\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("registry.log")
+    }
+
+    /// The registry's own log: app lines and the access log.
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn storage(&self) -> PathBuf {
+        self.dir.path().join("storage/docker/registry/v2")
+    }
+
+    /// Whether the registry's storage holds blob `digest` (`sha256:...`).
+    fn has_blob(&self, digest: &str) -> bool {
+        let h = digest.strip_prefix("sha256:").unwrap();
+        self.storage().join(format!("blobs/sha256/{}/{h}/data", &h[..2])).is_file()
+    }
+
+    /// The manifest digest `repo:tag` names in storage, if any.
+    fn tag_digest(&self, repo: &str, tag: &str) -> Option<String> {
+        let link = self.storage().join(format!("repositories/{repo}/_manifests/tags/{tag}/current/link"));
+        std::fs::read_to_string(link).ok()
+    }
+
+    /// Upload requests (`POST`/`PATCH`/`PUT` on blobs/uploads) in the
+    /// access log lines after `from` bytes of it, and the bytes the
+    /// registry reports for them.
+    fn uploads_since(&self, from: usize) -> Vec<String> {
+        self.log()[from..]
+            .lines()
+            .filter(|l| l.contains("/blobs/uploads/") && (l.contains("\"PATCH ") || l.contains("\"PUT ") || l.contains("\"POST ")))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Every manifest in the registry's storage names blobs it holds.
+fn assert_no_manifest_with_missing_blobs(reg: &Registry) {
+    let revisions = reg.storage().join("blobs/sha256");
+    let Ok(prefixes) = std::fs::read_dir(&revisions) else { return };
+    for p in prefixes {
+        for b in std::fs::read_dir(p.unwrap().path()).unwrap() {
+            let data = b.unwrap().path().join("data");
+            let Ok(bytes) = std::fs::read(&data) else { continue };
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else { continue };
+            let Some(layers) = v.get("layers").and_then(|l| l.as_array()) else { continue };
+            for d in layers.iter().chain(std::iter::once(&v["config"])) {
+                let digest = d["digest"].as_str().unwrap();
+                assert!(reg.has_blob(digest), "manifest {} names {digest}, which the registry lacks", data.display());
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------- proxy
+
+/// A TCP proxy in front of the registry that can answer 503 to new
+/// connections, cut a connection once it has carried some bytes
+/// upstream, and slow every connection down.
+struct Proxy {
+    port: u16,
+    state: Arc<ProxyState>,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    /// New connections answered `503` and closed, this many.
+    fail_503: AtomicUsize,
+    /// Connections cut after `drop_after` bytes upstream, this many.
+    drops: AtomicUsize,
+    drop_after: AtomicU64,
+    /// Added to `fail_503` when a connection is cut: a registry that went
+    /// away mid-upload and answers 503 for a while.
+    burst_after_drop: AtomicUsize,
+    /// Sleep per 64 KiB forwarded upstream, in microseconds.
+    throttle_us: AtomicU64,
+    /// Bytes forwarded upstream, all connections.
+    upstream_bytes: AtomicU64,
+    served_503: AtomicUsize,
+    dropped: AtomicUsize,
+    stop: AtomicBool,
+}
+
+impl Proxy {
+    fn start(upstream: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(ProxyState::default());
+        let st = state.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if st.stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(client) = conn else { continue };
+                let st = st.clone();
+                std::thread::spawn(move || serve(client, upstream, st));
+            }
+        });
+        Proxy { port, state }
+    }
+
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.state.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+fn take(n: &AtomicUsize) -> bool {
+    n.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1)).is_ok()
+}
+
+fn serve(mut client: TcpStream, upstream: u16, st: Arc<ProxyState>) {
+    if take(&st.fail_503) {
+        let mut buf = [0u8; 4096];
+        let _ = client.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = client.read(&mut buf);
+        let body = r#"{"errors":[{"code":"UNAVAILABLE","message":"injected by the test proxy"}]}"#;
+        let _ = write!(
+            client,
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        st.served_503.fetch_add(1, Ordering::SeqCst);
+        let _ = client.shutdown(Shutdown::Both);
+        return;
+    }
+    let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+        let _ = client.shutdown(Shutdown::Both);
+        return;
+    };
+    let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+    let down = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut s2, &mut c2);
+        let _ = c2.shutdown(Shutdown::Both);
+    });
+    let (mut from, mut to) = (client, server);
+    let mut buf = vec![0u8; 64 << 10];
+    let mut carried = 0u64;
+    let mut armed = st.drops.load(Ordering::SeqCst) > 0;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        carried += n as u64;
+        if armed && carried > st.drop_after.load(Ordering::SeqCst) {
+            armed = false;
+            if take(&st.drops) {
+                st.dropped.fetch_add(1, Ordering::SeqCst);
+                st.fail_503.fetch_add(st.burst_after_drop.swap(0, Ordering::SeqCst), Ordering::SeqCst);
+                break;
+            }
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        st.upstream_bytes.fetch_add(n as u64, Ordering::SeqCst);
+        let t = st.throttle_us.load(Ordering::Relaxed);
+        if t > 0 {
+            std::thread::sleep(Duration::from_micros(t * n as u64 / (64 << 10) + 1));
+        }
+    }
+    let _ = to.shutdown(Shutdown::Both);
+    let _ = from.shutdown(Shutdown::Both);
+    let _ = down.join();
+}
+
+// ------------------------------------------------------------------ image
+
+/// An image held in memory: gzip layers of tars made here.
+struct MemImage {
+    layers: Vec<MemLayer>,
+    config: Vec<u8>,
+    repo_tag: String,
+    /// Layers whose bytes were asked for, and how many bytes were written.
+    renders: Mutex<Vec<usize>>,
+    rendered_bytes: AtomicU64,
+    /// Writes half of this layer then fails, as the engine does when a
+    /// file changed since hashing.
+    corrupt: Option<usize>,
+}
+
+struct MemLayer {
+    tar: LayerDigest,
+    blob: Vec<u8>,
+    key: String,
+}
+
+type Files = Vec<(&'static str, Vec<u8>, u32)>;
+
+fn tar_of(files: &Files) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut dirs = std::collections::BTreeSet::new();
+    for (path, data, mode) in files {
+        let mut prefix = String::new();
+        for part in path.split('/').collect::<Vec<_>>().split_last().unwrap().1 {
+            prefix = if prefix.is_empty() { part.to_string() } else { format!("{prefix}/{part}") };
+            if dirs.insert(prefix.clone()) {
+                let mut h = tar::Header::new_gnu();
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(0o755);
+                h.set_size(0);
+                h.set_mtime(1);
+                b.append_data(&mut h, format!("{prefix}/"), &[][..]).unwrap();
+            }
+        }
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(*mode);
+        h.set_size(data.len() as u64);
+        h.set_mtime(1);
+        b.append_data(&mut h, path, &data[..]).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+fn arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+impl MemImage {
+    fn new(name: &str, layers: &[Files]) -> MemImage {
+        let layers: Vec<MemLayer> = layers
+            .iter()
+            .map(|files| {
+                let tar = tar_of(files);
+                let key = format!("test-key:{}", hex(&sha(&tar)));
+                MemLayer { tar: LayerDigest { size: tar.len() as u64, sha256: sha(&tar) }, blob: gzip(&tar), key }
+            })
+            .collect();
+        let diff_ids: Vec<String> = layers.iter().map(|l| format!("sha256:{}", l.tar.hex())).collect();
+        let config = serde_json::to_vec(&serde_json::json!({
+            "architecture": arch(),
+            "os": "linux",
+            "config": {"Cmd": ["/bin/busybox", "cat", "/hello.txt"]},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }))
+        .unwrap();
+        MemImage {
+            layers,
+            config,
+            repo_tag: format!("{name}:test"),
+            renders: Mutex::new(Vec::new()),
+            rendered_bytes: AtomicU64::new(0),
+            corrupt: None,
+        }
+    }
+
+    fn rendered(&self) -> Vec<usize> {
+        let mut v = self.renders.lock().unwrap().clone();
+        v.sort();
+        v
+    }
+
+    fn blob_digest(&self, i: usize) -> String {
+        format!("sha256:{}", hex(&sha(&self.layers[i].blob)))
+    }
+}
+
+impl Image for MemImage {
+    fn layer_count(&self) -> usize {
+        self.layers.len()
+    }
+    fn compression(&self) -> Compression {
+        Compression::Gzip
+    }
+    fn layer(&self, i: usize) -> Result<LayerInfo, EngineError> {
+        let l = &self.layers[i];
+        Ok(LayerInfo {
+            diff_id: l.tar,
+            blob: Descriptor {
+                media_type: Compression::Gzip.oci_layer_media_type().into(),
+                digest: sha(&l.blob),
+                size: l.blob.len() as u64,
+            },
+            key: Some(l.key.clone()),
+        })
+    }
+    fn write_layer(&self, i: usize, out: &mut dyn Write) -> Result<(), EngineError> {
+        self.renders.lock().unwrap().push(i);
+        let blob = &self.layers[i].blob;
+        if self.corrupt == Some(i) {
+            let half = blob.len() / 2;
+            out.write_all(&blob[..half]).map_err(EngineError::Output)?;
+            return Err(EngineError::Worker(format!("layer {i}: a file changed since hashing (injected)")));
+        }
+        // In pieces, as the engine writes.
+        for piece in blob.chunks(100_000) {
+            out.write_all(piece).map_err(EngineError::Output)?;
+            self.rendered_bytes.fetch_add(piece.len() as u64, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+    fn config(&self) -> Result<Vec<u8>, EngineError> {
+        Ok(self.config.clone())
+    }
+    fn repo_tag(&self) -> &str {
+        &self.repo_tag
+    }
+}
+
+/// Bytes that do not compress (so sizes on the wire are what they say).
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e3779b97f4a7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// busybox, a greeting, and `big` bytes of noise in a third layer.
+fn runnable_image(name: &str, greeting: &str, big: usize) -> MemImage {
+    let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox (busybox-static; run scripts/setup-deps)");
+    MemImage::new(
+        name,
+        &[
+            vec![("bin/busybox", busybox, 0o755)],
+            vec![("hello.txt", greeting.as_bytes().to_vec(), 0o644)],
+            vec![("data/noise.bin", noise(7, big), 0o644)],
+        ],
+    )
+}
+
+fn opts() -> PushOptions {
+    PushOptions { backoff: Duration::from_millis(50), ..Default::default() }
+}
+
+fn push_to(image: &MemImage, dest: &str, o: &PushOptions) -> Result<PushSummary, RegistryError> {
+    let lines = Mutex::new(Vec::new());
+    let r = push(image, &Reference::parse(dest).unwrap(), o, &|l: &str| lines.lock().unwrap().push(l.to_string()));
+    for l in lines.into_inner().unwrap() {
+        eprintln!("progress: {l}");
+        assert!(!l.contains(PASSWORD), "a progress line holds the password: {l}");
+    }
+    r
+}
+
+fn skopeo_inspect(reference: &str, extra: &[&str]) -> serde_json::Value {
+    let out = run_ok(Command::new("skopeo").arg("inspect").args(extra).arg(format!("docker://{reference}")));
+    serde_json::from_str(&out).unwrap()
+}
+
+// ------------------------------------------------------------------- tests
+
+/// First push uploads everything; skopeo, podman and docker read it back
+/// (docker runs it); the second push uploads nothing, by the registry's
+/// own access log, and leaves the manifest alone.
+#[test]
+#[ignore = "needs docker-registry, skopeo, podman and docker: run scripts/test"]
+fn push_then_read_back_then_repush_uploads_nothing() {
+    let reg = Registry::start(false);
+    let image = runnable_image("app", "hello from a pushed image\n", 3 << 20);
+    let dest = format!("{}/nixstream-test/app:v1", reg.host());
+
+    let first = push_to(&image, &dest, &opts()).unwrap();
+    assert_eq!((first.layers, first.layers_uploaded, first.layers_present), (3, 3, 0), "{first}");
+    assert!(first.config_uploaded && first.manifest_uploaded, "{first}");
+    let blob_bytes: u64 = image.layers.iter().map(|l| l.blob.len() as u64).sum();
+    assert_eq!(first.bytes_uploaded, blob_bytes + image.config.len() as u64);
+    assert_eq!(reg.tag_digest("nixstream-test/app", "v1").as_deref(), Some(first.manifest_digest.as_str()));
+    for i in 0..3 {
+        assert!(reg.has_blob(&image.blob_digest(i)));
+    }
+
+    // skopeo: the manifest's layers are ours, annotated with their keys.
+    let raw = run_ok(Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false"]).arg(format!("docker://{dest}")));
+    assert_eq!(format!("sha256:{}", hex(&sha(raw.as_bytes()))), first.manifest_digest);
+    let m: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    assert_eq!(m["mediaType"], "application/vnd.oci.image.manifest.v1+json");
+    for (i, l) in m["layers"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(l["digest"], image.blob_digest(i));
+        assert_eq!(l["annotations"]["io.nixstream.layer.key"], image.layers[i].key);
+    }
+    let info = skopeo_inspect(&dest, &["--tls-verify=false"]);
+    assert_eq!(info["Architecture"], arch());
+
+    // podman pulls it.
+    let local = format!("{dest}");
+    run_ok(Command::new("podman").args(["pull", "-q", "--tls-verify=false", &local]));
+    let _ = Command::new("podman").args(["rmi", "-f", &local]).output();
+
+    // docker pulls and runs it (the daemon allows plain HTTP to 127.0.0.0/8).
+    run_ok(Command::new("docker").args(["pull", "-q", &dest]));
+    let out = run_ok(Command::new("docker").args(["run", "--rm", &dest]));
+    let _ = Command::new("docker").args(["rmi", "-f", &dest]).output();
+    assert_eq!(out, "hello from a pushed image\n");
+
+    // Again: nothing uploaded, by our count and by the registry's log.
+    let mark = reg.log().len();
+    let renders_before = image.rendered().len();
+    let again = push_to(&image, &dest, &opts()).unwrap();
+    assert_eq!((again.layers_uploaded, again.layers_present, again.bytes_uploaded), (0, 3, 0), "{again}");
+    assert!(!again.manifest_uploaded && !again.config_uploaded, "{again}");
+    assert_eq!(image.rendered().len(), renders_before, "a re-push rendered layer bytes");
+    let uploads = reg.uploads_since(mark);
+    assert!(uploads.is_empty(), "the registry saw uploads on a re-push:\n{}", uploads.join("\n"));
+    let manifest_puts: Vec<_> = reg.log()[mark..].lines().filter(|l| l.contains("\"PUT ") && l.contains("/manifests/")).map(str::to_string).collect();
+    assert!(manifest_puts.is_empty(), "manifest PUT on a re-push: {manifest_puts:?}");
+    // And the access log did record this run's requests (the check can fail).
+    assert!(reg.log()[mark..].contains("\"HEAD /v2/nixstream-test/app/blobs/"), "no HEADs in the log:\n{}", &reg.log()[mark..]);
+}
+
+/// One layer changed: only it is uploaded; a push to another repository
+/// with `--mount-from` mounts instead of uploading; a Docker schema 2
+/// manifest is accepted for gzip layers; chunked uploads work.
+#[test]
+#[ignore = "needs docker-registry and skopeo: run scripts/test"]
+fn one_changed_layer_mounts_chunks_and_docker_manifests() {
+    let reg = Registry::start(false);
+    let v1 = runnable_image("app", "one\n", 1 << 20);
+    let v2 = runnable_image("app", "two\n", 1 << 20);
+    let dest1 = format!("{}/team/app:v1", reg.host());
+    push_to(&v1, &dest1, &opts()).unwrap();
+
+    let mark = reg.log().len();
+    let s = push_to(&v2, &format!("{}/team/app:v2", reg.host()), &opts()).unwrap();
+    assert_eq!((s.layers_uploaded, s.layers_present), (1, 2), "{s}");
+    assert_eq!(v2.rendered(), vec![1], "only the changed layer is rendered");
+    assert_eq!(s.bytes_uploaded, v2.layers[1].blob.len() as u64 + v2.config.len() as u64);
+    let patches = reg.uploads_since(mark).iter().filter(|l| l.contains("\"PATCH ")).count();
+    assert_eq!(patches, 2, "one PATCH for the layer, one for the config");
+
+    // Another repository: mounted from team/app, nothing uploaded but the
+    // config... which is mounted too, being there.
+    let o = PushOptions { mount_from: vec!["team/app".into()], ..opts() };
+    let mark = reg.log().len();
+    let s = push_to(&v2, &format!("{}/other/app:v2", reg.host()), &o).unwrap();
+    assert_eq!((s.layers_uploaded, s.layers_mounted), (0, 3), "{s}");
+    assert_eq!(reg.uploads_since(mark).iter().filter(|l| l.contains("\"PATCH ")).count(), 0);
+
+    // Chunked, 256 KiB chunks, Docker schema 2, into a third repository.
+    let o = PushOptions { chunk_size: Some(256 << 10), format: nixstream::dest::manifest::Format::Docker, ..opts() };
+    let mark = reg.log().len();
+    let dest3 = format!("{}/chunked/app:v2", reg.host());
+    let s = push_to(&v2, &dest3, &o).unwrap();
+    assert_eq!(s.layers_uploaded, 3, "{s}");
+    let patches = reg.uploads_since(mark).iter().filter(|l| l.contains("\"PATCH ")).count();
+    let expected: usize = v2.layers.iter().map(|l| l.blob.len().div_ceil(256 << 10)).sum::<usize>() + 1;
+    assert_eq!(patches, expected, "one PATCH per chunk");
+    let raw = run_ok(Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false"]).arg(format!("docker://{dest3}")));
+    assert!(raw.contains("application/vnd.docker.distribution.manifest.v2+json"), "{raw}");
+    // skopeo copies it into a layout (reading every blob, checking digests).
+    let out = tempfile::tempdir().unwrap();
+    run_ok(Command::new("skopeo").args(["copy", "--src-tls-verify=false"]).arg(format!("docker://{dest3}")).arg(format!("oci:{}:x", out.path().display())));
+}
+
+/// `--cache-from`: an earlier push's annotations give key → digest for
+/// every layer, checked against the config's diff_ids.
+#[test]
+#[ignore = "needs docker-registry: run scripts/test"]
+fn cache_from_reads_keys_back() {
+    let reg = Registry::start(false);
+    let image = runnable_image("app", "cached\n", 1 << 20);
+    let dest = format!("{}/ci/app:main", reg.host());
+    push_to(&image, &dest, &opts()).unwrap();
+    let hints = fetch_cache_hints(&Reference::parse(&dest).unwrap(), &ClientOptions::default()).unwrap();
+    assert_eq!(hints.len(), 3);
+    for (h, l) in hints.iter().zip(&image.layers) {
+        assert_eq!(h.key, l.key);
+        assert_eq!(h.blob.digest, sha(&l.blob));
+        assert_eq!(h.blob.size, l.blob.len() as u64);
+        assert_eq!(h.diff_id, l.tar.sha256);
+    }
+    let missing = fetch_cache_hints(&Reference::parse(&format!("{}/ci/app:nope", reg.host())).unwrap(), &ClientOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(missing.contains("MANIFEST_UNKNOWN") && missing.contains(&reg.host()), "{missing}");
+}
+
+/// htpasswd auth over TLS with a CA made here: the right password pushes
+/// (from --creds or from an auth file); a wrong one, no CA, an unknown
+/// host each fail in one line without the password in it.
+#[test]
+#[ignore = "needs docker-registry, htpasswd, openssl and skopeo: run scripts/test"]
+fn tls_and_basic_auth() {
+    let reg = Registry::start(true);
+    let tls = reg.tls.as_ref().unwrap();
+    let image = runnable_image("app", "secure\n", 256 << 10);
+    let dest = format!("docker://{}/sec/app:v1", reg.host());
+    let creds = |p: &str| Some(Credentials::Password { username: USER.into(), password: auth::Secret::new(p.into()) });
+    let with = |c, cert: Option<&Path>| PushOptions {
+        client: ClientOptions { credentials: c, cert_dir: cert.map(Path::to_path_buf), ..Default::default() },
+        tries: 2,
+        ..opts()
+    };
+
+    let ok = push_to(&image, &dest, &with(creds(PASSWORD), Some(&tls.ca))).unwrap();
+    assert_eq!(ok.layers_uploaded, 3);
+    // skopeo reads it with the same CA and credentials.
+    let certs = tempfile::tempdir().unwrap();
+    std::fs::copy(&tls.ca, certs.path().join("ca.crt")).unwrap();
+    let info = skopeo_inspect(
+        &dest["docker://".len()..],
+        &["--cert-dir", certs.path().to_str().unwrap(), "--creds", &format!("{USER}:{PASSWORD}")],
+    );
+    assert_eq!(info["Layers"].as_array().unwrap().len(), 3);
+
+    // Credentials from a podman auth file, and the directory form of --cert-dir.
+    let auth_dir = tempfile::tempdir().unwrap();
+    let auth_file = auth_dir.path().join("auth.json");
+    let b64 = base64_encode(format!("{USER}:{PASSWORD}").as_bytes());
+    std::fs::write(&auth_file, format!(r#"{{"auths":{{"{}":{{"auth":"{b64}"}}}}}}"#, reg.host())).unwrap();
+    let found = auth::lookup(&reg.host(), "sec/app", &[auth_file]).unwrap().unwrap();
+    let s = push_to(&image, &dest, &with(Some(found.credentials), Some(certs.path()))).unwrap();
+    assert_eq!((s.layers_present, s.manifest_uploaded), (3, false), "{s}");
+
+    let one_line = |e: RegistryError| {
+        let t = e.to_string();
+        assert!(!t.contains('\n') && !t.contains(PASSWORD) && !t.contains("wrong-password"), "{t}");
+        eprintln!("error: {t}");
+        t
+    };
+    let e = one_line(push_to(&image, &dest, &with(creds("wrong-password"), Some(&tls.ca))).unwrap_err());
+    assert!(e.contains(&reg.host()) && e.contains("credentials refused as pusher"), "{e}");
+    let e = one_line(push_to(&image, &dest, &with(None, Some(&tls.ca))).unwrap_err());
+    assert!(e.contains("no credentials found"), "{e}");
+    // No CA: the certificate is not trusted; HTTP is not tried instead of
+    // reporting that, since the server speaks TLS.
+    let e = one_line(push_to(&image, &dest, &with(creds(PASSWORD), None)).unwrap_err());
+    assert!(e.contains(&reg.host()) && e.to_lowercase().contains("certificate"), "{e}");
+    // Another CA: a mismatch.
+    let other = make_tls(reg.dir.path(), "other");
+    let e = one_line(push_to(&image, &dest, &with(creds(PASSWORD), Some(&other.ca))).unwrap_err());
+    assert!(e.to_lowercase().contains("certificate"), "{e}");
+    let e = one_line(push_to(&image, "docker://no-such-host.invalid/a/b:c", &with(creds(PASSWORD), None)).unwrap_err());
+    assert!(e.contains("no-such-host.invalid") && e.contains("host not found"), "{e}");
+    // --insecure turns the certificate check off.
+    let insecure = PushOptions {
+        client: ClientOptions { credentials: creds(PASSWORD), insecure: true, ..Default::default() },
+        ..opts()
+    };
+    assert_eq!(push_to(&image, &dest, &insecure).unwrap().layers_present, 3);
+    assert_no_manifest_with_missing_blobs(&reg);
+}
+
+fn base64_encode(b: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+/// 503 bursts and dropped connections through the proxy are retried with
+/// the blob rendered again; the push completes with the right digests.
+#[test]
+#[ignore = "needs docker-registry and skopeo: run scripts/test"]
+fn retries_through_503_bursts_and_dropped_connections() {
+    let reg = Registry::start(false);
+    let proxy = Proxy::start(reg.port);
+    let image = runnable_image("app", "flaky\n", 4 << 20);
+    let dest = format!("{}/flaky/app:v1", proxy.host());
+    proxy.state.burst_after_drop.store(3, Ordering::SeqCst);
+    proxy.state.drops.store(1, Ordering::SeqCst);
+    proxy.state.drop_after.store(1 << 20, Ordering::SeqCst);
+    let o = PushOptions { jobs: 1, tries: 6, ..opts() };
+    let s = push_to(&image, &dest, &o).unwrap();
+    assert_eq!(proxy.state.served_503.load(Ordering::SeqCst), 3);
+    assert_eq!(proxy.state.dropped.load(Ordering::SeqCst), 1, "no connection carried 1 MiB");
+    // Each failed request was retried: the cut upload and three 503s.
+    assert!(s.retries >= 4, "{s}");
+    assert_eq!(s.layers_uploaded, 3, "{s}");
+    // The dropped upload was rendered again.
+    let renders = image.rendered();
+    assert!(renders.len() > 3, "no layer was rendered twice: {renders:?}");
+    let info = skopeo_inspect(&dest, &["--tls-verify=false"]);
+    let layers: Vec<String> = info["Layers"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    assert_eq!(layers, (0..3).map(|i| image.blob_digest(i)).collect::<Vec<_>>());
+    assert_no_manifest_with_missing_blobs(&reg);
+
+    // A burst longer than the tries: a one-line error naming the layer and
+    // the registry's code, and no manifest.
+    let image2 = runnable_image("app", "flaky 2\n", 64 << 10);
+    proxy.state.fail_503.store(1000, Ordering::SeqCst);
+    let e = push_to(&image2, &format!("{}/flaky/app:v2", proxy.host()), &PushOptions { tries: 3, ..o.clone() })
+        .unwrap_err()
+        .to_string();
+    proxy.state.fail_503.store(0, Ordering::SeqCst);
+    eprintln!("error: {e}");
+    assert!(e.contains("HTTP 503 UNAVAILABLE: injected by the test proxy"), "{e}");
+    assert!(reg.tag_digest("flaky/app", "v2").is_none());
+}
+
+/// A layer whose bytes fail mid-way (a file changed since hashing) stops
+/// that upload: no such blob, no manifest, the engine's error reported.
+#[test]
+#[ignore = "needs docker-registry: run scripts/test"]
+fn an_engine_error_mid_blob_commits_nothing() {
+    let reg = Registry::start(false);
+    let mut image = runnable_image("app", "changing\n", 2 << 20);
+    image.corrupt = Some(2);
+    let dest = format!("{}/chg/app:v1", reg.host());
+    let e = push_to(&image, &dest, &PushOptions { jobs: 1, ..opts() }).unwrap_err().to_string();
+    eprintln!("error: {e}");
+    assert!(e.contains("layer 2") && e.contains("a file changed since hashing"), "{e}");
+    assert!(!reg.has_blob(&image.blob_digest(2)));
+    assert!(reg.tag_digest("chg/app", "v1").is_none());
+    // Not retried: rendering again would fail the same way.
+    assert_eq!(image.rendered().iter().filter(|&&i| i == 2).count(), 1);
+}
+
+/// The registry killed mid-upload: the push fails in one line naming the
+/// layer, no manifest is there; with the registry back, a rerun uploads
+/// only what is missing.
+#[test]
+#[ignore = "needs docker-registry: run scripts/test"]
+fn registry_killed_mid_push_then_rerun_finishes() {
+    let mut reg = Registry::start(false);
+    let proxy = Proxy::start(reg.port);
+    // 16 MiB through a link of about 8 MiB/s: the last layer takes seconds.
+    let image = runnable_image("app", "killed\n", 16 << 20);
+    let dest = format!("{}/kill/app:v1", proxy.host());
+    proxy.state.throttle_us.store(8_000, Ordering::SeqCst);
+    let o = PushOptions { jobs: 1, tries: 3, ..opts() };
+    let result = std::thread::scope(|s| {
+        let pushing = s.spawn(|| push_to(&image, &dest, &o));
+        let small = image.layers[0].blob.len() as u64 + image.layers[1].blob.len() as u64;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while proxy.state.upstream_bytes.load(Ordering::SeqCst) < small + (4 << 20) {
+            assert!(Instant::now() < deadline, "the push did not get going");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        reg.kill();
+        pushing.join().unwrap()
+    });
+    let e = result.unwrap_err().to_string();
+    eprintln!("error: {e}");
+    assert!(e.starts_with("layer 2 (sha256:") && !e.contains('\n'), "{e}");
+    assert!(reg.tag_digest("kill/app", "v1").is_none(), "a manifest after a failed push");
+    assert!(!reg.has_blob(&image.blob_digest(2)));
+    assert_no_manifest_with_missing_blobs(&reg);
+
+    reg.spawn();
+    proxy.state.throttle_us.store(0, Ordering::SeqCst);
+    let mark = reg.log().len();
+    let s = push_to(&image, &dest, &o).unwrap();
+    assert_eq!((s.layers_present, s.layers_uploaded), (2, 1), "{s}");
+    assert_eq!(s.bytes_uploaded, image.layers[2].blob.len() as u64 + image.config.len() as u64);
+    assert_eq!(reg.uploads_since(mark).iter().filter(|l| l.contains("\"PATCH ")).count(), 2);
+    assert_eq!(reg.tag_digest("kill/app", "v1").as_deref(), Some(s.manifest_digest.as_str()));
+    assert_no_manifest_with_missing_blobs(&reg);
+}
