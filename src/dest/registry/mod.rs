@@ -34,6 +34,7 @@ pub enum RegistryError {
     Protocol { registry: String, what: String },
     #[error("registry {registry}: TLS setup: {why}")]
     TlsSetup { registry: String, why: String },
+    /// `layer` counts from 1, as progress lines and the engine's errors do.
     #[error("layer {layer} ({digest}): {source}")]
     Layer {
         layer: usize,
@@ -41,8 +42,10 @@ pub enum RegistryError {
         #[source]
         source: Box<RegistryError>,
     },
-    #[error("layer {layer}: {source}")]
+    /// The engine's error names its layer (or file) itself.
+    #[error("{source}")]
     Engine {
+        /// Counted from 0, as [`crate::engine::image::Image`] counts.
         layer: usize,
         #[source]
         source: crate::engine::image::EngineError,

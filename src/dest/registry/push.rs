@@ -253,7 +253,10 @@ impl Pusher<'_> {
         let t = Instant::now();
         let outcome = self
             .ensure_blob(&info.blob, Source::Layer(i), &label)
-            .map_err(|e| RegistryError::Layer { layer: i, digest: info.blob.digest_ref(), source: Box::new(e) })?;
+            .map_err(|e| match e {
+                e @ RegistryError::Engine { .. } => e,
+                e => RegistryError::Layer { layer: i + 1, digest: info.blob.digest_ref(), source: Box::new(e) },
+            })?;
         let short = &info.blob.digest_ref()[..19];
         let line = match outcome {
             Outcome::Present => format!("{label} {short} {}: already there", human(info.blob.size)),
