@@ -66,6 +66,8 @@ pub enum Command {
     /// Print the image ID and every layer's diff_id for CONF without writing the archive (the hashing pass alone).
     #[command(after_help = EXAMPLES_DIGEST)]
     Digest(DigestArgs),
+    /// Push the image described by CONF to a registry (docker://HOST[:PORT]/REPO:TAG), uploading only the blobs it lacks, streamed from the store: no archive, no temporary file.
+    Push(Box<PushArgs>),
     /// Check a docker-archive or oci-archive (a file, or - for stdin; plain or compressed) or an OCI layout directory: every blob and layer against its digest, size and diff_id, the manifests' shape. Exit 0 only when everything matches.
     #[command(after_help = EXAMPLES_VERIFY)]
     Verify(VerifyArgs),
@@ -382,6 +384,73 @@ pub struct RunArgs {
     pub cache: Option<PathBuf>,
 }
 
+#[derive(clap::Args, Debug)]
+pub struct PushArgs {
+    #[command(flatten)]
+    pub conf: ConfArgs,
+    /// Where to push: docker://HOST[:PORT]/REPO:TAG (plain HTTP only for a loopback host or with --insecure).
+    #[arg(value_name = "docker://HOST[:PORT]/REPO:TAG")]
+    pub destination: String,
+    /// Layer compression (gzip: every client reads it; zstd: faster and smaller, read by newer clients).
+    #[arg(long, value_enum, value_name = "none|gzip|zstd", default_value = "gzip")]
+    pub layer_compression: LayerCompression,
+    /// The manifest format: OCI, or Docker schema 2 (gzip or uncompressed layers only).
+    #[arg(long, value_enum, value_name = "oci|docker", default_value = "oci")]
+    pub manifest_format: ManifestFormat,
+    /// Mount blobs the registry already holds in this repository (of the same registry) instead of uploading them. Repeatable.
+    #[arg(long = "mount-from", value_name = "REPO")]
+    pub mount_from: Vec<String>,
+    /// An image pushed earlier by nixstream (any repository, any registry you trust as much as this one): layers whose key (store paths, narHashes, owner, compressor) matches one of its layer annotations take their digests from it and are not read at all when the registry has them. See docs/push.md.
+    #[arg(long = "cache-from", value_name = "REF")]
+    pub cache_from: Option<String>,
+    /// Credentials, USER:PASSWORD (or USER with --password-stdin). Default: podman's auth.json ($REGISTRY_AUTH_FILE), docker's config.json ($DOCKER_CONFIG), their credential helpers.
+    #[arg(long, value_name = "USER[:PASSWORD]")]
+    pub creds: Option<String>,
+    /// Read the password of --creds USER from the first line of stdin.
+    #[arg(long)]
+    pub password_stdin: bool,
+    /// Trust the CAs in this directory (*.crt; a *.cert/*.key pair is the client certificate) or this PEM file, besides the system's.
+    #[arg(long, value_name = "DIR|FILE")]
+    pub cert_dir: Option<PathBuf>,
+    /// Allow plain HTTP and do not check the registry's certificate.
+    #[arg(long)]
+    pub insecure: bool,
+    /// Check the registry's certificate (false: as --insecure).
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub tls_verify: bool,
+    /// Upload each blob in PATCH requests of this size (e.g. 8MiB) instead of one streamed PATCH; used anyway, at 8 MiB, when a registry refuses the streamed one.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    pub chunk_size: Option<u64>,
+    /// Retries of a blob or the manifest after a timeout, 408, 429, 5xx or a dropped connection (with doubling waits from 0.5 s).
+    #[arg(long, default_value_t = 4)]
+    pub retries: u32,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// The manifest format of a push.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ManifestFormat {
+    Oci,
+    Docker,
+}
+
+/// `123`, `64KiB`, `8M`, `1g` (binary units).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a size (e.g. 8MiB)"))?;
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => return Err(format!("`{s}`: unknown unit (B, KiB, MiB, GiB)")),
+    };
+    n.checked_mul(1 << shift).filter(|&v| v > 0).ok_or_else(|| format!("`{s}`: out of range"))
+}
+
 /// The configuration, as `stream` and `digest` take it.
 #[derive(clap::Args, Debug)]
 pub struct ConfArgs {
@@ -433,6 +502,7 @@ where
         Command::LayerDigest(a) => report(layer_digest(&a)),
         Command::Completions(a) => report(completions(&a)),
         Command::Man(a) => report(man(&a)),
+        Command::Push(a) => report(push(&a)),
     }
 }
 
@@ -587,6 +657,142 @@ fn emit(
     stats.layers_written = summary.layers_written;
     if o.run.stats {
         let _ = writeln!(io::stderr(), "nixstream: stats {}", serde_json::to_string(&stats)?);
+    }
+    Ok(())
+}
+
+/// Plans the image for CONF and pushes it (the registry destination).
+fn push(a: &PushArgs) -> anyhow::Result<()> {
+    use crate::dest::registry::{self, auth, client::ClientOptions, key, Reference};
+    let conf = a.conf.load()?;
+    let dest = Reference::parse(&a.destination)?;
+    let jobs = a.run.jobs.unwrap_or_else(default_jobs).max(1);
+    let compression: Compression = a.layer_compression.into();
+    let format = match a.manifest_format {
+        ManifestFormat::Oci => crate::dest::manifest::Format::Oci,
+        ManifestFormat::Docker => crate::dest::manifest::Format::Docker,
+    };
+    let quiet = a.run.quiet;
+    let say = |line: &str| {
+        if !quiet {
+            let _ = writeln!(io::stderr(), "nixstream: {line}");
+        }
+    };
+    let explicit = match &a.creds {
+        Some(c) => {
+            let password = if a.password_stdin {
+                let mut line = String::new();
+                io::stdin().read_line(&mut line).context("reading the password from stdin")?;
+                Some(line.trim_end_matches(['\n', '\r']).to_string())
+            } else {
+                None
+            };
+            Some(auth::parse_creds(c, password)?)
+        }
+        None => {
+            anyhow::ensure!(!a.password_stdin, "--password-stdin reads the password of --creds USER: give --creds");
+            None
+        }
+    };
+    let files = auth::default_auth_files();
+    // Explicit credentials, else those kept for `registry`.
+    let credentials_for = |r: &Reference| -> anyhow::Result<Option<auth::Credentials>> {
+        if let Some(c) = &explicit {
+            if r.registry == dest.registry {
+                return Ok(Some(c.clone()));
+            }
+        }
+        Ok(auth::lookup(&r.registry, &r.repository, &files)?.map(|found| {
+            say(&format!("credentials for {} from {}", r.registry, found.source));
+            found.credentials
+        }))
+    };
+    let client = ClientOptions {
+        insecure: a.insecure || !a.tls_verify,
+        cert_dir: a.cert_dir.clone(),
+        credentials: credentials_for(&dest)?,
+        pull_repositories: Vec::new(),
+    };
+
+    let plan = ImagePlan::from_conf(&conf)?;
+    let n = plan.layers.len();
+    // Layer keys need every store path's narHash: the local Nix knows it
+    // for paths in its store.  Without it layers go unannotated.
+    let paths: Vec<String> = conf.store_layers_text.iter().flatten().cloned().collect();
+    let nar_hashes: HashMap<String, String> = if paths.is_empty() {
+        HashMap::new()
+    } else {
+        match ClosureGraph::from_store(&paths) {
+            Ok(g) => g.nodes.into_iter().filter_map(|n| Some((n.path, n.nar_hash?))).collect(),
+            Err(_) => {
+                say("the local Nix knows no narHash for these paths: layers are pushed without keys, so --cache-from cannot match them");
+                HashMap::new()
+            }
+        }
+    };
+    let keys = key::layer_keys(&plan, &nar_hashes, compression);
+    let blobs = Blobs::Encoded(compression);
+    let cache = CacheUse::new(&plan, a.run.cache.as_deref(), &nar_hashes, blobs)?;
+
+    let mut known: Vec<Option<Hashed>> = vec![None; n];
+    if let Some(from) = &a.cache_from {
+        let from = Reference::parse(from)?;
+        let opts = ClientOptions { credentials: credentials_for(&from)?, ..client.clone() };
+        let hints = registry::fetch_cache_hints(&from, &opts)?;
+        let by_key: HashMap<&str, &registry::CacheHint> = hints.iter().map(|h| (h.key.as_str(), h)).collect();
+        for (i, k) in keys.iter().enumerate() {
+            let Some(h) = k.as_deref().and_then(|k| by_key.get(k)) else { continue };
+            // The key covers the compressor: a media type of another
+            // compression is a hint not made by this code.
+            if ![Some(compression.oci_layer_media_type()), compression.docker_layer_media_type()]
+                .contains(&Some(h.blob.media_type.as_str()))
+            {
+                continue;
+            }
+            known[i] = Some(Hashed {
+                digest: crate::engine::digest::LayerDigest { size: h.tar_size, sha256: h.diff_id },
+                blob: Some(crate::engine::digest::LayerDigest { size: h.blob.size, sha256: h.blob.digest }),
+                unchanged_before_ns: i128::MIN,
+                files: None,
+            });
+        }
+        let hits = known.iter().filter(|k| k.is_some()).count();
+        say(&format!("--cache-from {from}: digests of {hits} of {n} layers known"));
+    }
+
+    let progress = Progress::new(if quiet { Mode::Quiet } else { Mode::Plain }, n);
+    let opts = EngineOptions { jobs, blobs, lookup: cache.lookup(), known, ..Default::default() };
+    let push_opts = registry::PushOptions {
+        client,
+        format,
+        mount_from: a.mount_from.clone(),
+        chunk_size: a.chunk_size,
+        jobs,
+        tries: a.retries.saturating_add(1),
+        quiet,
+        ..Default::default()
+    };
+    let (pushed, summary) = crate::engine::run(&plan, &opts, &progress, |engine| {
+        let keyed = key::Keyed { inner: engine, keys: keys.clone() };
+        registry::push(&keyed, &dest, &push_opts, &say).map_err(anyhow::Error::from)
+    })?;
+    progress.finish();
+    cache.store(&summary);
+    say(&format!("pushed {dest}: {pushed}"));
+    if a.run.stats {
+        let stats = serde_json::json!({
+            "layers": n,
+            "layers_from_cache": summary.layers_known,
+            "layers_written": summary.layers_written,
+            "layers_uploaded": pushed.layers_uploaded,
+            "layers_present": pushed.layers_present,
+            "layers_mounted": pushed.layers_mounted,
+            "bytes_uploaded": pushed.bytes_uploaded,
+            "manifest_uploaded": pushed.manifest_uploaded,
+            "manifest_digest": pushed.manifest_digest,
+            "retries": pushed.retries,
+        });
+        let _ = writeln!(io::stderr(), "nixstream: stats {stats}");
     }
     Ok(())
 }

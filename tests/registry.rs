@@ -645,6 +645,7 @@ fn cache_from_reads_keys_back() {
         assert_eq!(h.blob.digest, sha(&l.blob));
         assert_eq!(h.blob.size, l.blob.len() as u64);
         assert_eq!(h.diff_id, l.tar.sha256);
+        assert_eq!(h.tar_size, l.tar.size);
     }
     let missing = fetch_cache_hints(&Reference::parse(&format!("{}/ci/app:nope", reg.host())).unwrap(), &ClientOptions::default())
         .unwrap_err()

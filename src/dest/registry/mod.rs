@@ -9,10 +9,13 @@
 
 pub mod auth;
 pub mod client;
+pub mod key;
 pub mod push;
 pub mod reference;
 
-pub use push::{fetch_cache_hints, push, CacheHint, PushOptions, PushSummary, LAYER_KEY_ANNOTATION};
+pub use push::{
+    fetch_cache_hints, push, CacheHint, PushOptions, PushSummary, LAYER_KEY_ANNOTATION, LAYER_TAR_SIZE_ANNOTATION,
+};
 pub use reference::Reference;
 
 /// What went wrong talking to a registry.  Every variant names the

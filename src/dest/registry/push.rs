@@ -36,6 +36,10 @@ use crate::engine::image::{Descriptor, Image, Sha256};
 
 /// The layer annotation holding the key that decides the blob's bytes.
 pub const LAYER_KEY_ANNOTATION: &str = "io.nixstream.layer.key";
+/// Beside a key: the uncompressed tar's size (the config's `diff_ids` give
+/// its digest), which a `--cache-from` reader needs to check the layer if
+/// it ever writes it.
+pub const LAYER_TAR_SIZE_ANNOTATION: &str = "io.nixstream.layer.tar-size";
 
 /// How to push.
 #[derive(Debug, Clone)]
@@ -122,6 +126,14 @@ enum Outcome {
     Uploaded,
 }
 
+/// A layer in the repository.
+struct Pushed {
+    blob: Descriptor,
+    key: Option<String>,
+    tar_size: u64,
+    outcome: Outcome,
+}
+
 /// Where a blob's bytes come from.
 #[derive(Clone, Copy)]
 enum Source<'a> {
@@ -175,7 +187,7 @@ pub fn push(
     // new layers.
     let next = AtomicUsize::new(0);
     let failed = std::sync::atomic::AtomicBool::new(false);
-    let results: Vec<std::sync::Mutex<Option<Result<(Descriptor, Option<String>, Outcome), RegistryError>>>> =
+    let results: Vec<std::sync::Mutex<Option<Result<Pushed, RegistryError>>>> =
         (0..n).map(|_| std::sync::Mutex::new(None)).collect();
     std::thread::scope(|s| {
         for _ in 0..opts.jobs.clamp(1, n.max(1)) {
@@ -195,13 +207,13 @@ pub fn push(
     let mut layers = Vec::with_capacity(n);
     for r in results {
         match r.into_inner().unwrap_or_else(|e| e.into_inner()) {
-            Some(Ok((blob, key, outcome))) => {
+            Some(Ok(Pushed { blob, key, tar_size, outcome })) => {
                 match outcome {
                     Outcome::Present => summary.layers_present += 1,
                     Outcome::Mounted => summary.layers_mounted += 1,
                     Outcome::Uploaded => summary.layers_uploaded += 1,
                 }
-                layers.push((blob, key));
+                layers.push((blob, key, tar_size));
             }
             Some(Err(e)) => return Err(e),
             // Not started because another layer failed: that error was
@@ -224,9 +236,13 @@ pub fn push(
     let media_type = manifest::layer_media_type(opts.format, compression).expect("checked above");
     let described: Vec<(Descriptor, Vec<(String, String)>)> = layers
         .into_iter()
-        .map(|(mut d, key)| {
+        .map(|(mut d, key, tar_size)| {
             d.media_type = media_type.to_string();
-            let notes = key.map(|k| vec![(LAYER_KEY_ANNOTATION.to_string(), k)]).unwrap_or_default();
+            let notes = key
+                .map(|k| {
+                    vec![(LAYER_KEY_ANNOTATION.to_string(), k), (LAYER_TAR_SIZE_ANNOTATION.to_string(), tar_size.to_string())]
+                })
+                .unwrap_or_default();
             (d, notes)
         })
         .collect();
@@ -247,7 +263,7 @@ impl Pusher<'_> {
         }
     }
 
-    fn layer(&self, i: usize, n: usize) -> Result<(Descriptor, Option<String>, Outcome), RegistryError> {
+    fn layer(&self, i: usize, n: usize) -> Result<Pushed, RegistryError> {
         let info = self.image.layer(i).map_err(|source| RegistryError::Engine { layer: i, source })?;
         let label = format!("layer {}/{n}", i + 1);
         let t = Instant::now();
@@ -268,7 +284,7 @@ impl Pusher<'_> {
             ),
         };
         self.say(&line);
-        Ok((info.blob, info.key, outcome))
+        Ok(Pushed { blob: info.blob, key: info.key, tar_size: info.diff_id.size, outcome })
     }
 
     /// Makes sure the repository holds `blob`: `HEAD`, mount, or upload,
@@ -635,6 +651,8 @@ pub struct CacheHint {
     pub blob: Descriptor,
     /// The uncompressed tar's sha256, from the image config's `diff_ids`.
     pub diff_id: Sha256,
+    /// Its size ([`LAYER_TAR_SIZE_ANNOTATION`]).
+    pub tar_size: u64,
 }
 
 /// Reads the manifest and config of `from` (an image pushed by nixstream,
@@ -703,6 +721,9 @@ pub fn fetch_cache_hints(from: &Reference, opts: &ClientOptions) -> Result<Vec<C
     let mut hints = Vec::new();
     for (d, diff) in m.layers.iter().zip(&cfg.rootfs.diff_ids) {
         let Some(key) = d.annotations.get(LAYER_KEY_ANNOTATION) else { continue };
+        let Some(tar_size) = d.annotations.get(LAYER_TAR_SIZE_ANNOTATION).and_then(|s| s.parse().ok()) else {
+            continue;
+        };
         let (Some(blob), Some(diff_id)) = (parse_digest(&d.digest), parse_digest(diff)) else {
             return Err(bad("a digest is not sha256:<64 hex digits>"));
         };
@@ -710,6 +731,7 @@ pub fn fetch_cache_hints(from: &Reference, opts: &ClientOptions) -> Result<Vec<C
             key: key.clone(),
             blob: Descriptor { media_type: d.media_type.clone(), digest: blob, size: d.size },
             diff_id,
+            tar_size,
         });
     }
     Ok(hints)
