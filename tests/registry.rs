@@ -15,6 +15,8 @@
 //! podman and docker: `scripts/test` installs them.  A missing program is a
 //! failure here, not a skip.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -71,9 +73,28 @@ struct Tls {
 /// entity, and rightly).
 fn make_tls(dir: &Path, name: &str) -> Tls {
     let p = |f: &str| dir.join(format!("{name}-{f}"));
-    run_ok(Command::new("openssl").args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj"]).arg(format!("/CN=nixstream test CA {name}")).arg("-keyout").arg(p("ca.key")).arg("-out").arg(p("ca.crt")));
-    run_ok(Command::new("openssl").args(["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1"]).arg("-keyout").arg(p("server.key")).arg("-out").arg(p("server.csr")));
-    std::fs::write(p("ext.cnf"), "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n").unwrap();
+    run_ok(
+        Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj"])
+            .arg(format!("/CN=nixstream test CA {name}"))
+            .arg("-keyout")
+            .arg(p("ca.key"))
+            .arg("-out")
+            .arg(p("ca.crt")),
+    );
+    run_ok(
+        Command::new("openssl")
+            .args(["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1"])
+            .arg("-keyout")
+            .arg(p("server.key"))
+            .arg("-out")
+            .arg(p("server.csr")),
+    );
+    std::fs::write(
+        p("ext.cnf"),
+        "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
     run_ok(
         Command::new("openssl")
             .args(["x509", "-req", "-days", "2", "-CAcreateserial"])
@@ -187,7 +208,10 @@ impl Registry {
     fn uploads_since(&self, from: usize) -> Vec<String> {
         self.log()[from..]
             .lines()
-            .filter(|l| l.contains("/blobs/uploads/") && (l.contains("\"PATCH ") || l.contains("\"PUT ") || l.contains("\"POST ")))
+            .filter(|l| {
+                l.contains("/blobs/uploads/")
+                    && (l.contains("\"PATCH ") || l.contains("\"PUT ") || l.contains("\"POST "))
+            })
             .map(str::to_string)
             .collect()
     }
@@ -548,7 +572,8 @@ fn push_then_read_back_then_repush_uploads_nothing() {
     }
 
     // skopeo: the manifest's layers are ours, annotated with their keys.
-    let raw = run_ok(Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false"]).arg(format!("docker://{dest}")));
+    let raw =
+        run_ok(Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false"]).arg(format!("docker://{dest}")));
     assert_eq!(format!("sha256:{}", hex(&sha(raw.as_bytes()))), first.manifest_digest);
     let m: serde_json::Value = serde_json::from_str(&raw).unwrap();
     assert_eq!(m["mediaType"], "application/vnd.oci.image.manifest.v1+json");
@@ -579,10 +604,18 @@ fn push_then_read_back_then_repush_uploads_nothing() {
     assert_eq!(image.rendered().len(), renders_before, "a re-push rendered layer bytes");
     let uploads = reg.uploads_since(mark);
     assert!(uploads.is_empty(), "the registry saw uploads on a re-push:\n{}", uploads.join("\n"));
-    let manifest_puts: Vec<_> = reg.log()[mark..].lines().filter(|l| l.contains("\"PUT ") && l.contains("/manifests/")).map(str::to_string).collect();
+    let manifest_puts: Vec<_> = reg.log()[mark..]
+        .lines()
+        .filter(|l| l.contains("\"PUT ") && l.contains("/manifests/"))
+        .map(str::to_string)
+        .collect();
     assert!(manifest_puts.is_empty(), "manifest PUT on a re-push: {manifest_puts:?}");
     // And the access log did record this run's requests (the check can fail).
-    assert!(reg.log()[mark..].contains("\"HEAD /v2/nixstream-test/app/blobs/"), "no HEADs in the log:\n{}", &reg.log()[mark..]);
+    assert!(
+        reg.log()[mark..].contains("\"HEAD /v2/nixstream-test/app/blobs/"),
+        "no HEADs in the log:\n{}",
+        &reg.log()[mark..]
+    );
 }
 
 /// One layer changed: only it is uploaded; a push to another repository
@@ -622,11 +655,18 @@ fn one_changed_layer_mounts_chunks_and_docker_manifests() {
     let patches = reg.uploads_since(mark).iter().filter(|l| l.contains("\"PATCH ")).count();
     let expected: usize = v2.layers.iter().map(|l| l.blob.len().div_ceil(256 << 10)).sum::<usize>() + 1;
     assert_eq!(patches, expected, "one PATCH per chunk");
-    let raw = run_ok(Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false"]).arg(format!("docker://{dest3}")));
+    let raw = run_ok(
+        Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false"]).arg(format!("docker://{dest3}")),
+    );
     assert!(raw.contains("application/vnd.docker.distribution.manifest.v2+json"), "{raw}");
     // skopeo copies it into a layout (reading every blob, checking digests).
     let out = tempfile::tempdir().unwrap();
-    run_ok(Command::new("skopeo").args(["copy", "--src-tls-verify=false"]).arg(format!("docker://{dest3}")).arg(format!("oci:{}:x", out.path().display())));
+    run_ok(
+        Command::new("skopeo")
+            .args(["copy", "--src-tls-verify=false"])
+            .arg(format!("docker://{dest3}"))
+            .arg(format!("oci:{}:x", out.path().display())),
+    );
 }
 
 /// `--cache-from`: an earlier push's annotations give key → digest for
@@ -647,9 +687,12 @@ fn cache_from_reads_keys_back() {
         assert_eq!(h.diff_id, l.tar.sha256);
         assert_eq!(h.tar_size, l.tar.size);
     }
-    let missing = fetch_cache_hints(&Reference::parse(&format!("{}/ci/app:nope", reg.host())).unwrap(), &ClientOptions::default())
-        .unwrap_err()
-        .to_string();
+    let missing = fetch_cache_hints(
+        &Reference::parse(&format!("{}/ci/app:nope", reg.host())).unwrap(),
+        &ClientOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(missing.contains("MANIFEST_UNKNOWN") && missing.contains(&reg.host()), "{missing}");
 }
 
@@ -747,7 +790,8 @@ fn retries_through_503_bursts_and_dropped_connections() {
     let renders = image.rendered();
     assert!(renders.len() > 3, "no layer was rendered twice: {renders:?}");
     let info = skopeo_inspect(&dest, &["--tls-verify=false"]);
-    let layers: Vec<String> = info["Layers"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    let layers: Vec<String> =
+        info["Layers"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
     assert_eq!(layers, (0..3).map(|i| image.blob_digest(i)).collect::<Vec<_>>());
     assert_no_manifest_with_missing_blobs(&reg);
 
@@ -808,7 +852,10 @@ fn registry_killed_mid_push_then_rerun_finishes() {
     });
     let e = result.unwrap_err().to_string();
     eprintln!("error: {e}");
-    assert!(e.starts_with(&format!("layer 3 ({}): registry {}", image.blob_digest(2), proxy.host())) && !e.contains('\n'), "{e}");
+    assert!(
+        e.starts_with(&format!("layer 3 ({}): registry {}", image.blob_digest(2), proxy.host())) && !e.contains('\n'),
+        "{e}"
+    );
     assert!(reg.tag_digest("kill/app", "v1").is_none(), "a manifest after a failed push");
     assert!(!reg.has_blob(&image.blob_digest(2)));
     assert_no_manifest_with_missing_blobs(&reg);
@@ -822,4 +869,226 @@ fn registry_killed_mid_push_then_rerun_finishes() {
     assert_eq!(reg.uploads_since(mark).iter().filter(|l| l.contains("\"PATCH ")).count(), 2);
     assert_eq!(reg.tag_digest("kill/app", "v1").as_deref(), Some(s.manifest_digest.as_str()));
     assert_no_manifest_with_missing_blobs(&reg);
+}
+
+// ------------------------------------------------------- the command line
+
+fn nixstream() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_nixstream"))
+}
+
+fn nix_build(args: &[&str]) -> PathBuf {
+    let out = run_ok(
+        Command::new("nix-build")
+            .env("NIX_REMOTE", "local")
+            .args(["--no-out-link", "--option", "sandbox", "false", "--option", "substituters", ""])
+            .args(["--option", "build-users-group", ""])
+            .args(args),
+    );
+    PathBuf::from(out.trim())
+}
+
+/// A conf of one layer per store path, running `cmd`.
+fn nix_conf(dir: &Path, name: &str, paths: &[PathBuf], cmd: &Path) -> PathBuf {
+    let cust = dir.join(format!("{name}-cust"));
+    std::fs::create_dir_all(&cust).unwrap();
+    let layer = tar_of(&vec![("etc/hostname", b"test\n".to_vec(), 0o444)]);
+    std::fs::write(cust.join("layer.tar"), &layer).unwrap();
+    std::fs::write(cust.join("checksum"), hex(&sha(&layer))).unwrap();
+    let c = serde_json::json!({
+        "architecture": arch(), "created": "1970-01-01T00:00:01Z", "mtime": "1970-01-01T00:00:01Z",
+        "uid": 0, "gid": 0, "uname": "root", "gname": "root",
+        "store_dir": "/nix/store", "from_image": null, "repo_tag": format!("nixstream-test/{name}:1"),
+        "customisation_layer": cust, "config": {"Cmd": [cmd]},
+        "store_layers": paths.iter().map(|p| vec![p]).collect::<Vec<_>>(),
+    });
+    let p = dir.join(format!("{name}.json"));
+    std::fs::write(&p, serde_json::to_vec(&c).unwrap()).unwrap();
+    p
+}
+
+/// Runs `nixstream push ... --stats`; returns the stats line's JSON.
+fn cli_push(args: &[&str]) -> serde_json::Value {
+    let out = nixstream().env("NIX_REMOTE", "local").arg("push").args(args).arg("--stats").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "nixstream push {args:?} failed:\n{err}");
+    eprintln!("{err}");
+    let line = err.lines().find_map(|l| l.strip_prefix("nixstream: stats ")).expect("a stats line");
+    serde_json::from_str(line).unwrap()
+}
+
+/// The layer digests of an oci-archive (its one manifest's).
+fn oci_archive_layers(archive: &[u8]) -> Vec<String> {
+    let mut blobs = std::collections::HashMap::new();
+    let mut index = Vec::new();
+    for e in tar::Archive::new(archive).entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e.path().unwrap().display().to_string();
+        let mut data = Vec::new();
+        e.read_to_end(&mut data).unwrap();
+        if name == "index.json" {
+            index = data;
+        } else if let Some(h) = name.strip_prefix("blobs/sha256/") {
+            blobs.insert(format!("sha256:{h}"), data);
+        }
+    }
+    let index: serde_json::Value = serde_json::from_slice(&index).unwrap();
+    let m: serde_json::Value =
+        serde_json::from_slice(&blobs[index["manifests"][0]["digest"].as_str().unwrap()]).unwrap();
+    m["layers"].as_array().unwrap().iter().map(|l| l["digest"].as_str().unwrap().to_string()).collect()
+}
+
+/// `nixstream push` of a Nix-built closure: docker pulls and runs it, podman
+/// and skopeo read it, its layers are the oci-archive's; a re-push uploads
+/// nothing (the registry's log says so); and after a change of the top
+/// store path, a push with `--cache-from` and no local cache uploads only
+/// that layer and opens none of the unchanged layers' files (strace says so).
+#[test]
+#[ignore = "needs docker-registry, nix, docker, podman, skopeo and strace: run scripts/test"]
+fn cli_push_of_a_nix_closure() {
+    let reg = Registry::start(false);
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/closure.nix");
+    let app = nix_build(&[fixture.to_str().unwrap()]);
+    let busybox = nix_build(&[fixture.to_str().unwrap(), "-A", "busybox"]);
+    let data = nix_build(&[fixture.to_str().unwrap(), "-A", "data"]);
+    let conf = nix_conf(tmp.path(), "app", &[busybox.clone(), data.clone(), app.clone()], &app.join("bin/app"));
+    let dest = format!("{}/e2e/app:1", reg.host());
+
+    let s = cli_push(&[conf.to_str().unwrap(), &format!("docker://{dest}")]);
+    assert_eq!((s["layers"].as_u64(), s["layers_uploaded"].as_u64()), (Some(4), Some(4)), "{s}");
+
+    // The layers are those of the oci-archive with the same compression.
+    let archive = nixstream()
+        .args(["stream", "-q", "--format", "oci-archive", "--layer-compression", "gzip"])
+        .arg(&conf)
+        .output()
+        .unwrap();
+    assert!(archive.status.success());
+    let info = skopeo_inspect(&dest, &["--tls-verify=false"]);
+    let pushed: Vec<String> =
+        info["Layers"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    assert_eq!(pushed, oci_archive_layers(&archive.stdout));
+    // The three store layers carry keys (the local Nix gave narHashes).
+    let raw =
+        run_ok(Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false"]).arg(format!("docker://{dest}")));
+    assert_eq!(raw.matches("io.nixstream.layer.key").count(), 3, "{raw}");
+
+    run_ok(Command::new("docker").args(["pull", "-q", &dest]));
+    let out = run_ok(Command::new("docker").args(["run", "--rm", "--network=none", &dest]));
+    let _ = Command::new("docker").args(["rmi", "-f", &dest]).output();
+    assert_eq!(out, "hello from a nixstream image\ndata from another store path\n");
+    run_ok(Command::new("podman").args(["pull", "-q", "--tls-verify=false", &dest]));
+    let _ = Command::new("podman").args(["rmi", "-f", &dest]).output();
+
+    // Unchanged: nothing uploaded, by the registry's log too.
+    let mark = reg.log().len();
+    let s = cli_push(&["-q", conf.to_str().unwrap(), &format!("docker://{dest}")]);
+    assert_eq!((s["layers_uploaded"].as_u64(), s["layers_written"].as_u64()), (Some(0), Some(0)), "{s}");
+    assert_eq!(s["manifest_uploaded"], false);
+    assert!(reg.uploads_since(mark).is_empty(), "{:?}", reg.uploads_since(mark));
+
+    // A new top store path; a fresh machine (no --cache), --cache-from the
+    // first push.
+    let expr = format!(
+        r#"let c = import {}; in derivation {{ name = "nixstream-app-2"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "/bin/mkdir -p $out/bin; printf '#!${{c.busybox}}/bin/sh\necho v2\n' > $out/bin/app; /bin/chmod 555 $out/bin/app" ]; }}"#,
+        fixture.display()
+    );
+    let app2 = nix_build(&["-E", &expr]);
+    let conf2 = nix_conf(tmp.path(), "app2", &[busybox.clone(), data.clone(), app2.clone()], &app2.join("bin/app"));
+    let trace = tmp.path().join("trace");
+    let mark = reg.log().len();
+    let out = Command::new("strace")
+        .args(["-f", "-qq", "-e", "trace=open,openat,openat2", "-o"])
+        .arg(&trace)
+        .arg(env!("CARGO_BIN_EXE_nixstream"))
+        .env("NIX_REMOTE", "local")
+        .args(["push", "--stats"])
+        .arg(&conf2)
+        .arg(format!("docker://{}/e2e/app:2", reg.host()))
+        .args(["--cache-from", &format!("docker://{dest}")])
+        .output()
+        .expect("strace (run scripts/setup-deps)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    eprintln!("{err}");
+    let s: serde_json::Value =
+        serde_json::from_str(err.lines().find_map(|l| l.strip_prefix("nixstream: stats ")).unwrap()).unwrap();
+    assert_eq!(s["layers_from_cache"].as_u64(), Some(2), "{s}");
+    assert_eq!((s["layers_uploaded"].as_u64(), s["layers_present"].as_u64()), (Some(1), Some(3)), "{s}");
+    let patches = reg.uploads_since(mark).iter().filter(|l| l.contains("\"PATCH ")).count();
+    assert_eq!(patches, 2, "the app layer and the config");
+    // Files opened for reading (not directories, listed by the walk):
+    // the unchanged layers' (busybox, greeting...) never; the new app's, yes.
+    let opened: Vec<String> = std::fs::read_to_string(&trace)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.contains("O_DIRECTORY") && !l.contains("ENOENT"))
+        .map(str::to_string)
+        .collect();
+    let opens = |name: &str| {
+        opened.iter().filter(|l| l.contains(&format!("\"{name}\"")) || l.contains(&format!("/{name}\""))).count()
+    };
+    assert!(opens("app") > 0, "the changed layer's file was not opened: strace saw nothing?");
+    for unchanged in ["busybox", "greeting", "uses-busybox", "héllo-wörld.txt"] {
+        assert_eq!(
+            opens(unchanged),
+            0,
+            "{unchanged} was opened:\n{}",
+            opened.iter().filter(|l| l.contains(unchanged)).cloned().collect::<Vec<_>>().join("\n")
+        );
+    }
+}
+
+/// The golden `grouped` case, pushed with each compression and both
+/// manifest formats: its layers are the oci-archive's, and skopeo copies it
+/// back out (reading every blob against its digest).  (The case is an
+/// arm64 image: docker and podman would pull it only for that platform.)
+#[test]
+#[ignore = "needs docker-registry and skopeo: run scripts/test"]
+fn cli_push_of_the_golden_grouped_case() {
+    common::golden_tree();
+    let reg = Registry::start(false);
+    let conf = common::golden_dir().join("cases/grouped/conf.json");
+    for (compression, format) in [("gzip", "oci"), ("zstd", "oci"), ("none", "oci"), ("gzip", "docker")] {
+        let dest = format!("{}/golden/grouped-{compression}-{format}:2024", reg.host());
+        let s = cli_push(&[
+            "-q",
+            conf.to_str().unwrap(),
+            &format!("docker://{dest}"),
+            "--layer-compression",
+            compression,
+            "--manifest-format",
+            format,
+        ]);
+        assert_eq!(s["layers_uploaded"].as_u64(), Some(3), "{s}");
+        let archive = nixstream()
+            .args(["stream", "-q", "--format", "oci-archive", "--layer-compression", compression])
+            .arg(&conf)
+            .output()
+            .unwrap();
+        assert!(archive.status.success());
+        let info = skopeo_inspect(&dest, &["--tls-verify=false"]);
+        let pushed: Vec<String> =
+            info["Layers"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+        assert_eq!(pushed, oci_archive_layers(&archive.stdout), "{compression} {format}");
+        let out = tempfile::tempdir().unwrap();
+        run_ok(
+            Command::new("skopeo")
+                .args(["copy", "-q", "--src-tls-verify=false"])
+                .arg(format!("docker://{dest}"))
+                .arg(format!("oci:{}:x", out.path().display())),
+        );
+    }
+    // zstd has no Docker schema 2 media type: refused before any upload.
+    let out = nixstream()
+        .args(["push", "-q", "--layer-compression", "zstd", "--manifest-format", "docker"])
+        .arg(&conf)
+        .arg(format!("docker://{}/golden/nope:1", reg.host()))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("Docker schema 2") && err.contains("zstd"), "{err}");
 }

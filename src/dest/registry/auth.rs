@@ -150,7 +150,8 @@ fn lookup_in(file: &AuthFile, path: &Path, registry: &str, repository: &str) -> 
     }
     // Most specific first: host/a/b, host/a, host.
     let parts: Vec<&str> = repository.split('/').collect();
-    let mut candidates: Vec<String> = (1..=parts.len()).rev().map(|n| format!("{registry}/{}", parts[..n].join("/"))).collect();
+    let mut candidates: Vec<String> =
+        (1..=parts.len()).rev().map(|n| format!("{registry}/{}", parts[..n].join("/"))).collect();
     candidates.extend(keys.iter().cloned());
     for want in &candidates {
         let hit = file.auths.iter().find(|(k, _)| normalise_key(k) == *want);
@@ -171,7 +172,11 @@ fn lookup_in(file: &AuthFile, path: &Path, registry: &str, repository: &str) -> 
 fn registry_keys(registry: &str) -> Vec<String> {
     let mut keys = vec![registry.to_string()];
     if registry == "docker.io" {
-        keys.extend(["index.docker.io".to_string(), "registry-1.docker.io".to_string(), "https://index.docker.io/v1/".to_string()]);
+        keys.extend([
+            "index.docker.io".to_string(),
+            "registry-1.docker.io".to_string(),
+            "https://index.docker.io/v1/".to_string(),
+        ]);
     }
     keys
 }
@@ -195,7 +200,10 @@ fn entry_credentials(entry: &AuthEntry, path: &Path, key: &str) -> Result<Option
         return Ok(Some(Credentials::IdentityToken(Secret(t.clone()))));
     }
     if let Some(a) = entry.auth.as_ref().filter(|a| !a.is_empty()) {
-        let bad = || AuthError::File { path: path.to_path_buf(), why: format!("the `auth` of `{key}` is not base64 of USER:PASSWORD") };
+        let bad = || AuthError::File {
+            path: path.to_path_buf(),
+            why: format!("the `auth` of `{key}` is not base64 of USER:PASSWORD"),
+        };
         let raw = base64::engine::general_purpose::STANDARD.decode(a.trim()).map_err(|_| bad())?;
         let text = String::from_utf8(raw).map_err(|_| bad())?;
         let (u, p) = text.split_once(':').ok_or_else(bad)?;
@@ -395,8 +403,11 @@ mod tests {
             ),
         )
         .unwrap();
-        std::fs::write(&docker, format!(r#"{{"auths":{{"https://other.example/v1/":{{"auth":"{}"}}}}}}"#, b64("o:three")))
-            .unwrap();
+        std::fs::write(
+            &docker,
+            format!(r#"{{"auths":{{"https://other.example/v1/":{{"auth":"{}"}}}}}}"#, b64("o:three")),
+        )
+        .unwrap();
         let files = [dir.path().join("missing.json"), podman.clone(), docker.clone()];
         let user = |f: Option<Found>| match f.unwrap().credentials {
             Credentials::Password { username, .. } => username,

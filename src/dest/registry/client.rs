@@ -269,9 +269,7 @@ impl Client {
             match &*lock(&self.auth) {
                 AuthState::None => {}
                 AuthState::Basic(h) => req = req.header("Authorization", h.expose()),
-                AuthState::Bearer(token) => {
-                    req = req.header("Authorization", format!("Bearer {}", token.expose()))
-                }
+                AuthState::Bearer(token) => req = req.header("Authorization", format!("Bearer {}", token.expose())),
             }
         }
         let transport = |e: ureq::Error| self.transport_error(what, e);
@@ -314,8 +312,13 @@ impl Client {
         if *generation != seen {
             return Ok(());
         }
-        let challenges: Vec<Challenge> =
-            reply.headers.get_all("www-authenticate").iter().filter_map(|v| v.to_str().ok()).flat_map(parse_challenges).collect();
+        let challenges: Vec<Challenge> = reply
+            .headers
+            .get_all("www-authenticate")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(parse_challenges)
+            .collect();
         let bearer = challenges.iter().find_map(|c| match c {
             Challenge::Bearer { realm, service, .. } => Some((realm.clone(), service.clone())),
             _ => None,
@@ -408,8 +411,8 @@ impl Client {
             token: Option<String>,
             access_token: Option<String>,
         }
-        let t: Token =
-            serde_json::from_slice(&body).map_err(|_| self.protocol(what, "the token reply is not JSON with a token".into()))?;
+        let t: Token = serde_json::from_slice(&body)
+            .map_err(|_| self.protocol(what, "the token reply is not JSON with a token".into()))?;
         t.token
             .or(t.access_token)
             .filter(|t| !t.is_empty())
@@ -439,7 +442,13 @@ impl Client {
     /// A registry-side error, with the code and message of its error body.
     pub fn status_error(&self, what: &str, reply: &Reply) -> RegistryError {
         let (code, message) = error_body(&reply.body);
-        RegistryError::Status { registry: self.registry.clone(), what: what.to_string(), status: reply.status, code, message }
+        RegistryError::Status {
+            registry: self.registry.clone(),
+            what: what.to_string(),
+            status: reply.status,
+            code,
+            message,
+        }
     }
 
     fn transport_error(&self, what: &str, e: ureq::Error) -> RegistryError {
@@ -569,7 +578,8 @@ mod tests {
 
     #[test]
     fn registry_error_documents() {
-        let (c, m) = error_body(br#"{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown to registry","detail":"x"}]}"#);
+        let (c, m) =
+            error_body(br#"{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown to registry","detail":"x"}]}"#);
         assert_eq!((c.as_deref(), m.as_deref()), (Some("BLOB_UNKNOWN"), Some("blob unknown to registry")));
         let (c, m) = error_body(b"<html>503 Service Unavailable</html>\nmore");
         assert_eq!((c, m.as_deref()), (None, Some("<html>503 Service Unavailable</html>")));

@@ -172,14 +172,7 @@ pub fn push(
     let mut client_opts = opts.client.clone();
     client_opts.pull_repositories.extend(opts.mount_from.iter().cloned());
     let client = Client::connect(dest, &client_opts, opts.tries, opts.backoff)?;
-    let p = Pusher {
-        image,
-        client,
-        opts,
-        progress,
-        retries: AtomicU64::new(0),
-        bytes_uploaded: AtomicU64::new(0),
-    };
+    let p = Pusher { image, client, opts, progress, retries: AtomicU64::new(0), bytes_uploaded: AtomicU64::new(0) };
     let n = image.layer_count();
     let mut summary = PushSummary { layers: n, ..Default::default() };
 
@@ -240,7 +233,10 @@ pub fn push(
             d.media_type = media_type.to_string();
             let notes = key
                 .map(|k| {
-                    vec![(LAYER_KEY_ANNOTATION.to_string(), k), (LAYER_TAR_SIZE_ANNOTATION.to_string(), tar_size.to_string())]
+                    vec![
+                        (LAYER_KEY_ANNOTATION.to_string(), k),
+                        (LAYER_TAR_SIZE_ANNOTATION.to_string(), tar_size.to_string()),
+                    ]
                 })
                 .unwrap_or_default();
             (d, notes)
@@ -267,21 +263,17 @@ impl Pusher<'_> {
         let info = self.image.layer(i).map_err(|source| RegistryError::Engine { layer: i, source })?;
         let label = format!("layer {}/{n}", i + 1);
         let t = Instant::now();
-        let outcome = self
-            .ensure_blob(&info.blob, Source::Layer(i), &label)
-            .map_err(|e| match e {
-                e @ RegistryError::Engine { .. } => e,
-                e => RegistryError::Layer { layer: i + 1, digest: info.blob.digest_ref(), source: Box::new(e) },
-            })?;
+        let outcome = self.ensure_blob(&info.blob, Source::Layer(i), &label).map_err(|e| match e {
+            e @ RegistryError::Engine { .. } => e,
+            e => RegistryError::Layer { layer: i + 1, digest: info.blob.digest_ref(), source: Box::new(e) },
+        })?;
         let short = &info.blob.digest_ref()[..19];
         let line = match outcome {
             Outcome::Present => format!("{label} {short} {}: already there", human(info.blob.size)),
             Outcome::Mounted => format!("{label} {short} {}: mounted", human(info.blob.size)),
-            Outcome::Uploaded => format!(
-                "{label} {short} {}: uploaded in {:.1} s",
-                human(info.blob.size),
-                t.elapsed().as_secs_f64()
-            ),
+            Outcome::Uploaded => {
+                format!("{label} {short} {}: uploaded in {:.1} s", human(info.blob.size), t.elapsed().as_secs_f64())
+            }
         };
         self.say(&line);
         Ok(Pushed { blob: info.blob, key: info.key, tar_size: info.diff_id.size, outcome })
@@ -427,7 +419,13 @@ impl Pusher<'_> {
 
     /// The blob in `PATCH`es of `size` bytes, each buffered (the only
     /// buffer of a blob's bytes, and why chunks are bounded).
-    fn chunks(&self, blob: &Descriptor, source: Source<'_>, location: String, size: u64) -> Result<String, RegistryError> {
+    fn chunks(
+        &self,
+        blob: &Descriptor,
+        source: Source<'_>,
+        location: String,
+        size: u64,
+    ) -> Result<String, RegistryError> {
         let c = &self.client;
         let what = "PATCH blob (chunk)";
         self.with_body(source, |reader| {
@@ -526,7 +524,8 @@ impl Pusher<'_> {
                 if head.status >= 500 || head.status == 429 || head.status == 408 {
                     return Err(c.status_error("HEAD manifest", &head));
                 }
-                let put = c.send(Method::PUT, &path, &[("Content-Type", media_type)], Body::Bytes(body), "PUT manifest")?;
+                let put =
+                    c.send(Method::PUT, &path, &[("Content-Type", media_type)], Body::Bytes(body), "PUT manifest")?;
                 if put.status != 201 && put.status != 200 {
                     return Err(c.status_error("PUT manifest", &put));
                 }
@@ -689,8 +688,8 @@ pub fn fetch_cache_hints(from: &Reference, opts: &ClientOptions) -> Result<Vec<C
         config: Desc,
         layers: Vec<Desc>,
     }
-    let m: Manifest =
-        serde_json::from_slice(&r.body).map_err(|_| bad("not an image manifest (an index? name one platform's image)"))?;
+    let m: Manifest = serde_json::from_slice(&r.body)
+        .map_err(|_| bad("not an image manifest (an index? name one platform's image)"))?;
     let config_path = c.repo_path(&format!("blobs/{}", m.config.digest));
     let what_cfg = "GET --cache-from config";
     let mut cr = c.send(Method::GET, &config_path, &[], Body::Empty, what_cfg)?;

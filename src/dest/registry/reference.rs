@@ -85,11 +85,8 @@ impl Reference {
                 "a repository is lowercase path components of [a-z0-9] joined by `.`, `_`, `__` or dashes",
             ));
         }
-        let repository = if registry == HUB && !repository.contains('/') {
-            format!("library/{repository}")
-        } else {
-            repository
-        };
+        let repository =
+            if registry == HUB && !repository.contains('/') { format!("library/{repository}") } else { repository };
         let tag = if tag.is_none() && digest.is_none() { Some("latest".to_string()) } else { tag };
         Ok(Reference { registry, repository, tag, digest })
     }
@@ -212,7 +209,10 @@ mod tests {
     #[test]
     fn host_port_repo_tag() {
         let r = p("docker://127.0.0.1:5000/team/app:v1.2");
-        assert_eq!((r.registry.as_str(), r.repository.as_str(), r.tag.as_deref()), ("127.0.0.1:5000", "team/app", Some("v1.2")));
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str(), r.tag.as_deref()),
+            ("127.0.0.1:5000", "team/app", Some("v1.2"))
+        );
         assert_eq!(r.hostname(), "127.0.0.1");
         assert!(r.is_loopback());
         assert_eq!(r.to_string(), "127.0.0.1:5000/team/app:v1.2");
@@ -225,7 +225,10 @@ mod tests {
         assert_eq!(r.tag.as_deref(), Some("latest"));
         assert!(r.is_loopback());
         let r = p("docker://busybox:1");
-        assert_eq!((r.registry.as_str(), r.repository.as_str(), r.api_host()), ("docker.io", "library/busybox", "registry-1.docker.io"));
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str(), r.api_host()),
+            ("docker.io", "library/busybox", "registry-1.docker.io")
+        );
         assert!(!r.is_loopback());
         let r = p(&format!("ghcr.io/o/r@sha256:{}", "ab".repeat(32)));
         assert_eq!(r.tag, None);
