@@ -585,9 +585,8 @@ fn push_then_read_back_then_repush_uploads_nothing() {
     assert_eq!(info["Architecture"], arch());
 
     // podman pulls it.
-    let local = format!("{dest}");
-    run_ok(Command::new("podman").args(["pull", "-q", "--tls-verify=false", &local]));
-    let _ = Command::new("podman").args(["rmi", "-f", &local]).output();
+    run_ok(Command::new("podman").args(["pull", "-q", "--tls-verify=false", &dest]));
+    let _ = Command::new("podman").args(["rmi", "-f", &dest]).output();
 
     // docker pulls and runs it (the daemon allows plain HTTP to 127.0.0.0/8).
     run_ok(Command::new("docker").args(["pull", "-q", &dest]));

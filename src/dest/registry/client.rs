@@ -365,7 +365,7 @@ impl Client {
             realm.split("://").nth(1).unwrap_or(realm).split('/').next().unwrap_or("")
         ))
         .is_ok_and(|r| r.is_loopback());
-        if !realm.starts_with("https://") && !(self.insecure || realm_loopback) {
+        if !(realm.starts_with("https://") || self.insecure || realm_loopback) {
             return Err(self.unauthorized(format!("refusing a token realm that is not HTTPS: {realm}")));
         }
         let mut scopes = vec![format!("repository:{}:pull,push", self.repository)];
