@@ -123,6 +123,11 @@ struct Registry {
 impl Registry {
     /// A plain registry, or with `secure` htpasswd auth over TLS.
     fn start(secure: bool) -> Registry {
+        Registry::start_with(secure, "")
+    }
+
+    /// As [`Registry::start`], with `extra` appended to its config.
+    fn start_with(secure: bool, extra: &str) -> Registry {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let storage = dir.path().join("storage");
@@ -138,6 +143,7 @@ impl Registry {
             std::fs::write(&htpasswd, line).unwrap();
             yaml += &format!("auth:\n  htpasswd:\n    realm: nixstream-test\n    path: {}\n", htpasswd.display());
         }
+        yaml += extra;
         let config = dir.path().join("config.yml");
         std::fs::write(&config, yaml).unwrap();
         let mut r = Registry { child: None, port, dir, config, tls };
@@ -1090,4 +1096,161 @@ fn cli_push_of_the_golden_grouped_case() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("Docker schema 2") && err.contains("zstd"), "{err}");
+}
+
+// ----------------------------------------------------------- token service
+
+/// A token service for the registry's `auth: token` mode: checks Basic
+/// credentials, and signs JWTs (RS256, with `openssl`) whose `x5c` is a
+/// certificate the registry trusts.  The first token it gives a client
+/// grants pull only, the next ones pull and push: a push must then renew
+/// its token on the 401 that its first upload gets.
+struct TokenService {
+    port: u16,
+    issued: Arc<AtomicUsize>,
+}
+
+impl TokenService {
+    fn start(dir: &Path, service: &str) -> (TokenService, PathBuf) {
+        let key = dir.join("token.key");
+        let cert = dir.join("token.crt");
+        run_ok(
+            Command::new("openssl")
+                .args([
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=nixstream test token signer",
+                ])
+                .arg("-keyout")
+                .arg(&key)
+                .arg("-out")
+                .arg(&cert),
+        );
+        let der = run_ok_bytes(Command::new("openssl").args(["x509", "-outform", "DER", "-in"]).arg(&cert));
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let issued = Arc::new(AtomicUsize::new(0));
+        let (count, service) = (issued.clone(), service.to_string());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap_or(0) == 1 {
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let expected = format!("Basic {}", base64_encode(format!("{USER}:{PASSWORD}").as_bytes()));
+                let authorised = head
+                    .lines()
+                    .any(|l| l.to_ascii_lowercase().starts_with("authorization:") && l[14..].trim() == expected);
+                if !authorised {
+                    let _ =
+                        conn.write_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                    continue;
+                }
+                let target = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                let query = target.split_once('?').map(|(_, q)| q).unwrap_or("");
+                let scopes: Vec<String> = query
+                    .split('&')
+                    .filter_map(|kv| kv.strip_prefix("scope="))
+                    .map(|v| {
+                        v.replace("%3A", ":")
+                            .replace("%2F", "/")
+                            .replace("%2C", ",")
+                            .replace("%3a", ":")
+                            .replace("%2f", "/")
+                            .replace("%2c", ",")
+                    })
+                    .collect();
+                let n = count.fetch_add(1, Ordering::SeqCst);
+                let access: Vec<serde_json::Value> = scopes
+                    .iter()
+                    .filter_map(|sc| {
+                        let mut parts = sc.splitn(3, ':');
+                        let (kind, name) = (parts.next()?, parts.next()?);
+                        let actions: Vec<&str> = parts.next()?.split(',').filter(|a| n > 0 || *a == "pull").collect();
+                        Some(serde_json::json!({"type": kind, "name": name, "actions": actions}))
+                    })
+                    .collect();
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+                let header = serde_json::json!({"typ": "JWT", "alg": "RS256", "x5c": [base64_encode(&der)]});
+                let claims = serde_json::json!({
+                    "iss": "nixstream-test-issuer", "sub": USER, "aud": service,
+                    "exp": now + 600, "nbf": now - 10, "iat": now, "jti": format!("t{n}"), "access": access,
+                });
+                let b64 = |v: &serde_json::Value| base64_url(&serde_json::to_vec(v).unwrap());
+                let signing_input = format!("{}.{}", b64(&header), b64(&claims));
+                let mut sign = Command::new("openssl")
+                    .args(["dgst", "-sha256", "-sign"])
+                    .arg(&key)
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                sign.stdin.take().unwrap().write_all(signing_input.as_bytes()).unwrap();
+                let sig = sign.wait_with_output().unwrap().stdout;
+                let body =
+                    serde_json::json!({"token": format!("{signing_input}.{}", base64_url(&sig)), "expires_in": 600})
+                        .to_string();
+                let _ = write!(conn, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+            }
+        });
+        (TokenService { port, issued }, cert)
+    }
+}
+
+fn run_ok_bytes(cmd: &mut Command) -> Vec<u8> {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
+fn base64_url(b: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+/// The Bearer flow against the registry in token mode: a token asked for
+/// with the push scope and Basic credentials, renewed when a request comes
+/// back 401 mid-push; a wrong password fails in one line.
+#[test]
+#[ignore = "needs docker-registry and openssl: run scripts/test"]
+fn bearer_tokens_renewed_mid_push() {
+    let dir = tempfile::tempdir().unwrap();
+    let service = "nixstream-test-registry";
+    let (tokens, cert) = TokenService::start(dir.path(), service);
+    let extra = format!(
+        "auth:\n  token:\n    realm: http://127.0.0.1:{}/token\n    service: {service}\n    issuer: nixstream-test-issuer\n    rootcertbundle: {}\n",
+        tokens.port,
+        cert.display()
+    );
+    let reg = Registry::start_with(false, &extra);
+    let image = runnable_image("app", "bearer\n", 256 << 10);
+    let dest = format!("{}/tok/app:v1", reg.host());
+    let with = |password: &str| PushOptions {
+        client: ClientOptions {
+            credentials: Some(Credentials::Password {
+                username: USER.into(),
+                password: auth::Secret::new(password.into()),
+            }),
+            ..Default::default()
+        },
+        jobs: 1,
+        ..opts()
+    };
+    let s = push_to(&image, &dest, &with(PASSWORD)).unwrap();
+    assert_eq!(s.layers_uploaded, 3, "{s}");
+    assert_eq!(tokens.issued.load(Ordering::SeqCst), 2, "one pull-only token, then one renewed on the 401");
+    assert_eq!(s.retries, 0, "the renewal is not a retry: {s}");
+    assert_eq!(reg.tag_digest("tok/app", "v1").as_deref(), Some(s.manifest_digest.as_str()));
+    let e = push_to(&image, &dest, &with("wrong-password")).unwrap_err().to_string();
+    eprintln!("error: {e}");
+    assert!(e.contains("token service refused the credentials") && !e.contains("wrong-password"), "{e}");
 }
