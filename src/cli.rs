@@ -761,7 +761,12 @@ fn push(a: &PushArgs) -> anyhow::Result<()> {
     }
 
     let progress = Progress::new(if quiet { Mode::Quiet } else { Mode::Plain }, n);
-    let opts = EngineOptions { jobs, blobs, lookup: cache.lookup(), known, ..Default::default() };
+    // A layer the registry has is never streamed, so nothing would confirm
+    // its files for the digest cache: with a cache, the hashing pass checks
+    // them itself (as `digest` does), and every push fills the cache.
+    let check_in_hashing_pass = a.run.cache.is_some();
+    let opts =
+        EngineOptions { jobs, blobs, lookup: cache.lookup(), known, check_in_hashing_pass, ..Default::default() };
     let push_opts = registry::PushOptions {
         client,
         format,

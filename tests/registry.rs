@@ -1085,6 +1085,16 @@ fn cli_push_of_the_golden_grouped_case() {
                 .arg(format!("oci:{}:x", out.path().display())),
         );
     }
+    // With a digest cache, a push that uploads nothing still fills it: the
+    // next one hashes nothing.
+    let cache = tempfile::tempdir().unwrap();
+    let dest = format!("docker://{}/golden/grouped-gzip-oci:2024", reg.host());
+    let args = ["-q", conf.to_str().unwrap(), &dest, "--cache", cache.path().to_str().unwrap()];
+    let s = cli_push(&args);
+    assert_eq!((s["layers_present"].as_u64(), s["layers_from_cache"].as_u64()), (Some(3), Some(0)), "{s}");
+    let s = cli_push(&args);
+    assert_eq!((s["layers_present"].as_u64(), s["layers_from_cache"].as_u64()), (Some(3), Some(2)), "{s}");
+
     // zstd has no Docker schema 2 media type: refused before any upload.
     let out = nixstream()
         .args(["push", "-q", "--layer-compression", "zstd", "--manifest-format", "docker"])
