@@ -663,7 +663,7 @@ fn emit(
 
 /// Plans the image for CONF and pushes it (the registry destination).
 fn push(a: &PushArgs) -> anyhow::Result<()> {
-    use crate::dest::registry::{self, auth, client::ClientOptions, key, Reference};
+    use crate::dest::registry::{self, auth, client::ClientOptions, Reference};
     let conf = a.conf.load()?;
     let dest = Reference::parse(&a.destination)?;
     let jobs = a.run.jobs.unwrap_or_else(default_jobs).max(1);
@@ -716,8 +716,9 @@ fn push(a: &PushArgs) -> anyhow::Result<()> {
 
     let plan = ImagePlan::from_conf(&conf)?;
     let n = plan.layers.len();
-    // Layer keys need every store path's narHash: the local Nix knows it
-    // for paths in its store.  Without it layers go unannotated.
+    // Layer keys (the engine's, annotated on each layer and matched by
+    // --cache-from) need every store path's narHash: the local Nix knows
+    // it for paths in its store.  Without it layers go unannotated.
     let paths: Vec<String> = conf.store_layers_text.iter().flatten().cloned().collect();
     let nar_hashes: HashMap<String, String> = if paths.is_empty() {
         HashMap::new()
@@ -730,43 +731,39 @@ fn push(a: &PushArgs) -> anyhow::Result<()> {
             }
         }
     };
-    let keys = key::layer_keys(&plan, &nar_hashes, compression);
     let blobs = Blobs::Encoded(compression);
     let cache = CacheUse::new(&plan, a.run.cache.as_deref(), &nar_hashes, blobs)?;
-
-    let mut known: Vec<Option<Hashed>> = vec![None; n];
-    if let Some(from) = &a.cache_from {
-        let from = Reference::parse(from)?;
-        let opts = ClientOptions { credentials: credentials_for(&from)?, ..client.clone() };
-        let hints = registry::fetch_cache_hints(&from, &opts)?;
-        let by_key: HashMap<&str, &registry::CacheHint> = hints.iter().map(|h| (h.key.as_str(), h)).collect();
-        for (i, k) in keys.iter().enumerate() {
-            let Some(h) = k.as_deref().and_then(|k| by_key.get(k)) else { continue };
-            // The key covers the compressor: a media type of another
-            // compression is a hint not made by this code.
-            if ![Some(compression.oci_layer_media_type()), compression.docker_layer_media_type()]
-                .contains(&Some(h.blob.media_type.as_str()))
-            {
-                continue;
-            }
-            known[i] = Some(Hashed {
-                digest: crate::engine::digest::LayerDigest { size: h.tar_size, sha256: h.diff_id },
-                blob: Some(crate::engine::digest::LayerDigest { size: h.blob.size, sha256: h.blob.digest }),
-                unchanged_before_ns: i128::MIN,
-                files: None,
-            });
+    let hints = match &a.cache_from {
+        Some(from) => {
+            let from = Reference::parse(from)?;
+            let opts = ClientOptions { credentials: credentials_for(&from)?, ..client.clone() };
+            let hints = registry::fetch_cache_hints(&from, &opts)?;
+            say(&format!("--cache-from {from}: {} layers with keys", hints.len()));
+            hints
         }
-        let hits = known.iter().filter(|k| k.is_some()).count();
-        say(&format!("--cache-from {from}: digests of {hits} of {n} layers known"));
-    }
+        None => Vec::new(),
+    };
+    let lookup = HintLookup {
+        cache: cache.lookup(),
+        plan: &plan,
+        nar_hashes: &nar_hashes,
+        compression,
+        hints: hints.into_iter().map(|h| (h.key.clone(), h)).collect(),
+    };
 
     let progress = Progress::new(if quiet { Mode::Quiet } else { Mode::Plain }, n);
     // A layer the registry has is never streamed, so nothing would confirm
     // its files for the digest cache: with a cache, the hashing pass checks
     // them itself (as `digest` does), and every push fills the cache.
     let check_in_hashing_pass = a.run.cache.is_some();
-    let opts =
-        EngineOptions { jobs, blobs, lookup: cache.lookup(), known, check_in_hashing_pass, ..Default::default() };
+    let opts = EngineOptions {
+        jobs,
+        blobs,
+        lookup: Some(&lookup),
+        check_in_hashing_pass,
+        nar_hashes: Some(&nar_hashes),
+        ..Default::default()
+    };
     let push_opts = registry::PushOptions {
         client,
         format,
@@ -778,8 +775,7 @@ fn push(a: &PushArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let (pushed, summary) = crate::engine::run(&plan, &opts, &progress, |engine| {
-        let keyed = key::Keyed { inner: engine, keys: keys.clone() };
-        registry::push(&keyed, &dest, &push_opts, &say).map_err(anyhow::Error::from)
+        registry::push(engine, &dest, &push_opts, &say).map_err(anyhow::Error::from)
     })?;
     progress.finish();
     cache.store(&summary);
@@ -800,6 +796,55 @@ fn push(a: &PushArgs) -> anyhow::Result<()> {
         let _ = writeln!(io::stderr(), "nixstream: stats {stats}");
     }
     Ok(())
+}
+
+/// The digest cache, then `--cache-from`'s hints: a store layer whose
+/// content key (as the engine makes it for [`crate::engine::image::LayerInfo::key`])
+/// is annotated on a layer of that image takes its digests from there.  The
+/// streaming pass checks them if the layer is ever written; a layer the
+/// registry already has is not read at all (see docs/push.md on trust).
+#[derive(Debug)]
+struct HintLookup<'a> {
+    cache: Option<&'a dyn Lookup>,
+    plan: &'a ImagePlan,
+    nar_hashes: &'a HashMap<String, String>,
+    compression: Compression,
+    hints: HashMap<String, crate::dest::registry::CacheHint>,
+}
+
+impl Lookup for HintLookup<'_> {
+    fn lookup(&self, layer: usize, listing: &Listing) -> Option<Hashed> {
+        if let Some(hit) = self.cache.and_then(|c| c.lookup(layer, listing)) {
+            return Some(hit);
+        }
+        if self.hints.is_empty() {
+            return None;
+        }
+        let PlannedLayer::Store { paths_text, owner, .. } = &self.plan.layers[layer] else { return None };
+        let nar: Vec<(&str, &str)> = paths_text
+            .iter()
+            .map(|p| self.nar_hashes.get(p).map(|h| (p.as_str(), h.as_str())))
+            .collect::<Option<_>>()?;
+        // The same key as `Engine::content_key`.
+        let key = crate::engine::cache::layer_key(listing, owner.as_ref().unwrap_or(&self.plan.owner), Some(&nar));
+        let key =
+            format!("sha256:{}", crate::engine::digest::hex(&crate::engine::cache::blob_key(&key, self.compression)));
+        let hint = self.hints.get(&key)?;
+        // The key covers the compressor: another compression's media type
+        // means the annotation was not written by this code.
+        let ours = [Some(self.compression.oci_layer_media_type()), self.compression.docker_layer_media_type()];
+        if !ours.contains(&Some(hint.blob.media_type.as_str())) {
+            return None;
+        }
+        let digest = crate::engine::digest::LayerDigest { size: hint.tar_size, sha256: hint.diff_id };
+        let blob = crate::engine::digest::LayerDigest { size: hint.blob.size, sha256: hint.blob.digest };
+        Some(Hashed {
+            digest,
+            blob: (self.compression != Compression::None).then_some(blob),
+            unchanged_before_ns: i128::MIN,
+            files: None,
+        })
+    }
 }
 
 /// What a run did, for `--stats`: what tests assert to see that the cache

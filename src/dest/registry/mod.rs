@@ -9,7 +9,6 @@
 
 pub mod auth;
 pub mod client;
-pub mod key;
 pub mod push;
 pub mod reference;
 
