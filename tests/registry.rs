@@ -43,6 +43,13 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// Held around podman commands: podman's vfs store does not take one
+/// test's `rmi` during another's `pull`.
+fn podman_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -591,8 +598,10 @@ fn push_then_read_back_then_repush_uploads_nothing() {
     assert_eq!(info["Architecture"], arch());
 
     // podman pulls it.
+    let podman = podman_lock();
     run_ok(Command::new("podman").args(["pull", "-q", "--tls-verify=false", &dest]));
     let _ = Command::new("podman").args(["rmi", "-f", &dest]).output();
+    drop(podman);
 
     // docker pulls and runs it (the daemon allows plain HTTP to 127.0.0.0/8).
     run_ok(Command::new("docker").args(["pull", "-q", &dest]));
@@ -983,8 +992,10 @@ fn cli_push_of_a_nix_closure() {
     let out = run_ok(Command::new("docker").args(["run", "--rm", "--network=none", &dest]));
     let _ = Command::new("docker").args(["rmi", "-f", &dest]).output();
     assert_eq!(out, "hello from a nixstream image\ndata from another store path\n");
+    let podman = podman_lock();
     run_ok(Command::new("podman").args(["pull", "-q", "--tls-verify=false", &dest]));
     let _ = Command::new("podman").args(["rmi", "-f", &dest]).output();
+    drop(podman);
 
     // Unchanged: nothing uploaded, by the registry's log too.
     let mark = reg.log().len();

@@ -260,7 +260,7 @@ impl Client {
         let url = self.url(path_or_url);
         // Credentials go to the registry's own host only (a Location may
         // point at storage elsewhere).
-        let same_host = url.starts_with(&self.base);
+        let same_host = url.strip_prefix(&self.base).is_some_and(|rest| rest.starts_with('/'));
         let mut req = Request::builder().method(method.clone()).uri(&url);
         for (k, v) in headers {
             req = req.header(*k, *v);
