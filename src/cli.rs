@@ -308,6 +308,11 @@ pub struct ImageArgs {
     pub store_dir: PathBuf,
     #[command(flatten)]
     pub output: OutputArgs,
+    /// Push the image to this registry (docker://HOST[:PORT]/REPO:TAG) instead of writing it to stdout, as `nixstream push` does; layers compressed with --layer-compression (default gzip).
+    #[arg(long, value_name = "docker://HOST[:PORT]/REPO:TAG")]
+    pub push: Option<String>,
+    #[command(flatten, next_help_heading = "Registry options (with --push)")]
+    pub registry: RegistryArgs,
 }
 
 /// The output format on stdout.
@@ -394,13 +399,22 @@ pub struct PushArgs {
     /// Layer compression (gzip: every client reads it; zstd: faster and smaller, read by newer clients).
     #[arg(long, value_enum, value_name = "none|gzip|zstd", default_value = "gzip")]
     pub layer_compression: LayerCompression,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// How to talk to a registry: `push` and `image --push` take these.
+#[derive(clap::Args, Debug)]
+pub struct RegistryArgs {
     /// The manifest format: OCI, or Docker schema 2 (gzip or uncompressed layers only).
     #[arg(long, value_enum, value_name = "oci|docker", default_value = "oci")]
     pub manifest_format: ManifestFormat,
     /// Mount blobs the registry already holds in this repository (of the same registry) instead of uploading them. Repeatable.
     #[arg(long = "mount-from", value_name = "REPO")]
     pub mount_from: Vec<String>,
-    /// An image pushed earlier by nixstream (any repository, any registry you trust as much as this one): layers whose key (store paths, narHashes, owner, compressor) matches one of its layer annotations take their digests from it and are not read at all when the registry has them. See docs/push.md.
+    /// An image pushed earlier by nixstream (any repository, any registry you trust as much as this one): store layers whose content key (listing, narHashes, owner, compressor) matches one of its layer annotations take their digests from it and are not read at all when the registry has them. See docs/push.md.
     #[arg(long = "cache-from", value_name = "REF")]
     pub cache_from: Option<String>,
     /// Credentials, USER:PASSWORD (or USER with --password-stdin). Default: podman's auth.json ($REGISTRY_AUTH_FILE), docker's config.json ($DOCKER_CONFIG), their credential helpers.
@@ -424,8 +438,6 @@ pub struct PushArgs {
     /// Retries of a blob or the manifest after a timeout, 408, 429, 5xx or a dropped connection (with doubling waits from 0.5 s).
     #[arg(long, default_value_t = 4)]
     pub retries: u32,
-    #[command(flatten)]
-    pub run: RunArgs,
 }
 
 /// The manifest format of a push.
@@ -661,18 +673,30 @@ fn emit(
     Ok(())
 }
 
-/// Plans the image for CONF and pushes it (the registry destination).
 fn push(a: &PushArgs) -> anyhow::Result<()> {
+    push_image(&a.conf.load()?, &a.destination, a.layer_compression.into(), &a.registry, &a.run, None, &[])
+}
+
+/// Plans the image for `conf` and pushes it (the registry destination).
+/// `nar_hashes` (store path to narHash) key the layers; without them the
+/// local Nix is asked.
+fn push_image(
+    conf: &Conf,
+    destination: &str,
+    compression: Compression,
+    a: &RegistryArgs,
+    run: &RunArgs,
+    nar_hashes: Option<HashMap<String, String>>,
+    known: &[crate::input::layerdigest::LayerDigestFile],
+) -> anyhow::Result<()> {
     use crate::dest::registry::{self, auth, client::ClientOptions, Reference};
-    let conf = a.conf.load()?;
-    let dest = Reference::parse(&a.destination)?;
-    let jobs = a.run.jobs.unwrap_or_else(default_jobs).max(1);
-    let compression: Compression = a.layer_compression.into();
+    let dest = Reference::parse(destination)?;
+    let jobs = run.jobs.unwrap_or_else(default_jobs).max(1);
     let format = match a.manifest_format {
         ManifestFormat::Oci => crate::dest::manifest::Format::Oci,
         ManifestFormat::Docker => crate::dest::manifest::Format::Docker,
     };
-    let quiet = a.run.quiet;
+    let quiet = run.quiet;
     let say = |line: &str| {
         if !quiet {
             let _ = writeln!(io::stderr(), "nixstream: {line}");
@@ -714,13 +738,15 @@ fn push(a: &PushArgs) -> anyhow::Result<()> {
         pull_repositories: Vec::new(),
     };
 
-    let plan = ImagePlan::from_conf(&conf)?;
+    let plan = ImagePlan::from_conf(conf)?;
     let n = plan.layers.len();
     // Layer keys (the engine's, annotated on each layer and matched by
     // --cache-from) need every store path's narHash: the local Nix knows
     // it for paths in its store.  Without it layers go unannotated.
     let paths: Vec<String> = conf.store_layers_text.iter().flatten().cloned().collect();
-    let nar_hashes: HashMap<String, String> = if paths.is_empty() {
+    let nar_hashes: HashMap<String, String> = if let Some(h) = nar_hashes {
+        h
+    } else if paths.is_empty() {
         HashMap::new()
     } else {
         match ClosureGraph::from_store(&paths) {
@@ -732,7 +758,7 @@ fn push(a: &PushArgs) -> anyhow::Result<()> {
         }
     };
     let blobs = Blobs::Encoded(compression);
-    let cache = CacheUse::new(&plan, a.run.cache.as_deref(), &nar_hashes, blobs)?;
+    let cache = CacheUse::new(&plan, run.cache.as_deref(), &nar_hashes, blobs)?;
     let hints = match &a.cache_from {
         Some(from) => {
             let from = Reference::parse(from)?;
@@ -755,13 +781,15 @@ fn push(a: &PushArgs) -> anyhow::Result<()> {
     // A layer the registry has is never streamed, so nothing would confirm
     // its files for the digest cache: with a cache, the hashing pass checks
     // them itself (as `digest` does), and every push fills the cache.
-    let check_in_hashing_pass = a.run.cache.is_some();
+    let check_in_hashing_pass = run.cache.is_some();
+    let known = if known.is_empty() { Vec::new() } else { crate::input::layerdigest::known_for(&plan, known, compression) };
     let opts = EngineOptions {
         jobs,
         blobs,
         lookup: Some(&lookup),
         check_in_hashing_pass,
         nar_hashes: Some(&nar_hashes),
+        known,
         ..Default::default()
     };
     let push_opts = registry::PushOptions {
@@ -780,7 +808,7 @@ fn push(a: &PushArgs) -> anyhow::Result<()> {
     progress.finish();
     cache.store(&summary);
     say(&format!("pushed {dest}: {pushed}"));
-    if a.run.stats {
+    if run.stats {
         let stats = serde_json::json!({
             "layers": n,
             "layers_from_cache": summary.layers_known,
@@ -1423,6 +1451,18 @@ fn image(a: &ImageArgs) -> anyhow::Result<()> {
     conf.customisation = CustomisationSource::Contents(contents);
     let nar_hashes: HashMap<String, String> =
         closure.nodes.iter().filter_map(|n| Some((n.path.clone(), n.nar_hash.clone()?))).collect();
+    if let Some(dest) = &a.push {
+        let o = &a.output;
+        anyhow::ensure!(
+            o.format == Format::DockerArchive
+                && o.oci_layout.is_none()
+                && o.output.is_none()
+                && o.compress == Compress::None,
+            "--push sends the image to a registry: leave out --format, --oci-layout, --output and --compress"
+        );
+        let compression = o.layer_compression.unwrap_or(LayerCompression::Gzip).into();
+        return push_image(&conf, dest, compression, &a.registry, &o.run, Some(nar_hashes), &known);
+    }
     emit(&conf, &a.output, &nar_hashes, &known)
 }
 

@@ -997,6 +997,27 @@ fn cli_push_of_a_nix_closure() {
     let _ = Command::new("podman").args(["rmi", "-f", &dest]).output();
     drop(podman);
 
+    // `image APP --push`: planned from the closure, pushed the same way.
+    let image_dest = format!("{}/e2e/image:1", reg.host());
+    let out = nixstream()
+        .env("NIX_REMOTE", "local")
+        .args(["image", "-q", "--stats", "--push", &format!("docker://{image_dest}")])
+        .arg(&app)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && out.stdout.is_empty(), "{err}");
+    let s: serde_json::Value =
+        serde_json::from_str(err.lines().find_map(|l| l.strip_prefix("nixstream: stats ")).unwrap()).unwrap();
+    let info = skopeo_inspect(&image_dest, &["--tls-verify=false"]);
+    assert_eq!(info["Layers"].as_array().unwrap().len() as u64, s["layers"].as_u64().unwrap(), "{s}");
+    let raw = run_ok(
+        Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false"]).arg(format!("docker://{image_dest}")),
+    );
+    // Every layer is keyed: store layers, and the top layer made from
+    // --contents (none here), whose listing decides it as well.
+    assert_eq!(raw.matches("io.nixstream.layer.key").count() as u64, s["layers"].as_u64().unwrap(), "{raw}");
+
     // Unchanged: nothing uploaded, by the registry's log too.
     let mark = reg.log().len();
     let s = cli_push(&["-q", conf.to_str().unwrap(), &format!("docker://{dest}")]);
