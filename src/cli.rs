@@ -435,6 +435,9 @@ pub struct RegistryArgs {
     /// Upload each blob in PATCH requests of this size (e.g. 8MiB) instead of one streamed PATCH; used anyway, at 8 MiB, when a registry refuses the streamed one.
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     pub chunk_size: Option<u64>,
+    /// Compress each layer whose digests are not known (no --cache or --cache-from hit) once, uploading it while the hashing pass makes it, instead of hashing first and uploading only what the registry lacks (twice the compression for new layers, but nothing sent that is already there). Faster for a first push to an empty registry; sends every such layer even if the registry has it. See docs/push.md.
+    #[arg(long)]
+    pub compress_once: bool,
     /// Retries of a blob or the manifest after a timeout, 408, 429, 5xx or a dropped connection (with doubling waits from 0.5 s).
     #[arg(long, default_value_t = 4)]
     pub retries: u32,
@@ -783,15 +786,6 @@ fn push_image(
     // them itself (as `digest` does), and every push fills the cache.
     let check_in_hashing_pass = run.cache.is_some();
     let known = if known.is_empty() { Vec::new() } else { crate::input::layerdigest::known_for(&plan, known, compression) };
-    let opts = EngineOptions {
-        jobs,
-        blobs,
-        lookup: Some(&lookup),
-        check_in_hashing_pass,
-        nar_hashes: Some(&nar_hashes),
-        known,
-        ..Default::default()
-    };
     let push_opts = registry::PushOptions {
         client,
         format,
@@ -802,9 +796,22 @@ fn push_image(
         quiet,
         ..Default::default()
     };
-    let (pushed, summary) = crate::engine::run(&plan, &opts, &progress, |engine| {
-        registry::push(engine, &dest, &push_opts, &say).map_err(anyhow::Error::from)
-    })?;
+    // Connected (and authenticated) before any layer is read: a wrong
+    // password costs no hashing, and the sink can upload while hashing.
+    let session = registry::push::Session::connect(&dest, &push_opts, compression)?;
+    let sink = session.sink();
+    let opts = EngineOptions {
+        jobs,
+        blobs,
+        lookup: Some(&lookup),
+        check_in_hashing_pass,
+        nar_hashes: Some(&nar_hashes),
+        blob_sink: a.compress_once.then_some(&sink as &dyn crate::engine::hashing::BlobSink),
+        known,
+        ..Default::default()
+    };
+    let (pushed, summary) =
+        crate::engine::run(&plan, &opts, &progress, |engine| session.push(engine, &say).map_err(anyhow::Error::from))?;
     progress.finish();
     cache.store(&summary);
     say(&format!("pushed {dest}: {pushed}"));

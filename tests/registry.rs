@@ -1296,3 +1296,43 @@ fn bearer_tokens_renewed_mid_push() {
     eprintln!("error: {e}");
     assert!(e.contains("token service refused the credentials") && !e.contains("wrong-password"), "{e}");
 }
+
+/// `--compress-once`: each layer uploaded by the hashing pass as it is
+/// compressed (one PATCH each, no streaming pass); an upload cut through
+/// the proxy falls back to the usual upload, and the image is whole.
+#[test]
+#[ignore = "needs docker-registry and skopeo: run scripts/test"]
+fn cli_push_compress_once() {
+    common::golden_tree();
+    let reg = Registry::start(false);
+    let conf = common::golden_dir().join("cases/grouped/conf.json");
+    let mark = reg.log().len();
+    let dest = format!("{}/golden/once:1", reg.host());
+    let s = cli_push(&["-q", "--compress-once", conf.to_str().unwrap(), &format!("docker://{dest}")]);
+    assert_eq!((s["layers_uploaded"].as_u64(), s["layers_written"].as_u64()), (Some(3), Some(0)), "{s}");
+    assert_eq!(reg.uploads_since(mark).iter().filter(|l| l.contains("\"PATCH ")).count(), 4, "3 layers, 1 config");
+    let out = tempfile::tempdir().unwrap();
+    run_ok(
+        Command::new("skopeo")
+            .args(["copy", "-q", "--src-tls-verify=false"])
+            .arg(format!("docker://{dest}"))
+            .arg(format!("oci:{}:x", out.path().display())),
+    );
+
+    // Through the proxy, the connection carrying the 1 MiB layer cut.
+    let proxy = Proxy::start(reg.port);
+    proxy.state.drops.store(1, Ordering::SeqCst);
+    proxy.state.drop_after.store(300 << 10, Ordering::SeqCst);
+    let dest = format!("{}/golden/once-cut:1", proxy.host());
+    let s = cli_push(&["-q", "--compress-once", conf.to_str().unwrap(), &format!("docker://{dest}")]);
+    assert_eq!(proxy.state.dropped.load(Ordering::SeqCst), 1);
+    assert_eq!((s["layers_uploaded"].as_u64(), s["layers_written"].as_u64()), (Some(3), Some(1)), "{s}");
+    let out = tempfile::tempdir().unwrap();
+    run_ok(
+        Command::new("skopeo")
+            .args(["copy", "-q", "--src-tls-verify=false"])
+            .arg(format!("docker://{dest}"))
+            .arg(format!("oci:{}:x", out.path().display())),
+    );
+    assert_no_manifest_with_missing_blobs(&reg);
+}

@@ -44,6 +44,9 @@ pub enum Body<'a> {
     /// Exactly `len` bytes, streamed (not replayable: a 401 on it refreshes
     /// the token and returns a retryable error for the caller to redo).
     Reader(&'a mut dyn Read, u64),
+    /// Streamed with chunked transfer encoding, its length unknown (not
+    /// replayable either).
+    Unsized(&'a mut dyn Read),
 }
 
 /// A response, its body read (bounded).
@@ -211,7 +214,7 @@ impl Client {
         let replay = match &body {
             Body::Empty => Some(None),
             Body::Bytes(b) => Some(Some(*b)),
-            Body::Reader(..) => None,
+            Body::Reader(..) | Body::Unsized(_) => None,
         };
         let reply = self.raw(method.clone(), path_or_url, headers, body, what)?;
         if reply.status != 401 {
@@ -282,6 +285,13 @@ impl Client {
                 let r = req
                     .header("Content-Length", b.len().to_string())
                     .body(b)
+                    .map_err(|e| self.protocol(what, e.to_string()))?;
+                self.agent.run(r)
+            }
+            Body::Unsized(reader) => {
+                let r = req
+                    .header("Transfer-Encoding", "chunked")
+                    .body(ureq::SendBody::from_reader(reader))
                     .map_err(|e| self.protocol(what, e.to_string()))?;
                 self.agent.run(r)
             }

@@ -19,8 +19,10 @@
 //! [`LAYER_KEY_ANNOTATION`] annotation, which [`fetch_cache_hints`] reads
 //! back from an earlier push (`--cache-from`).
 
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
@@ -32,7 +34,9 @@ use super::reference::Reference;
 use super::RegistryError;
 use crate::dest::manifest::{self, Format};
 use crate::engine::digest::hex;
-use crate::engine::image::{Descriptor, Image, Sha256};
+use crate::engine::digest::LayerDigest;
+use crate::engine::hashing::{BlobSink, BlobWriter};
+use crate::engine::image::{Compression, Descriptor, Image, Sha256};
 
 /// The layer annotation holding the key that decides the blob's bytes.
 pub const LAYER_KEY_ANNOTATION: &str = "io.nixstream.layer.key";
@@ -143,11 +147,12 @@ enum Source<'a> {
 
 struct Pusher<'a> {
     image: &'a dyn Image,
-    client: Client,
+    client: &'a Client,
     opts: &'a PushOptions,
     progress: &'a (dyn Fn(&str) + Sync),
     retries: AtomicU64,
     bytes_uploaded: AtomicU64,
+    sunk: &'a SinkShared,
 }
 
 /// Pushes `image` to `dest` (which must name a tag).  `progress` gets one
@@ -158,21 +163,80 @@ pub fn push(
     opts: &PushOptions,
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<PushSummary, RegistryError> {
-    let start = Instant::now();
-    let Some(tag) = dest.tag.clone() else {
-        return Err(RegistryError::Usage(format!("push destination {dest}: name a tag, not a digest")));
-    };
-    let compression = image.compression();
-    let Some(_) = manifest::layer_media_type(opts.format, compression) else {
-        return Err(RegistryError::Usage(format!(
-            "Docker schema 2 manifests have no media type for {} layers: use --manifest-format oci or another --layer-compression",
-            compression.name()
-        )));
-    };
-    let mut client_opts = opts.client.clone();
-    client_opts.pull_repositories.extend(opts.mount_from.iter().cloned());
-    let client = Client::connect(dest, &client_opts, opts.tries, opts.backoff)?;
-    let p = Pusher { image, client, opts, progress, retries: AtomicU64::new(0), bytes_uploaded: AtomicU64::new(0) };
+    Session::connect(dest, opts, image.compression())?.push(image, progress)
+}
+
+/// A push, connected (and authenticated) before the image is made, so that
+/// its [`RegistrySink`] can take blobs from the engine's hashing pass.
+pub struct Session {
+    client: Arc<Client>,
+    opts: PushOptions,
+    dest: Reference,
+    tag: String,
+    compression: Compression,
+    sunk: Arc<SinkShared>,
+}
+
+impl Session {
+    /// Checks what can be checked before any work (a tag, a manifest format
+    /// for the compression), connects and authenticates.
+    pub fn connect(dest: &Reference, opts: &PushOptions, compression: Compression) -> Result<Session, RegistryError> {
+        let Some(tag) = dest.tag.clone() else {
+            return Err(RegistryError::Usage(format!("push destination {dest}: name a tag, not a digest")));
+        };
+        if manifest::layer_media_type(opts.format, compression).is_none() {
+            return Err(RegistryError::Usage(format!(
+                "Docker schema 2 manifests have no media type for {} layers: use --manifest-format oci or another --layer-compression",
+                compression.name()
+            )));
+        }
+        let mut client_opts = opts.client.clone();
+        client_opts.pull_repositories.extend(opts.mount_from.iter().cloned());
+        let client = Arc::new(Client::connect(dest, &client_opts, opts.tries, opts.backoff)?);
+        Ok(Session {
+            client,
+            opts: opts.clone(),
+            dest: dest.clone(),
+            tag,
+            compression,
+            sunk: Arc::new(SinkShared::default()),
+        })
+    }
+
+    /// Where the hashing pass can upload each blob as it makes it
+    /// (compress once): see [`RegistrySink`].
+    pub fn sink(&self) -> RegistrySink {
+        RegistrySink { client: Arc::clone(&self.client), shared: Arc::clone(&self.sunk) }
+    }
+
+    /// Pushes `image`: its blobs, then its manifest.
+    pub fn push(&self, image: &dyn Image, progress: &(dyn Fn(&str) + Sync)) -> Result<PushSummary, RegistryError> {
+        let start = Instant::now();
+        let (dest, opts, tag, compression) = (&self.dest, &self.opts, self.tag.clone(), self.compression);
+        if image.compression() != compression {
+            return Err(RegistryError::Usage("the image's layer compression is not the session's".into()));
+        }
+        let p = Pusher {
+            image,
+            client: &self.client,
+            opts,
+            progress,
+            retries: AtomicU64::new(0),
+            bytes_uploaded: AtomicU64::new(0),
+            sunk: &self.sunk,
+        };
+        push_with(p, dest, tag, compression, start)
+    }
+}
+
+fn push_with(
+    p: Pusher<'_>,
+    dest: &Reference,
+    tag: String,
+    compression: Compression,
+    start: Instant,
+) -> Result<PushSummary, RegistryError> {
+    let (image, opts) = (p.image, p.opts);
     let n = image.layer_count();
     let mut summary = PushSummary { layers: n, ..Default::default() };
 
@@ -247,7 +311,7 @@ pub fn push(
     summary.manifest_uploaded = p.put_manifest(&tag, &body, &digest)?;
     summary.manifest_digest = digest;
     summary.retries = p.retries.load(Ordering::Relaxed);
-    summary.bytes_uploaded = p.bytes_uploaded.load(Ordering::Relaxed);
+    summary.bytes_uploaded = p.bytes_uploaded.load(Ordering::Relaxed) + p.sunk.bytes.load(Ordering::Relaxed);
     summary.elapsed = start.elapsed();
     Ok(summary)
 }
@@ -263,14 +327,20 @@ impl Pusher<'_> {
         let info = self.image.layer(i).map_err(|source| RegistryError::Engine { layer: i, source })?;
         let label = format!("layer {}/{n}", i + 1);
         let t = Instant::now();
-        let outcome = self.ensure_blob(&info.blob, Source::Layer(i), &label).map_err(|e| match e {
+        let mut outcome = self.ensure_blob(&info.blob, Source::Layer(i), &label).map_err(|e| match e {
             e @ RegistryError::Engine { .. } => e,
             e => RegistryError::Layer { layer: i + 1, digest: info.blob.digest_ref(), source: Box::new(e) },
         })?;
+        // There because the hashing pass uploaded it (and `HEAD` agrees).
+        let sunk = outcome == Outcome::Present && self.sunk.uploaded(i) == Some(info.blob.digest);
+        if sunk {
+            outcome = Outcome::Uploaded;
+        }
         let short = &info.blob.digest_ref()[..19];
         let line = match outcome {
             Outcome::Present => format!("{label} {short} {}: already there", human(info.blob.size)),
             Outcome::Mounted => format!("{label} {short} {}: mounted", human(info.blob.size)),
+            Outcome::Uploaded if sunk => format!("{label} {short} {}: uploaded while hashing", human(info.blob.size)),
             Outcome::Uploaded => {
                 format!("{label} {short} {}: uploaded in {:.1} s", human(info.blob.size), t.elapsed().as_secs_f64())
             }
@@ -542,6 +612,134 @@ impl Pusher<'_> {
                 r => return r,
             }
         }
+    }
+}
+
+/// What the sink uploaded: layer to blob digest, and the bytes.
+#[derive(Debug, Default)]
+struct SinkShared {
+    uploaded: Mutex<HashMap<usize, Sha256>>,
+    bytes: AtomicU64,
+}
+
+impl SinkShared {
+    fn uploaded(&self, layer: usize) -> Option<Sha256> {
+        self.uploaded.lock().unwrap_or_else(|p| p.into_inner()).get(&layer).copied()
+    }
+}
+
+/// Compress once: the engine's hashing pass writes each blob it makes into
+/// an upload (`POST`, one `PATCH` in chunked transfer encoding, its length
+/// not known yet), closed with `PUT ?digest=` once the pass knows the
+/// digest.  No `HEAD` can come first, so a blob the registry has is sent
+/// anyway; a layer whose digests come from a cache is not hashed and goes
+/// the usual way.  An upload that fails costs nothing but the bytes: the
+/// hashing pass goes on, and the push then finds the blob missing and
+/// uploads it as it would have without the sink.
+#[derive(Debug)]
+pub struct RegistrySink {
+    client: Arc<Client>,
+    shared: Arc<SinkShared>,
+}
+
+impl BlobSink for RegistrySink {
+    fn open(&self, layer: usize) -> io::Result<Box<dyn BlobWriter>> {
+        let c = &self.client;
+        let started = c
+            .send(Method::POST, &c.repo_path("blobs/uploads/"), &[], Body::Empty, "POST blob upload")
+            .ok()
+            .filter(|r| r.status == 202)
+            .and_then(|r| r.header("location").map(|l| c.resolve(l)));
+        let Some(location) = started else { return Ok(Box::new(SinkWriter { layer, upload: None })) };
+        let (tx, rx) = bounded::<Vec<u8>>(PIPE_CHUNKS);
+        let (done_tx, done_rx) = bounded::<()>(1);
+        let client = Arc::clone(&self.client);
+        let patch = std::thread::spawn(move || {
+            let mut reader = ChannelReader { rx, done: done_rx, cur: Vec::new(), pos: 0, finished: false };
+            let what = "PATCH blob (while hashing)";
+            let r = client.send(
+                Method::PATCH,
+                &location,
+                &[("Content-Type", "application/octet-stream")],
+                Body::Unsized(&mut reader),
+                what,
+            );
+            match r {
+                Ok(r) if r.status == 202 || r.status == 204 => {
+                    Some(r.header("location").map_or(location, |l| client.resolve(l)))
+                }
+                _ => None,
+            }
+        });
+        let w = ChannelWriter { tx, buf: Vec::with_capacity(PIPE_CHUNK), gone: false };
+        Ok(Box::new(SinkWriter {
+            layer,
+            upload: Some(SinkUpload {
+                w,
+                done: done_tx,
+                patch,
+                client: Arc::clone(&self.client),
+                shared: Arc::clone(&self.shared),
+            }),
+        }))
+    }
+}
+
+struct SinkWriter {
+    layer: usize,
+    /// `None` once the upload failed: the rest of the blob is dropped.
+    upload: Option<SinkUpload>,
+}
+
+struct SinkUpload {
+    w: ChannelWriter,
+    done: Sender<()>,
+    patch: std::thread::JoinHandle<Option<String>>,
+    client: Arc<Client>,
+    shared: Arc<SinkShared>,
+}
+
+impl Write for SinkWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if let Some(u) = &mut self.upload {
+            if u.w.write_all(data).is_err() {
+                // The upload went away; the hashing pass must not.
+                self.upload = None;
+            }
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl BlobWriter for SinkWriter {
+    fn commit(self: Box<Self>, digest: &LayerDigest) -> io::Result<()> {
+        let SinkWriter { layer, upload } = *self;
+        let Some(mut u) = upload else { return Ok(()) };
+        if u.w.flush_buf().is_err() {
+            return Ok(());
+        }
+        // Done before the pipe closes (see `with_body`).
+        let _ = u.done.send(());
+        drop(u.w);
+        let Ok(Some(location)) = u.patch.join() else { return Ok(()) };
+        let sep = if location.contains('?') { '&' } else { '?' };
+        let d = format!("sha256:{}", hex(&digest.sha256));
+        let put = u.client.send(
+            Method::PUT,
+            &format!("{location}{sep}digest={d}"),
+            &[("Content-Type", "application/octet-stream")],
+            Body::Empty,
+            "PUT blob (closing the upload)",
+        );
+        if put.is_ok_and(|r| r.status == 201) {
+            u.shared.uploaded.lock().unwrap_or_else(|p| p.into_inner()).insert(layer, digest.sha256);
+            u.shared.bytes.fetch_add(digest.size, Ordering::Relaxed);
+        }
+        Ok(())
     }
 }
 
