@@ -1,9 +1,9 @@
 //! The registry destination: an image pushed over the OCI distribution
 //! protocol, uploading only the blobs the registry lacks.
 //!
-//! [`reference`] parses `docker://HOST[:PORT]/REPO:TAG`; [`auth`] finds
+//! [`reference`](mod@reference) parses `docker://HOST[:PORT]/REPO:TAG`; [`auth`] finds
 //! credentials and reads challenges; [`client`] speaks HTTP(S) with them
-//! (TLS verified unless the user says otherwise); [`push`] is the protocol:
+//! (TLS verified unless the user says otherwise); [`push`](mod@push) is the protocol:
 //! blobs first (`HEAD`, mount, or upload streamed from
 //! [`crate::engine::image::Image::write_layer`]), the manifest last.
 

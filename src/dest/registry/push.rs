@@ -15,6 +15,10 @@
 //! mount, or the registry's 201 on the closing `PUT`), and not at all when
 //! the tag already names a manifest with the same digest.
 //!
+//! With `--compress-once`, a [`Session`]'s [`RegistrySink`] takes each blob
+//! from the engine's hashing pass instead and uploads it as it is made;
+//! the push then finds those blobs present.
+//!
 //! Each layer descriptor carries the engine's key for its bytes as the
 //! [`LAYER_KEY_ANNOTATION`] annotation, which [`fetch_cache_hints`] reads
 //! back from an earlier push (`--cache-from`).
