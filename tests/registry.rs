@@ -1336,3 +1336,79 @@ fn cli_push_compress_once() {
     );
     assert_no_manifest_with_missing_blobs(&reg);
 }
+
+/// Credentials as users keep them, through the command line, against the
+/// htpasswd + TLS registry: a docker credential helper (a script here, run
+/// by the real protocol), `$REGISTRY_AUTH_FILE` winning over
+/// `$DOCKER_CONFIG`, and `--password-stdin`.  The password is never printed.
+#[test]
+#[ignore = "needs docker-registry, htpasswd and openssl: run scripts/test"]
+fn cli_credentials_from_helpers_files_and_stdin() {
+    common::golden_tree();
+    let reg = Registry::start(true);
+    let ca = reg.tls.as_ref().unwrap().ca.clone();
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = tmp.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let helper = bin.join("docker-credential-nstest");
+    std::fs::write(
+        &helper,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = get ] || exit 1\nread server\nprintf '{{\"ServerURL\":\"%s\",\"Username\":\"{USER}\",\"Secret\":\"{PASSWORD}\"}}' \"$server\"\n"
+        ),
+    )
+    .unwrap();
+    run_ok(Command::new("chmod").arg("755").arg(&helper));
+    let docker = tmp.path().join("docker");
+    std::fs::create_dir_all(&docker).unwrap();
+    std::fs::write(docker.join("config.json"), format!(r#"{{"credHelpers":{{"{}":"nstest"}}}}"#, reg.host())).unwrap();
+    let conf = common::golden_dir().join("cases/grouped/conf.json");
+    let dest = format!("docker://{}/creds/app:1", reg.host());
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+    let cmd = || {
+        let mut c = nixstream();
+        c.env("PATH", &path)
+            .env("HOME", tmp.path())
+            .env("DOCKER_CONFIG", &docker)
+            .env_remove("REGISTRY_AUTH_FILE")
+            .env_remove("XDG_RUNTIME_DIR")
+            .env_remove("XDG_CONFIG_HOME")
+            .args(["push", "--cert-dir"])
+            .arg(&ca)
+            .arg(&conf)
+            .arg(&dest);
+        c
+    };
+    let out = cmd().output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains(&format!("credentials for {} from docker-credential-nstest", reg.host())), "{err}");
+    assert!(!err.contains(PASSWORD));
+
+    // $REGISTRY_AUTH_FILE comes first: its wrong password is refused.
+    let auth_file = tmp.path().join("auth.json");
+    let b64 = base64_encode(format!("{USER}:not-{PASSWORD}").as_bytes());
+    std::fs::write(&auth_file, format!(r#"{{"auths":{{"{}":{{"auth":"{b64}"}}}}}}"#, reg.host())).unwrap();
+    let out = cmd().env("REGISTRY_AUTH_FILE", &auth_file).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("credentials refused as pusher") && err.contains(&auth_file.display().to_string()), "{err}");
+    assert!(
+        !err.contains(PASSWORD) && err.lines().last().is_some_and(|l| l.starts_with("nixstream: registry")),
+        "{err}"
+    );
+
+    // --creds USER --password-stdin wins over both.
+    let mut child = cmd()
+        .env("REGISTRY_AUTH_FILE", &auth_file)
+        .args(["--creds", USER, "--password-stdin"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(format!("{PASSWORD}\n").as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains(PASSWORD));
+}
