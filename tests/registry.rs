@@ -1412,3 +1412,72 @@ fn cli_credentials_from_helpers_files_and_stdin() {
     assert!(out.status.success(), "{err}");
     assert!(!err.contains(PASSWORD));
 }
+
+/// A closure of 300 MB (three files of random bytes: nothing to gain from
+/// compression), pushed, pulled by docker and run; its layers are those of
+/// the oci-archive; a second push sends nothing.
+#[test]
+#[ignore = "needs docker-registry, nix, docker and skopeo: run scripts/test"]
+fn cli_push_of_a_300_mb_closure() {
+    let reg = Registry::start(false);
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/closure.nix");
+    let busybox = nix_build(&[fixture.to_str().unwrap(), "-A", "busybox"]);
+    let big_expr = r#"derivation { name = "nixstream-big"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "/bin/mkdir -p $out; for i in 1 2 3; do /bin/busybox dd if=/dev/urandom of=$out/blob$i bs=1048576 count=100 2>/dev/null; done" ]; }"#;
+    let big = nix_build(&["-E", big_expr]);
+    let app_expr = format!(
+        r#"let c = import {}; big = {big_expr}; in derivation {{ name = "nixstream-big-app"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "/bin/mkdir -p $out/bin; printf '#!${{c.busybox}}/bin/sh\n${{c.busybox}}/bin/busybox wc -c ${{big}}/blob3\n' > $out/bin/app; /bin/chmod 555 $out/bin/app" ]; }}"#,
+        fixture.display()
+    );
+    let app = nix_build(&["-E", &app_expr]);
+    let conf = nix_conf(tmp.path(), "big", &[busybox, big.clone(), app.clone()], &app.join("bin/app"));
+    let dest = format!("{}/e2e/big:1", reg.host());
+    let t = Instant::now();
+    let s = cli_push(&["-q", conf.to_str().unwrap(), &format!("docker://{dest}")]);
+    eprintln!("first push: {:.1} s", t.elapsed().as_secs_f64());
+    assert_eq!(s["layers_uploaded"].as_u64(), Some(4), "{s}");
+    assert!(s["bytes_uploaded"].as_u64().unwrap() > 300 << 20, "{s}");
+
+    // The oci-archive's layer digests, read from the stream as it comes.
+    let mut child = nixstream()
+        .args(["stream", "-q", "--format", "oci-archive", "--layer-compression", "gzip"])
+        .arg(&conf)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut small = std::collections::HashMap::new();
+    let mut index = Vec::new();
+    for e in tar::Archive::new(child.stdout.take().unwrap()).entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e.path().unwrap().display().to_string();
+        if e.size() < 1 << 20 {
+            let mut data = Vec::new();
+            e.read_to_end(&mut data).unwrap();
+            if name == "index.json" {
+                index = data;
+            } else if let Some(h) = name.strip_prefix("blobs/sha256/") {
+                small.insert(format!("sha256:{h}"), data);
+            }
+        }
+    }
+    assert!(child.wait().unwrap().success());
+    let index: serde_json::Value = serde_json::from_slice(&index).unwrap();
+    let m: serde_json::Value =
+        serde_json::from_slice(&small[index["manifests"][0]["digest"].as_str().unwrap()]).unwrap();
+    let archive_layers: Vec<String> =
+        m["layers"].as_array().unwrap().iter().map(|l| l["digest"].as_str().unwrap().to_string()).collect();
+    let info = skopeo_inspect(&dest, &["--tls-verify=false"]);
+    let pushed: Vec<String> =
+        info["Layers"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    assert_eq!(pushed, archive_layers);
+
+    run_ok(Command::new("docker").args(["pull", "-q", &dest]));
+    let out = run_ok(Command::new("docker").args(["run", "--rm", "--network=none", &dest]));
+    let _ = Command::new("docker").args(["rmi", "-f", &dest]).output();
+    assert_eq!(out, format!("104857600 {}/blob3\n", big.display()));
+
+    let mark = reg.log().len();
+    let s = cli_push(&["-q", conf.to_str().unwrap(), &format!("docker://{dest}")]);
+    assert_eq!((s["layers_uploaded"].as_u64(), s["bytes_uploaded"].as_u64()), (Some(0), Some(0)), "{s}");
+    assert!(reg.uploads_since(mark).is_empty());
+}
