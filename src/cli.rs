@@ -785,7 +785,8 @@ fn push_image(
     // its files for the digest cache: with a cache, the hashing pass checks
     // them itself (as `digest` does), and every push fills the cache.
     let check_in_hashing_pass = run.cache.is_some();
-    let known = if known.is_empty() { Vec::new() } else { crate::input::layerdigest::known_for(&plan, known, compression) };
+    let known =
+        if known.is_empty() { Vec::new() } else { crate::input::layerdigest::known_for(&plan, known, compression) };
     let push_opts = registry::PushOptions {
         client,
         format,
