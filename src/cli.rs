@@ -67,6 +67,7 @@ pub enum Command {
     #[command(after_help = EXAMPLES_DIGEST)]
     Digest(DigestArgs),
     /// Push the image described by CONF to a registry (docker://HOST[:PORT]/REPO:TAG), uploading only the blobs it lacks, streamed from the store: no archive, no temporary file.
+    #[command(after_help = EXAMPLES_PUSH)]
     Push(Box<PushArgs>),
     /// Check a docker-archive or oci-archive (a file, or - for stdin; plain or compressed) or an OCI layout directory: every blob and layer against its digest, size and diff_id, the manifests' shape. Exit 0 only when everything matches.
     #[command(after_help = EXAMPLES_VERIFY)]
@@ -99,6 +100,11 @@ const EXAMPLES_IMAGE: &str = "Examples:
 const EXAMPLES_DIGEST: &str = "Examples:
   nixstream digest ./result
   nixstream digest --json --cache ~/.cache/nixstream conf.json";
+const EXAMPLES_PUSH: &str = "Examples:
+  nixstream push ./result docker://registry.example.com/team/app:1.0
+  nixstream push --cache ~/.cache/nixstream --cache-from docker://registry.example.com/team/app:main ./result docker://registry.example.com/team/app:pr-42
+  echo \"$TOKEN\" | nixstream push --creds ci --password-stdin ./result docker://localhost:5000/app:latest
+  nixstream image /nix/store/...-app --push docker://registry.example.com/team/app:1.0";
 const EXAMPLES_VERIFY: &str = "Examples:
   nixstream verify image.tar
   nixstream stream ./result | nixstream verify -";
@@ -677,7 +683,11 @@ fn emit(
 }
 
 fn push(a: &PushArgs) -> anyhow::Result<()> {
-    push_image(&a.conf.load()?, &a.destination, a.layer_compression.into(), &a.registry, &a.run, None, &[])
+    // A conf directory (image --emit-conf) may carry its layers' digests.
+    let beside = a.conf.conf.join(crate::output::confdir::DIGESTS);
+    let digests = if a.conf.conf.is_dir() && beside.is_dir() { vec![beside] } else { Vec::new() };
+    let known = crate::input::layerdigest::read_all(&digests)?;
+    push_image(&a.conf.load()?, &a.destination, a.layer_compression.into(), &a.registry, &a.run, None, &known)
 }
 
 /// Plans the image for `conf` and pushes it (the registry destination).
