@@ -866,15 +866,7 @@ impl Lookup for HintLookup<'_> {
         if self.hints.is_empty() {
             return None;
         }
-        let PlannedLayer::Store { paths_text, owner, .. } = &self.plan.layers[layer] else { return None };
-        let nar: Vec<(&str, &str)> = paths_text
-            .iter()
-            .map(|p| self.nar_hashes.get(p).map(|h| (p.as_str(), h.as_str())))
-            .collect::<Option<_>>()?;
-        // The same key as `Engine::content_key`.
-        let key = crate::engine::cache::layer_key(listing, owner.as_ref().unwrap_or(&self.plan.owner), Some(&nar));
-        let key =
-            format!("sha256:{}", crate::engine::digest::hex(&crate::engine::cache::blob_key(&key, self.compression)));
+        let key = crate::engine::content_key(self.plan, layer, listing, self.nar_hashes, self.compression)?;
         let hint = self.hints.get(&key)?;
         // The key covers the compressor: another compression's media type
         // means the annotation was not written by this code.

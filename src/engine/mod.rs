@@ -175,19 +175,13 @@ impl Engine<'_> {
         Ok(())
     }
 
-    /// Layer `i`'s content key: for a store layer whose every path has a
-    /// narHash, the digest cache's key of its blob (the listing's names,
-    /// modes, sizes and links, the owner settings, the narHashes, this
-    /// version and the compressor's identity), as `sha256:<hex>`.  It
-    /// decides the blob's bytes without any file being read.
+    /// Layer `i`'s content key ([`content_key`]), where it has one.
     pub fn content_key(&self, i: usize) -> Option<String> {
-        let nar = self.opts.nar_hashes?;
-        let PlannedLayer::Store { paths_text, listing, owner } = &self.plan.layers[i] else { return None };
-        let hashes: Vec<(&str, &str)> =
-            paths_text.iter().map(|p| nar.get(p).map(|h| (p.as_str(), h.as_str()))).collect::<Option<_>>()?;
-        let listing = listing.get(hashing::readers(self.opts.jobs)).ok()?;
-        let key = cache::layer_key(listing, owner.as_ref().unwrap_or(&self.plan.owner), Some(&hashes));
-        Some(format!("sha256:{}", digest::hex(&cache::blob_key(&key, self.compression()))))
+        let listing = match &self.plan.layers[i] {
+            PlannedLayer::Store { listing, .. } => listing.get(hashing::readers(self.opts.jobs)).ok()?,
+            _ => return None,
+        };
+        content_key(self.plan, i, listing, self.opts.nar_hashes?, self.compression())
     }
 
     fn summary(self) -> Summary {
@@ -213,6 +207,26 @@ impl Engine<'_> {
             self.written.into_inner().unwrap_or_else(|p| p.into_inner()).iter().filter(|w| **w).count();
         Summary { digests, blobs, files, layers_known, layers_written, config: self.config.into_inner() }
     }
+}
+
+/// Store layer `i`'s content key, when every one of its paths has a narHash
+/// in `nar_hashes`: the digest cache's key of its blob (the listing's names,
+/// modes, sizes and links, the owner settings, the narHashes, this version
+/// and the compressor's identity), as `sha256:<hex>`.  It decides the blob's
+/// bytes without any file being read, so a registry annotation carrying it
+/// names the blob a later push of the same layer would make.
+pub fn content_key(
+    plan: &ImagePlan,
+    i: usize,
+    listing: &crate::store::walk::Listing,
+    nar_hashes: &std::collections::HashMap<String, String>,
+    compression: Compression,
+) -> Option<String> {
+    let PlannedLayer::Store { paths_text, owner, .. } = &plan.layers[i] else { return None };
+    let hashes: Vec<(&str, &str)> =
+        paths_text.iter().map(|p| nar_hashes.get(p).map(|h| (p.as_str(), h.as_str()))).collect::<Option<_>>()?;
+    let key = cache::layer_key(listing, owner.as_ref().unwrap_or(&plan.owner), Some(&hashes));
+    Some(format!("sha256:{}", digest::hex(&cache::blob_key(&key, compression))))
 }
 
 /// A plain `Write` as a [`LayerOut`] that takes no files by reference.
