@@ -155,7 +155,7 @@ fn compressed_digests_are_pinned() {
     let pinned = [
         ("none", "f9e6aad01dfcc1ce651cbc2e1b4e6ea4e196cfac81c3ab0414dd436d4e7f4a90"),
         ("gzip", "b5bb39f5808216d9bb9f60aecf7a405692d449ab212b0ac7a24efede0729aeae"),
-        ("zstd", "6b703a755450a0f88b56af19197e7fcffdb2a9c0702389233166af37c7fb86eb"),
+        ("zstd", "d5b33e08aa03349537784b5e5fcd3763f947096529ef3276fb95d5dcc7b9480f"),
     ];
     for (c, want) in pinned {
         let oci = stream(&conf, &["--format", "oci-archive", "--layer-compression", c]);

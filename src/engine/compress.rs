@@ -36,6 +36,9 @@ pub const GZIP_BLOCK: usize = 1 << 20;
 pub const GZIP_LEVEL: u32 = 1;
 /// zstd's default level.
 pub const ZSTD_LEVEL: i32 = 3;
+/// Bytes per zstd job (the default at level 3 is several MiB, so most
+/// layers would be one job on one thread).
+pub const ZSTD_JOB: u32 = 1 << 20;
 
 /// Everything that decides a compressed blob's bytes besides its input.
 pub fn identity(c: Compression) -> String {
@@ -45,7 +48,7 @@ pub fn identity(c: Compression) -> String {
             format!("gzip level {GZIP_LEVEL} block {GZIP_BLOCK} flate2 1.1 miniz_oxide 0.9")
         }
         Compression::Zstd => {
-            format!("zstd level {ZSTD_LEVEL} mt checksum libzstd {}", zstd::zstd_safe::version_string())
+            format!("zstd level {ZSTD_LEVEL} mt job {ZSTD_JOB} checksum libzstd {}", zstd::zstd_safe::version_string())
         }
     }
 }
@@ -66,6 +69,9 @@ impl<W: Write> Encoder<W> {
             Compression::Zstd => {
                 let mut e = zstd::stream::write::Encoder::new(inner, ZSTD_LEVEL)?;
                 e.multithread(threads.max(1) as u32)?;
+                // Fixed, and small enough that a layer of a few MiB is
+                // several jobs spread over the workers.
+                e.set_parameter(zstd::zstd_safe::CParameter::JobSize(ZSTD_JOB))?;
                 e.include_checksum(true)?;
                 Encoder::Zstd(e)
             }
