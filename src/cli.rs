@@ -1288,11 +1288,25 @@ fn plan_table(out: &mut impl Write, closure: &ClosureGraph, layers: &[Vec<String
     let bytes = |l: &[String]| l.iter().map(|p| size.get(p.as_str()).copied().unwrap_or(0)).sum::<u64>();
     writeln!(out, "{:>5} {:>6} {:>10}  largest paths", "layer", "paths", "bytes")?;
     for (i, l) in layers.iter().enumerate() {
-        writeln!(out, "{:>5} {:>6} {:>10}  {}", i + 1, l.len(), human(bytes(l)), largest(&size, l))?;
+        writeln!(
+            out,
+            "{:>5} {:>6} {:>10}  {}",
+            i + 1,
+            l.len(),
+            crate::output::progress::human(bytes(l)),
+            largest(&size, l)
+        )?;
     }
     let total: u64 = layers.iter().map(|l| bytes(l)).sum();
     let paths: usize = layers.iter().map(Vec::len).sum();
-    writeln!(out, "{:>5} {:>6} {:>10}  {} layers", "total", paths, human(total), layers.len())?;
+    writeln!(
+        out,
+        "{:>5} {:>6} {:>10}  {} layers",
+        "total",
+        paths,
+        crate::output::progress::human(total),
+        layers.len()
+    )?;
     Ok(())
 }
 
@@ -1326,7 +1340,7 @@ fn compare_table(
             "{:>5} {:>6} {:>10}  {:<6} {:<4} {bar}{:pad$}  {}",
             i + 1,
             l.len(),
-            human(lc.bytes),
+            crate::output::progress::human(lc.bytes),
             if lc.reused { "reused" } else { "new" },
             if lc.pulled { "↓" } else { "" },
             "",
@@ -1340,27 +1354,17 @@ fn compare_table(
         "{reused} of {} layers reused (░ reused, █ new; ↓ pulled by a host holding the previous image)",
         c.layers.len()
     )?;
-    writeln!(out, "pushed            {:>10}  ({} new layers)", human(c.pushed), c.layers.len() - reused)?;
-    writeln!(out, "pulled by a host  {:>10}", human(c.pulled))?;
+    writeln!(
+        out,
+        "pushed            {:>10}  ({} new layers)",
+        crate::output::progress::human(c.pushed),
+        c.layers.len() - reused
+    )?;
+    writeln!(out, "pulled by a host  {:>10}", crate::output::progress::human(c.pulled))?;
     let ratio = c.ratio().map(|r| format!("pushed ÷ changed {r:.2}")).unwrap_or_else(|| "nothing changed".into());
-    writeln!(out, "really changed    {:>10}  ({ratio})", human(c.changed))?;
-    writeln!(out, "image             {:>10}", human(c.total))?;
+    writeln!(out, "really changed    {:>10}  ({ratio})", crate::output::progress::human(c.changed))?;
+    writeln!(out, "image             {:>10}", crate::output::progress::human(c.total))?;
     Ok(())
-}
-
-fn human(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }
 
 fn host_architecture() -> &'static str {

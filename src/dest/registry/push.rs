@@ -342,11 +342,19 @@ impl Pusher<'_> {
         }
         let short = &info.blob.digest_ref()[..19];
         let line = match outcome {
-            Outcome::Present => format!("{label} {short} {}: already there", human(info.blob.size)),
-            Outcome::Mounted => format!("{label} {short} {}: mounted", human(info.blob.size)),
-            Outcome::Uploaded if sunk => format!("{label} {short} {}: uploaded while hashing", human(info.blob.size)),
+            Outcome::Present => {
+                format!("{label} {short} {}: already there", crate::output::progress::human(info.blob.size))
+            }
+            Outcome::Mounted => format!("{label} {short} {}: mounted", crate::output::progress::human(info.blob.size)),
+            Outcome::Uploaded if sunk => {
+                format!("{label} {short} {}: uploaded while hashing", crate::output::progress::human(info.blob.size))
+            }
             Outcome::Uploaded => {
-                format!("{label} {short} {}: uploaded in {:.1} s", human(info.blob.size), t.elapsed().as_secs_f64())
+                format!(
+                    "{label} {short} {}: uploaded in {:.1} s",
+                    crate::output::progress::human(info.blob.size),
+                    t.elapsed().as_secs_f64()
+                )
             }
         };
         self.say(&line);
@@ -827,21 +835,6 @@ impl Read for ChannelReader {
         out[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
         self.pos += n;
         Ok(n)
-    }
-}
-
-fn human(n: u64) -> String {
-    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
     }
 }
 
