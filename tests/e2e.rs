@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::run;
+
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -28,20 +30,6 @@ fn repo() -> PathBuf {
 /// Single-user Nix without sandbox or binary cache (scripts/nix-env.sh).
 fn nix_opts() -> [&'static str; 9] {
     ["--option", "sandbox", "false", "--option", "substituters", "", "--option", "build-users-group", ""]
-}
-
-/// Runs a command, failing loudly when it cannot be started or fails.
-fn run(cmd: &mut Command) -> Output {
-    let out =
-        cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (is it installed? run scripts/setup-deps)"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 fn stdout(out: &Output) -> String {

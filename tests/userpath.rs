@@ -6,9 +6,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-use common::{bin, golden_dir, golden_tree, validate};
+use common::{bin, golden_dir, golden_tree, run, validate};
 
 /// The two shapes makeWrapper has written for `makeWrapper <streamer> $out
 /// --add-flags <conf>`: nixpkgs 21.x (`${original@Q}`, extraFlagsArray) and
@@ -161,18 +161,6 @@ fn known_layer_digests_skip_the_hashing_pass_and_give_the_same_bytes() {
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (run scripts/setup-deps)"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 /// `nix-build -A attr tests/fixtures/library.nix` (single-user, as

@@ -154,6 +154,19 @@ impl ClosureGraph {
     }
 }
 
+/// A node `/s/{p}` referring to `/s/{r}...`, of narSize `s`: for the
+/// planners' tests.
+#[cfg(test)]
+pub(crate) fn test_node(p: &str, r: &[&str], s: u64) -> Node {
+    Node {
+        path: format!("/s/{p}"),
+        references: r.iter().map(|x| format!("/s/{x}")).collect(),
+        nar_size: s,
+        closure_size: None,
+        nar_hash: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

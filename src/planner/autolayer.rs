@@ -144,17 +144,7 @@ pub fn auto_layer(graph: &ClosureGraph, ignore: &HashSet<String>, limit: usize) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::input::closure::Node;
-
-    fn node(p: &str, r: &[&str], s: u64) -> Node {
-        Node {
-            path: format!("/s/{p}"),
-            references: r.iter().map(|x| format!("/s/{x}")).collect(),
-            nar_size: s,
-            closure_size: None,
-            nar_hash: None,
-        }
-    }
+    use crate::input::closure::test_node as node;
 
     #[test]
     fn big_paths_take_their_private_dependencies() {

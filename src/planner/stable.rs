@@ -585,17 +585,7 @@ pub fn plan_joint(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::input::closure::Node;
-
-    fn node(p: &str, r: &[&str], s: u64) -> Node {
-        Node {
-            path: format!("/s/{p}"),
-            references: r.iter().map(|x| format!("/s/{x}")).collect(),
-            nar_size: s,
-            closure_size: None,
-            nar_hash: None,
-        }
-    }
+    use crate::input::closure::test_node as node;
 
     fn every_path_once(g: &ClosureGraph, layers: &[Vec<String>]) {
         let mut all: Vec<&String> = layers.iter().flatten().collect();

@@ -201,3 +201,17 @@ pub fn run_measured(mut cmd: Command, input: Option<Producer>) -> Measured {
 
 /// The bound the memory tests hold the child to.
 pub const MAX_RSS_KIB: u64 = 256 * 1024;
+
+/// Runs a command, failing loudly when it cannot be started or fails.
+pub fn run(cmd: &mut Command) -> std::process::Output {
+    let out =
+        cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (is it installed? run scripts/setup-deps)"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
