@@ -657,17 +657,22 @@ fn repo_tags_that_are_not_references_are_refused_up_front() {
     assert!(err.contains("not a valid image reference") && err.contains("' '"), "{err}");
 }
 
-#[test]
-fn too_many_layers_for_docker_is_a_warning() {
-    let f = fixture();
-    let layers: Vec<Vec<PathBuf>> = (0..125)
+/// `n` store layers of one one-byte file each under `store`.
+fn tiny_layers(store: &Path, n: usize) -> Vec<Vec<PathBuf>> {
+    (0..n)
         .map(|i| {
-            let p = f.store.join(format!("{i:04}-tiny"));
+            let p = store.join(format!("{i:04}-tiny"));
             std::fs::create_dir_all(&p).unwrap();
             std::fs::write(p.join("f"), [i as u8]).unwrap();
             vec![p]
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn too_many_layers_for_docker_is_a_warning() {
+    let f = fixture();
+    let layers = tiny_layers(&f.store, 125);
     let c = conf_json(&f.store, &layers, &f.cust);
     let out = bin().args(["stream", "-q"]).arg(f.conf(&c)).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -789,14 +794,7 @@ fn popularity_memory_stays_linear_in_the_closure() {
 #[ignore = "needs docker: run scripts/test"]
 fn docker_refuses_the_layer_count_the_warning_names() {
     let f = fixture();
-    let layers: Vec<Vec<PathBuf>> = (0..125)
-        .map(|i| {
-            let p = f.store.join(format!("{i:04}-tiny"));
-            std::fs::create_dir_all(&p).unwrap();
-            std::fs::write(p.join("f"), [i as u8]).unwrap();
-            vec![p]
-        })
-        .collect();
+    let layers = tiny_layers(&f.store, 125);
     // 125 layers (124 store layers and the customisation layer) load; 126 do not.
     for (store_layers, loads) in [(124, true), (125, false)] {
         let tag = format!("nixstream-test/layer-limit:{}", store_layers + 1);

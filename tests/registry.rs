@@ -924,6 +924,21 @@ fn cli_push(args: &[&str]) -> serde_json::Value {
 }
 
 /// The layer digests of an oci-archive (its one manifest's).
+/// The layers the registry holds at `dest` are those of `nixstream stream
+/// --format oci-archive` of `conf` with the same compression.
+fn assert_pushed_as_streamed(dest: &str, conf: &Path, compression: &str) {
+    let archive = nixstream()
+        .args(["stream", "-q", "--format", "oci-archive", "--layer-compression", compression])
+        .arg(conf)
+        .output()
+        .unwrap();
+    assert!(archive.status.success());
+    let info = skopeo_inspect(dest, &["--tls-verify=false"]);
+    let pushed: Vec<String> =
+        info["Layers"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    assert_eq!(pushed, oci_archive_layers(&archive.stdout), "{dest} {compression}");
+}
+
 fn oci_archive_layers(archive: &[u8]) -> Vec<String> {
     let mut blobs = std::collections::HashMap::new();
     let mut index = Vec::new();
@@ -965,16 +980,7 @@ fn cli_push_of_a_nix_closure() {
     assert_eq!((s["layers"].as_u64(), s["layers_uploaded"].as_u64()), (Some(4), Some(4)), "{s}");
 
     // The layers are those of the oci-archive with the same compression.
-    let archive = nixstream()
-        .args(["stream", "-q", "--format", "oci-archive", "--layer-compression", "gzip"])
-        .arg(&conf)
-        .output()
-        .unwrap();
-    assert!(archive.status.success());
-    let info = skopeo_inspect(&dest, &["--tls-verify=false"]);
-    let pushed: Vec<String> =
-        info["Layers"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
-    assert_eq!(pushed, oci_archive_layers(&archive.stdout));
+    assert_pushed_as_streamed(&dest, &conf, "gzip");
     // The three store layers carry keys (the local Nix gave narHashes).
     let raw =
         run_ok(Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false"]).arg(format!("docker://{dest}")));
@@ -1091,16 +1097,7 @@ fn cli_push_of_the_golden_grouped_case() {
             format,
         ]);
         assert_eq!(s["layers_uploaded"].as_u64(), Some(3), "{s}");
-        let archive = nixstream()
-            .args(["stream", "-q", "--format", "oci-archive", "--layer-compression", compression])
-            .arg(&conf)
-            .output()
-            .unwrap();
-        assert!(archive.status.success());
-        let info = skopeo_inspect(&dest, &["--tls-verify=false"]);
-        let pushed: Vec<String> =
-            info["Layers"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
-        assert_eq!(pushed, oci_archive_layers(&archive.stdout), "{compression} {format}");
+        assert_pushed_as_streamed(&dest, &conf, compression);
         let out = tempfile::tempdir().unwrap();
         run_ok(
             Command::new("skopeo")
