@@ -120,11 +120,9 @@ const EXAMPLES_MAN: &str = "Examples:
   nixstream man | man -l -
   nixstream man --dir /usr/local/share/man/man1";
 
+/// Owner of every store-layer entry, as nixpkgs' uid/gid/uname/gname.
 #[derive(clap::Args, Debug)]
-pub struct LayerDigestArgs {
-    /// The layer's store paths, in the layer's order.
-    #[arg(required = true, value_name = "STORE_PATH")]
-    pub paths: Vec<String>,
+pub struct OwnerArgs {
     #[arg(long, default_value_t = 0)]
     pub uid: u32,
     #[arg(long, default_value_t = 0)]
@@ -133,6 +131,15 @@ pub struct LayerDigestArgs {
     pub uname: String,
     #[arg(long, default_value = "root")]
     pub gname: String,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct LayerDigestArgs {
+    /// The layer's store paths, in the layer's order.
+    #[arg(required = true, value_name = "STORE_PATH")]
+    pub paths: Vec<String>,
+    #[command(flatten)]
+    pub owner: OwnerArgs,
     /// File modification time in the layer (ISO 8601), as the image's mtime.
     #[arg(long, default_value = "1970-01-01T00:00:01Z")]
     pub mtime: String,
@@ -298,14 +305,8 @@ pub struct ImageArgs {
     /// File modification time in the layers (ISO 8601 or "now"; default: --created).
     #[arg(long)]
     pub mtime: Option<String>,
-    #[arg(long, default_value_t = 0)]
-    pub uid: u32,
-    #[arg(long, default_value_t = 0)]
-    pub gid: u32,
-    #[arg(long, default_value = "root")]
-    pub uname: String,
-    #[arg(long, default_value = "root")]
-    pub gname: String,
+    #[command(flatten)]
+    pub owner: OwnerArgs,
     /// Image architecture (default: this machine's, in Go's naming).
     #[arg(long)]
     pub architecture: Option<String>,
@@ -1435,7 +1436,7 @@ fn image(a: &ImageArgs) -> anyhow::Result<()> {
         "architecture": a.architecture.as_deref().unwrap_or(host_architecture()),
         "created": a.created,
         "mtime": a.mtime.as_deref().unwrap_or(&a.created),
-        "uid": a.uid, "gid": a.gid, "uname": a.uname, "gname": a.gname,
+        "uid": a.owner.uid, "gid": a.owner.gid, "uname": a.owner.uname, "gname": a.owner.gname,
         "store_dir": a.store_dir,
         "from_image": a.from_image,
         "repo_tag": tag,
@@ -1531,7 +1532,7 @@ fn layer_digest(a: &LayerDigestArgs) -> anyhow::Result<()> {
     let v = serde_json::json!({
         "architecture": host_architecture(),
         "created": a.mtime, "mtime": a.mtime,
-        "uid": a.uid, "gid": a.gid, "uname": a.uname, "gname": a.gname,
+        "uid": a.owner.uid, "gid": a.owner.gid, "uname": a.owner.uname, "gname": a.owner.gname,
         "store_dir": a.store_dir,
         "from_image": null,
         "repo_tag": "layer-digest:latest",
