@@ -230,10 +230,6 @@ mod tests {
     use super::*;
     use crate::store::walk::list_layer;
 
-    fn owner() -> Owner {
-        Owner { uid: 0, gid: 0, uname: b"root".to_vec(), gname: b"root".to_vec(), mtime: 1 }
-    }
-
     #[test]
     fn entries_round_trip_and_damage_is_a_miss() {
         let d = tempfile::tempdir().unwrap();
@@ -334,23 +330,23 @@ mod tests {
         let f = p.join("data");
         std::fs::write(&f, b"one").unwrap();
         let key = |o: &Owner| layer_key(&list_layer(std::slice::from_ref(&p), 2).unwrap(), o, None);
-        let k0 = key(&owner());
-        assert_eq!(k0, key(&owner()), "stable");
-        assert_ne!(k0, key(&Owner { uid: 1, ..owner() }));
-        assert_ne!(k0, key(&Owner { mtime: 2, ..owner() }));
-        assert_ne!(k0, key(&Owner { gname: b"wheel".to_vec(), ..owner() }));
+        let k0 = key(&Owner::test_root());
+        assert_eq!(k0, key(&Owner::test_root()), "stable");
+        assert_ne!(k0, key(&Owner { uid: 1, ..Owner::test_root() }));
+        assert_ne!(k0, key(&Owner { mtime: 2, ..Owner::test_root() }));
+        assert_ne!(k0, key(&Owner { gname: b"wheel".to_vec(), ..Owner::test_root() }));
         // Same size, same mtime put back: the ctime still moves.
         let mtime = std::fs::metadata(&f).unwrap().modified().unwrap();
         std::fs::write(&f, b"two").unwrap();
         std::fs::File::options().write(true).open(&f).unwrap().set_modified(mtime).unwrap();
-        let k1 = key(&owner());
+        let k1 = key(&Owner::test_root());
         assert_ne!(k0, k1, "content rewritten in place");
         std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-        assert_ne!(k1, key(&owner()), "mode");
+        assert_ne!(k1, key(&Owner::test_root()), "mode");
         // With narHashes the key ignores file identity but not the hashes.
         let l = list_layer(std::slice::from_ref(&p), 2).unwrap();
-        let a = layer_key(&l, &owner(), Some(&[("/nix/store/x", "sha256-A")]));
-        assert_ne!(a, layer_key(&l, &owner(), Some(&[("/nix/store/x", "sha256-B")])));
-        assert_ne!(a, layer_key(&l, &owner(), None));
+        let a = layer_key(&l, &Owner::test_root(), Some(&[("/nix/store/x", "sha256-A")]));
+        assert_ne!(a, layer_key(&l, &Owner::test_root(), Some(&[("/nix/store/x", "sha256-B")])));
+        assert_ne!(a, layer_key(&l, &Owner::test_root(), None));
     }
 }

@@ -227,14 +227,10 @@ pub fn known_for(plan: &ImagePlan, files: &[LayerDigestFile], compression: Compr
 mod tests {
     use super::*;
 
-    fn owner() -> Owner {
-        Owner { uid: 0, gid: 0, uname: b"root".to_vec(), gname: b"root".to_vec(), mtime: 1 }
-    }
-
     #[test]
     fn round_trip_and_exact_match() {
         let d = LayerDigest { size: 10240, sha256: [0xab; 32] };
-        let f = LayerDigestFile::new(vec!["/nix/store/a".into()], &owner(), &d, &[7, u128::MAX]);
+        let f = LayerDigestFile::new(vec!["/nix/store/a".into()], &Owner::test_root(), &d, &[7, u128::MAX]);
         assert_eq!(f.digest(), Some(d));
         assert_eq!(f.file_hashes(), Some(vec![7, u128::MAX]));
         let mut f = f;
@@ -244,10 +240,10 @@ mod tests {
         f.add_blob(Compression::Gzip, &gz);
         assert_eq!(f.blob(Compression::Gzip), Some(Some(gz)));
         assert_eq!(f.blob(Compression::Zstd), None);
-        assert!(f.describes(&["/nix/store/a".into()], &owner()));
-        assert!(!f.describes(&["/nix/store/a".into(), "/nix/store/b".into()], &owner()));
-        assert!(!f.describes(&["/nix/store/a".into()], &Owner { mtime: 2, ..owner() }));
-        assert!(!f.describes(&["/nix/store/a".into()], &Owner { uname: b"x".to_vec(), ..owner() }));
+        assert!(f.describes(&["/nix/store/a".into()], &Owner::test_root()));
+        assert!(!f.describes(&["/nix/store/a".into(), "/nix/store/b".into()], &Owner::test_root()));
+        assert!(!f.describes(&["/nix/store/a".into()], &Owner { mtime: 2, ..Owner::test_root() }));
+        assert!(!f.describes(&["/nix/store/a".into()], &Owner { uname: b"x".to_vec(), ..Owner::test_root() }));
     }
 
     #[test]

@@ -56,6 +56,14 @@ pub struct Owner {
     pub mtime: i64,
 }
 
+#[cfg(test)]
+impl Owner {
+    /// root:root, mtime 1: the owner the tests render with.
+    pub(crate) fn test_root() -> Owner {
+        Owner { uid: 0, gid: 0, uname: b"root".to_vec(), gname: b"root".to_vec(), mtime: 1 }
+    }
+}
+
 /// Per-file content check between the two passes.
 pub enum FileCheck<'a> {
     /// None here (the caller verifies the whole layer's sha256 instead).
@@ -470,10 +478,6 @@ mod tests {
     use crate::engine::digest::HashSink;
     use crate::store::walk::list_layer;
 
-    fn owner() -> Owner {
-        Owner { uid: 0, gid: 0, uname: b"root".to_vec(), gname: b"root".to_vec(), mtime: 1 }
-    }
-
     #[test]
     fn same_size_same_mtime_content_change_is_caught_per_file() {
         let d = tempfile::tempdir().unwrap();
@@ -486,7 +490,7 @@ mod tests {
         let mut sink = HashSink::new();
         let n = write_store_layer(
             &listing,
-            &owner(),
+            &Owner::test_root(),
             &mut sink,
             &mut Scratch::default(),
             FileCheck::Record(&mut files, Identity::Checked),
@@ -498,8 +502,15 @@ mod tests {
 
         // Same bytes again: the verify pass accepts them.
         let mut out = Vec::new();
-        write_store_layer(&listing, &owner(), &mut out, &mut Scratch::default(), FileCheck::Verify(&files, None), None)
-            .unwrap();
+        write_store_layer(
+            &listing,
+            &Owner::test_root(),
+            &mut out,
+            &mut Scratch::default(),
+            FileCheck::Verify(&files, None),
+            None,
+        )
+        .unwrap();
 
         // Same size, same inode, mtime put back: only the content differs.
         let mtime = std::fs::metadata(&f).unwrap().modified().unwrap();
@@ -509,7 +520,7 @@ mod tests {
         drop(fh);
         let e = write_store_layer(
             &listing,
-            &owner(),
+            &Owner::test_root(),
             &mut Vec::new(),
             &mut Scratch::default(),
             FileCheck::Verify(&files, None),

@@ -218,10 +218,6 @@ mod tests {
     use crate::store::walk::list_layer;
     use std::io::Write;
 
-    fn owner() -> Owner {
-        Owner { uid: 0, gid: 0, uname: b"root".to_vec(), gname: b"root".to_vec(), mtime: 1 }
-    }
-
     /// A store path deep and wide enough for many segments of both kinds
     /// (cut by entries and by bytes), with symlinks and empty files.
     fn tree(root: &std::path::Path) -> std::path::PathBuf {
@@ -248,7 +244,7 @@ mod tests {
         let mut want_files = Vec::new();
         let n = write_store_layer(
             &listing,
-            &owner(),
+            &Owner::test_root(),
             &mut want,
             &mut Scratch::default(),
             FileCheck::Record(&mut want_files, Identity::Checked),
@@ -261,7 +257,7 @@ mod tests {
             let mut files = Vec::new();
             let n = render_layer(
                 &listing,
-                &owner(),
+                &Owner::test_root(),
                 &mut got,
                 FileCheck::Record(&mut files, Identity::Checked),
                 None,
@@ -272,7 +268,15 @@ mod tests {
             assert!(got == want, "{readers} readers: other bytes");
             assert_eq!(files, want_files, "{readers} readers");
             let mut again = Vec::new();
-            render_layer(&listing, &owner(), &mut again, FileCheck::Verify(&want_files, None), None, readers).unwrap();
+            render_layer(
+                &listing,
+                &Owner::test_root(),
+                &mut again,
+                FileCheck::Verify(&want_files, None),
+                None,
+                readers,
+            )
+            .unwrap();
             assert!(again == want);
         }
     }
@@ -302,7 +306,7 @@ mod tests {
         let mut files = Vec::new();
         render_layer(
             &listing,
-            &owner(),
+            &Owner::test_root(),
             &mut std::io::sink(),
             FileCheck::Record(&mut files, Identity::Unchecked),
             None,
@@ -316,8 +320,9 @@ mod tests {
         std::os::unix::fs::FileExt::write_all_at(&f, &vec![0xEE; len], 0).unwrap();
         f.set_modified(mtime).unwrap();
         drop(f);
-        let e = render_layer(&listing, &owner(), &mut std::io::sink(), FileCheck::Verify(&files, None), None, 2)
-            .unwrap_err();
+        let e =
+            render_layer(&listing, &Owner::test_root(), &mut std::io::sink(), FileCheck::Verify(&files, None), None, 2)
+                .unwrap_err();
         assert!(e.to_string().contains("d5/sub/deeper/f250"), "{e}");
         assert!(e.to_string().contains("differs from the hashing pass"), "{e}");
     }
@@ -340,7 +345,8 @@ mod tests {
         }
         let d = tempfile::tempdir().unwrap();
         let listing = list_layer(&[tree(d.path())], 2).unwrap();
-        let e = render_layer(&listing, &owner(), &mut Failing(5 << 20), FileCheck::Off, None, 3).unwrap_err();
+        let e =
+            render_layer(&listing, &Owner::test_root(), &mut Failing(5 << 20), FileCheck::Off, None, 3).unwrap_err();
         assert!(matches!(&e, LayerError::Output(io) if io.kind() == std::io::ErrorKind::BrokenPipe), "{e}");
     }
 }
