@@ -62,6 +62,8 @@ pub struct Engine<'a> {
     confirmed: Mutex<Vec<Option<Vec<u128>>>>,
     written: Mutex<Vec<bool>>,
     config: OnceLock<Vec<u8>>,
+    /// Each layer's content key, made once (it hashes the whole listing).
+    keys: Vec<OnceLock<Option<String>>>,
 }
 
 /// Runs the hashing pass while `dest` consumes the image on this thread.
@@ -83,6 +85,7 @@ pub fn run<T, E>(
             confirmed: Mutex::new(vec![None; n]),
             written: Mutex::new(vec![false; n]),
             config: OnceLock::new(),
+            keys: (0..n).map(|_| OnceLock::new()).collect(),
         };
         let t = dest(&engine)?;
         Ok((t, engine.summary()))
@@ -177,11 +180,15 @@ impl Engine<'_> {
 
     /// Layer `i`'s content key ([`content_key`]), where it has one.
     pub fn content_key(&self, i: usize) -> Option<String> {
-        let listing = match &self.plan.layers[i] {
-            PlannedLayer::Store { listing, .. } => listing.get(hashing::readers(self.opts.jobs)).ok()?,
-            _ => return None,
-        };
-        content_key(self.plan, i, listing, self.opts.nar_hashes?, self.compression())
+        self.keys[i]
+            .get_or_init(|| {
+                let listing = match &self.plan.layers[i] {
+                    PlannedLayer::Store { listing, .. } => listing.get(hashing::readers(self.opts.jobs)).ok()?,
+                    _ => return None,
+                };
+                content_key(self.plan, i, listing, self.opts.nar_hashes?, self.compression())
+            })
+            .clone()
     }
 
     fn summary(self) -> Summary {
