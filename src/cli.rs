@@ -232,7 +232,7 @@ pub struct LayeringChoice {
     /// The layer budget when no --auto-layer N is given, as `image --max-layers`: at most N layers in all, one of them the customisation layer.
     #[arg(long, default_value_t = 100, value_name = "N")]
     pub max_layers: usize,
-    /// The previous release's layers: a JSON list of lists (as `layers` prints) or an image (docker-archive or oci-archive). The stable planner keeps what it can of them; `plan` compares with them.
+    /// The previous release's layers: a JSON list of lists (as `layers` prints) or an image (docker-archive or oci-archive file, or docker://REGISTRY/REPO:TAG). The stable planner keeps what it can of them; `plan` compares with them.
     #[arg(long, value_name = "PLAN|IMAGE")]
     pub previous: Option<PathBuf>,
     /// Plan every input as its own image, at once, so the paths all of them hold are the same bottom layers of each (stable planner).
@@ -278,7 +278,7 @@ pub struct ImageArgs {
     /// Plan with the stable planner: layers that survive releases (implied by --previous).
     #[arg(long, group = "image_layering")]
     pub stable: bool,
-    /// The previous release's layers (a JSON plan as `layers` prints, or an image archive): the stable planner keeps every one still whole, at the bottom.
+    /// The previous release's layers (a JSON plan as `layers` prints, an image archive, or docker://REGISTRY/REPO:TAG): the stable planner keeps every one still whole, at the bottom.
     #[arg(long, value_name = "PLAN|IMAGE", conflicts_with_all = ["auto_layer", "popularity", "pipeline"])]
     pub previous: Option<PathBuf>,
     /// The image config (Cmd, Env, ...) as a JSON object, or @FILE.
@@ -1128,9 +1128,19 @@ struct Chosen {
 
 /// Reads `--previous`, checked against the closure's store directory; says
 /// on stderr when nothing in it can be reused.
-fn load_previous(file: Option<&Path>, closure: &ClosureGraph) -> anyhow::Result<Option<Previous>> {
+fn load_previous(
+    file: Option<&Path>,
+    closure: &ClosureGraph,
+    registry: Option<&RegistryArgs>,
+) -> anyhow::Result<Option<Previous>> {
     let Some(file) = file else { return Ok(None) };
-    let prev = crate::planner::previous::load(file)?;
+    let prev = match file.to_str().filter(|f| f.starts_with("docker://")) {
+        Some(reference) => match previous_from_registry(reference, registry)? {
+            Some(prev) => prev,
+            None => return Ok(None),
+        },
+        None => crate::planner::previous::load(file)?,
+    };
     if let Some(store) = crate::planner::previous::store_dir_of(closure.nodes.iter().map(|n| n.path.as_str())) {
         prev.check_store(&store)?;
     }
@@ -1138,6 +1148,38 @@ fn load_previous(file: Option<&Path>, closure: &ClosureGraph) -> anyhow::Result<
         let _ = writeln!(io::stderr(), "nixstream: {note}");
     }
     Ok(Some(prev))
+}
+
+/// `--previous docker://...`: the image's config, read from the registry
+/// with the credentials docker and podman keep (or `image`'s `--creds
+/// USER:PASSWORD`) and `image`'s TLS options.  An image that is not there
+/// yet (a first release) is said, and the plan is made afresh.
+fn previous_from_registry(reference: &str, a: Option<&RegistryArgs>) -> anyhow::Result<Option<Previous>> {
+    use crate::dest::registry::{auth, client::ClientOptions, pull, Reference, RegistryError};
+    let from = Reference::parse(reference)?;
+    let explicit = match a.and_then(|a| a.creds.as_deref()) {
+        Some(c) if c.contains(':') => Some(auth::parse_creds(c, None)?),
+        _ => None,
+    };
+    let credentials = match explicit {
+        Some(c) => Some(c),
+        None => auth::lookup(&from.registry, &from.repository, &auth::default_auth_files())?.map(|f| f.credentials),
+    };
+    let opts = ClientOptions {
+        insecure: a.is_some_and(|a| a.insecure || !a.tls_verify),
+        cert_dir: a.and_then(|a| a.cert_dir.clone()),
+        credentials,
+        pull_repositories: Vec::new(),
+    };
+    match pull::fetch_image(&from, &opts, "--previous") {
+        Ok(image) => Ok(Some(crate::planner::previous::from_config(reference, &image.config)?)),
+        Err(RegistryError::Status { status: 404, .. }) => {
+            let _ =
+                writeln!(io::stderr(), "nixstream: previous image {reference} does not exist (yet): planning afresh");
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn note(planned: &crate::planner::stable::Planned) {
@@ -1156,7 +1198,7 @@ fn store_budget(max_layers: usize) -> anyhow::Result<usize> {
 }
 
 fn plan_with(closure: &ClosureGraph, exclude: &HashSet<String>, l: &LayeringChoice) -> anyhow::Result<Chosen> {
-    let previous = load_previous(l.previous.as_deref(), closure)?;
+    let previous = load_previous(l.previous.as_deref(), closure, None)?;
     let plain = |layers: Vec<Vec<String>>| crate::planner::stable::Planned { layers, ..Default::default() };
     let planned = if let Some(n) = l.auto_layer {
         anyhow::ensure!(n > 0, "--auto-layer needs at least 1 layer");
@@ -1402,7 +1444,7 @@ fn image(a: &ImageArgs) -> anyhow::Result<()> {
         let steps = pipeline::parse(&serde_json::json!([["popularity_contest"], ["limit_layers", budget]]))?;
         pipeline::plan_layers(&closure, &steps, &exclude)?
     } else if a.stable || a.previous.is_some() {
-        let previous = load_previous(a.previous.as_deref(), &closure)?;
+        let previous = load_previous(a.previous.as_deref(), &closure, Some(&a.registry))?;
         let planned = stable::plan(&closure, &exclude, budget, previous.as_ref().map(|p| p.layers.as_slice()))?;
         note(&planned);
         planned.layers

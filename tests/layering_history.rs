@@ -149,6 +149,20 @@ fn scenario_5_ten_releases() {
     ]);
 }
 
+/// The service shape (twenty private dependencies in a tree): a changed
+/// private dependency (the root of that tree, which only the application
+/// uses) sends exactly its layer and the application's again.
+#[test]
+#[ignore = "needs nix: run scripts/test"]
+fn a_service_with_a_tree_of_private_dependencies() {
+    let service = [("privCount", "20")];
+    let plans = scenario(&[&service, &[("priv", "2"), service[0]], &[("priv", "2"), ("app", "2"), service[0]]]);
+    for (i, p) in plans.iter().enumerate().skip(1) {
+        let changed = p.layers.len() - p.kept;
+        assert!(changed <= 2, "release {}: {changed} layers not kept: {p:?}", i + 1);
+    }
+}
+
 #[test]
 #[ignore = "needs nix: run scripts/test"]
 fn joint_layers_are_identical_across_images() {

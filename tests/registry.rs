@@ -1470,3 +1470,59 @@ fn cli_push_of_a_300_mb_closure() {
     assert_eq!((s["layers_uploaded"].as_u64(), s["bytes_uploaded"].as_u64()), (Some(0), Some(0)), "{s}");
     assert!(reg.uploads_since(mark).is_empty());
 }
+
+/// `--previous docker://...`: release 1 of tests/fixtures/releases.nix is
+/// pushed by `image --stable --push`; release 2 (the application changed)
+/// planned on it straight from the registry keeps every layer but the top,
+/// as it does from a local archive of release 1; pushing release 2 uploads
+/// only the changed layers.  A tag that is not there yet plans afresh and
+/// says so.
+#[test]
+#[ignore = "needs docker-registry and nix: run scripts/test"]
+fn previous_read_from_the_registry() {
+    let reg = Registry::start(false);
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/releases.nix");
+    let fixture = fixture.to_str().unwrap();
+    let r1 = nix_build(&[fixture, "-A", "app"]);
+    let r2 = nix_build(&[fixture, "-A", "app", "--arg", "app", "2"]);
+    let v1 = format!("docker://{}/rel/app:1", reg.host());
+    let v2 = format!("docker://{}/rel/app:2", reg.host());
+    let run = |args: &[&str]| -> (String, String) {
+        let out = nixstream().env("NIX_REMOTE", "local").args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "nixstream {args:?} failed:\n{err}");
+        (String::from_utf8(out.stdout).unwrap(), err)
+    };
+    let r1s = r1.to_str().unwrap();
+    let r2s = r2.to_str().unwrap();
+
+    // The first release: no image at the tag yet.
+    let (_, err) = run(&["image", "-q", "--max-layers", "16", r1s, "--previous", &v1, "--push", &v1]);
+    assert!(err.contains("does not exist (yet): planning afresh"), "{err}");
+    let archive = tmp.path().join("r1.tar");
+    run(&["image", "-q", "--max-layers", "16", "--stable", r1s, "-o", archive.to_str().unwrap()]);
+
+    let layers = |out: &str| -> Vec<Vec<String>> { serde_json::from_str(out).unwrap() };
+    let (from_registry, _) = run(&["layers", "--max-layers", "16", r2s, "--previous", &v1]);
+    let (from_archive, _) = run(&["layers", "--max-layers", "16", r2s, "--previous", archive.to_str().unwrap()]);
+    let (first, _) = run(&["layers", "--max-layers", "16", "--stable", r1s]);
+    let (new, old) = (layers(&from_registry), layers(&first));
+    assert_eq!(new, layers(&from_archive), "the registry's history is the archive's");
+    assert_eq!(new.len(), old.len());
+    let same = new.iter().zip(&old).take_while(|(a, b)| a == b).count();
+    assert_eq!(same, old.len() - 1, "all but the top layer kept: {new:?}");
+    assert!(new.last().unwrap().iter().any(|p| p.ends_with("-app")));
+
+    let log = reg.log().len();
+    let (_, err) = run(&["image", "-q", "--stats", "--max-layers", "16", r2s, "--previous", &v1, "--push", &v2]);
+    let line = err.lines().find_map(|l| l.strip_prefix("nixstream: stats ")).expect("a stats line");
+    let s: serde_json::Value = serde_json::from_str(line).unwrap();
+    // Only the top store layer: the registry has every other one, the
+    // customisation layer included (its bytes did not change).
+    assert_eq!(s["layers_uploaded"].as_u64(), Some(1), "{s}");
+    assert_eq!(s["layers"].as_u64(), Some(old.len() as u64 + 1), "{s}");
+    // Two blobs went up (POST, PATCH, PUT each): that layer and the config.
+    let puts = reg.uploads_since(log).iter().filter(|l| l.contains("\"PUT ")).count();
+    assert_eq!(puts, 2, "{:?}", reg.uploads_since(log));
+}

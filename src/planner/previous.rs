@@ -1,6 +1,7 @@
 //! The previous release's layers (`--previous`): a plan as `nixstream
 //! layers` prints it (a JSON list of lists of store paths), or an image — a
-//! docker-archive or an oci-archive, plain or compressed — whose config
+//! docker-archive or an oci-archive, plain or compressed, or a registry's
+//! (whose config the CLI fetches and hands to [`from_config`]) — whose config
 //! history names each layer's store paths, as the reference writes it
 //! (`store paths: ['/nix/store/...', ...]`, Python's list repr).
 //!
@@ -193,6 +194,21 @@ fn from_archive(r: impl Read, path: &Path) -> Result<Previous, PreviousError> {
     } else {
         return Err(bad("it has neither manifest.json (docker-archive) nor index.json (oci-archive)".into()));
     };
+    Ok(from_history(&config, path))
+}
+
+/// An image's config (as a registry serves it): its history's store paths.
+pub fn from_config(source: &str, config: &[u8]) -> Result<Previous, PreviousError> {
+    let path = Path::new(source);
+    let config: Value = serde_json::from_slice(config).map_err(|e| PreviousError::Image {
+        path: path.to_path_buf(),
+        what: format!("its config is not valid JSON: {e}"),
+    })?;
+    Ok(from_history(&config, path))
+}
+
+/// The store layers named by a config's history, bottom first.
+fn from_history(config: &Value, path: &Path) -> Previous {
     let history = config.get("history").and_then(Value::as_array).cloned().unwrap_or_default();
     let mut layers = Vec::new();
     let mut other = 0;
@@ -211,7 +227,7 @@ fn from_archive(r: impl Read, path: &Path) -> Result<Previous, PreviousError> {
             _ => other += 1,
         }
     }
-    Ok(Previous { source: path.to_path_buf(), layers, other_layers: other, from_image: true })
+    Previous { source: path.to_path_buf(), layers, other_layers: other, from_image: true }
 }
 
 /// Parses Python's repr of a list of str: `['a', "b'c", 'd\\n']`.

@@ -5,10 +5,12 @@
 //! credentials and reads challenges; [`client`] speaks HTTP(S) with them
 //! (TLS verified unless the user says otherwise); [`push`](mod@push) is the protocol:
 //! blobs first (`HEAD`, mount, or upload streamed from
-//! [`crate::engine::image::Image::write_layer`]), the manifest last.
+//! [`crate::engine::image::Image::write_layer`]), the manifest last; [`pull`]
+//! reads an image's manifest and config back (`--cache-from`, `--previous`).
 
 pub mod auth;
 pub mod client;
+pub mod pull;
 pub mod push;
 pub mod reference;
 

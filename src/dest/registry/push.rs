@@ -854,52 +854,9 @@ pub struct CacheHint {
 /// [`LAYER_KEY_ANNOTATION`], its key, blob and diff_id.  The config's
 /// digest is checked; the annotations are trusted (see docs/push.md).
 pub fn fetch_cache_hints(from: &Reference, opts: &ClientOptions) -> Result<Vec<CacheHint>, RegistryError> {
-    let c = Client::connect(from, opts, 3, Duration::from_millis(500))?;
-    let accept = format!("{}, {}", manifest::OCI_MANIFEST, manifest::DOCKER_MANIFEST);
-    let path = c.repo_path(&format!("manifests/{}", from.manifest_reference()));
-    let what = "GET --cache-from manifest";
-    let r = c.send(Method::GET, &path, &[("Accept", &accept)], Body::Empty, what)?;
-    if !r.ok() {
-        return Err(c.status_error(what, &r));
-    }
-    let bad = |why: &str| RegistryError::Protocol { registry: c.registry().into(), what: format!("{what}: {why}") };
-    if let Some(d) = &from.digest {
-        let got = format!("sha256:{}", hex(&sha2::Sha256::digest(&r.body)));
-        if &got != d {
-            return Err(bad("the manifest's digest is not the one asked for"));
-        }
-    }
-    #[derive(serde::Deserialize)]
-    struct Desc {
-        digest: String,
-        size: u64,
-        #[serde(rename = "mediaType", default)]
-        media_type: String,
-        #[serde(default)]
-        annotations: std::collections::BTreeMap<String, String>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Manifest {
-        config: Desc,
-        layers: Vec<Desc>,
-    }
-    let m: Manifest = serde_json::from_slice(&r.body)
-        .map_err(|_| bad("not an image manifest (an index? name one platform's image)"))?;
-    let config_path = c.repo_path(&format!("blobs/{}", m.config.digest));
-    let what_cfg = "GET --cache-from config";
-    let mut cr = c.send(Method::GET, &config_path, &[], Body::Empty, what_cfg)?;
-    if (300..400).contains(&cr.status) {
-        // Blob storage elsewhere: the redirect is followed, without our
-        // credentials.
-        let loc = cr.header("location").ok_or_else(|| bad("a redirect without Location"))?.to_string();
-        cr = c.send(Method::GET, &c.resolve(&loc), &[], Body::Empty, what_cfg)?;
-    }
-    if !cr.ok() {
-        return Err(c.status_error(what_cfg, &cr));
-    }
-    if format!("sha256:{}", hex(&sha2::Sha256::digest(&cr.body))) != m.config.digest {
-        return Err(bad("the config's bytes do not match its digest"));
-    }
+    let image = super::pull::fetch_image(from, opts, "--cache-from")?;
+    let bad =
+        |why: &str| RegistryError::Protocol { registry: from.registry.clone(), what: format!("--cache-from: {why}") };
     #[derive(serde::Deserialize)]
     struct Rootfs {
         diff_ids: Vec<String>,
@@ -908,12 +865,12 @@ pub fn fetch_cache_hints(from: &Reference, opts: &ClientOptions) -> Result<Vec<C
     struct Config {
         rootfs: Rootfs,
     }
-    let cfg: Config = serde_json::from_slice(&cr.body).map_err(|_| bad("the config has no rootfs.diff_ids"))?;
-    if cfg.rootfs.diff_ids.len() != m.layers.len() {
+    let cfg: Config = serde_json::from_slice(&image.config).map_err(|_| bad("the config has no rootfs.diff_ids"))?;
+    if cfg.rootfs.diff_ids.len() != image.layers.len() {
         return Err(bad("the config's diff_ids and the manifest's layers differ in number"));
     }
     let mut hints = Vec::new();
-    for (d, diff) in m.layers.iter().zip(&cfg.rootfs.diff_ids) {
+    for (d, diff) in image.layers.iter().zip(&cfg.rootfs.diff_ids) {
         let Some(key) = d.annotations.get(LAYER_KEY_ANNOTATION) else { continue };
         let Some(tar_size) = d.annotations.get(LAYER_TAR_SIZE_ANNOTATION).and_then(|s| s.parse().ok()) else {
             continue;
