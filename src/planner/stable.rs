@@ -149,6 +149,8 @@ struct Graph<'g> {
     sketch: Vec<Vec<u64>>,
     /// Each path's hash → how likely it is to change by itself.
     weight: HashMap<u64, f64, BuildHasherDefault<HashIsKey>>,
+    /// Whether no other path uses it: what is being released.
+    root: Vec<bool>,
 }
 
 impl<'g> Graph<'g> {
@@ -236,6 +238,7 @@ impl<'g> Graph<'g> {
             size: graph.nodes.iter().map(|n| n.nar_size).collect(),
             sketch: (0..n).map(|v| down[comp[v] as usize].clone()).collect(),
             weight,
+            root: (0..n).map(|v| users[comp[v] as usize].is_empty() && sccs[comp[v] as usize].len() == 1).collect(),
         }
     }
 
@@ -491,9 +494,24 @@ pub fn plan(
         }
     }
     let slots = budget - kept.len();
-    let mut groups: Vec<Group> = pool.iter().map(|&v| singleton(&g, v)).collect();
+    // What no other path uses is what is being released: it changes every
+    // time, so each such path gets a layer of its own on top (when they
+    // are few against the layers left), and nothing rides with it.
+    let roots: Vec<u32> = pool.iter().copied().filter(|&v| g.root[v as usize]).collect();
+    let apart = !roots.is_empty() && roots.len() * 4 <= slots && roots.len() < pool.len() + released.len();
+    let mut groups: Vec<Group> =
+        pool.iter().filter(|&&v| !apart || !g.root[v as usize]).map(|&v| singleton(&g, v)).collect();
     groups.extend(released);
-    let top = if groups.is_empty() { Vec::new() } else { merge_down(&g, groups, slots) };
+    let mut top = if groups.is_empty() {
+        Vec::new()
+    } else {
+        merge_down(&g, groups, slots - if apart { roots.len() } else { 0 })
+    };
+    if apart {
+        let mut roots = roots;
+        roots.sort_by(|&a, &b| path_key(g.paths[a as usize]).cmp(&path_key(g.paths[b as usize])));
+        top.extend(roots.into_iter().map(|v| singleton(&g, v)));
+    }
     let kept_count = kept.len();
     let layers = kept.iter().chain(top.iter()).map(|gr| layer_paths(&g, gr)).collect();
     Ok(Planned { layers, kept: kept_count, notes })
@@ -657,6 +675,30 @@ mod tests {
         assert_eq!(one.layers.len(), 1);
         every_path_once(&g, &one.layers);
         assert_eq!(plan(&g, &HashSet::new(), 0, None), Err(StableError::NoBudget));
+    }
+
+    #[test]
+    fn what_nothing_uses_has_a_layer_of_its_own() {
+        // Five paths in four layers: the cheapest company for the app is
+        // the tiny path only it uses (next to it in volatility order), but
+        // the app is what every release changes, so it stays alone.
+        let g = ClosureGraph {
+            nodes: vec![
+                node("a1-app", &["d1-libc", "p2-big", "p3-big", "z1-tiny"], 100),
+                node("d1-libc", &[], 1_000_000),
+                node("p2-big", &["d1-libc"], 1000),
+                node("p3-big", &["d1-libc"], 1000),
+                node("z1-tiny", &["d1-libc"], 1),
+            ],
+        };
+        let p = plan(&g, &HashSet::new(), 4, None).unwrap();
+        every_path_once(&g, &p.layers);
+        assert_eq!(p.layers.len(), 4);
+        assert_eq!(p.layers.last().unwrap(), &["/s/a1-app"], "{:?}", p.layers);
+        // With too few layers for that, the app may share one.
+        let p = plan(&g, &HashSet::new(), 2, None).unwrap();
+        every_path_once(&g, &p.layers);
+        assert_eq!(p.layers.len(), 2);
     }
 
     #[test]
