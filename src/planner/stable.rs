@@ -8,8 +8,10 @@
 //! package set, change gathers at the top: the application and what only it
 //! uses; a library much of the closure builds on changes rarely).  A layer's
 //! volatility is the sum of those likelihoods over the union of its paths'
-//! closures.  The planner orders the paths by volatility (stable at the
-//! bottom, volatile at the top), starts from one layer per path and, while
+//! closures.  What no other path uses (the application: what a release
+//! is) gets a layer of its own on top when the budget allows.  The planner
+//! orders the other paths by volatility (stable at the bottom, volatile at
+//! the top), starts from one layer per path and, while
 //! there are more layers than the budget allows, merges the two neighbouring
 //! layers whose merge adds the least expected re-sent bytes:
 //! `size(A∪B)·v(A∪B) − size(A)·v(A) − size(B)·v(B)`.  The top application
