@@ -16,7 +16,10 @@
 //! layers whose merge adds the least expected re-sent bytes:
 //! `size(A∪B)·v(A∪B) − size(A)·v(A) − size(B)·v(B)`.  The top application
 //! thus stays apart from its stable private dependencies, and small paths
-//! that change with the same things share a layer.  Closures and users are
+//! that change with the same things share a layer.  The layers are then
+//! stacked in order of their odds of changing per byte, which keeps the
+//! bytes a host pulls again (everything above the lowest changed layer)
+//! least.  Closures and users are
 //! k-minimum-values sketches over the paths' names (exact up to [`K`] paths,
 //! an estimate above, and unmoved by a release that only rebuilds a path), so
 //! planning stays linear in the graph.
@@ -336,12 +339,22 @@ impl Group {
     }
 }
 
+/// Where a layer goes in the stack, bottom first.  A host pulls every layer
+/// above the lowest one that changed, so the expected bytes pulled are
+/// least when layers go up in order of their odds of changing per byte
+/// (swapping two neighbours a, b pays when `odds(b)/size(b) < odds(a)/size(a)`);
+/// a layer's chance of changing is `1 − e^(−volatility)`, so its odds are
+/// `e^volatility − 1`.
+fn pull_key(gr: &Group) -> f64 {
+    gr.volatility.exp_m1() / gr.size.max(1) as f64
+}
+
 /// A merge: (cost, left group, its stamp, right group, its stamp); a
 /// stamp that moved on means the candidate is stale.
 type Candidate = (i128, usize, u32, usize, u32);
 
 /// Merges neighbouring groups (in volatility order) until at most `slots`
-/// remain; returns them bottom first.
+/// remain; returns them bottom first, in [`pull_key`] order.
 fn merge_down(g: &Graph, groups: Vec<Group>, slots: usize) -> Vec<Group> {
     let mut keyed: Vec<(f64, (&str, &str), Group)> = groups
         .into_iter()
@@ -354,6 +367,7 @@ fn merge_down(g: &Graph, groups: Vec<Group>, slots: usize) -> Vec<Group> {
     let mut groups: Vec<Group> = keyed.into_iter().map(|(_, _, gr)| gr).collect();
     let n = groups.len();
     if n <= slots {
+        groups.sort_by(|a, b| pull_key(a).total_cmp(&pull_key(b)));
         return groups;
     }
     let slots = slots.max(1);
@@ -396,7 +410,9 @@ fn merge_down(g: &Graph, groups: Vec<Group>, slots: usize) -> Vec<Group> {
             heap.push(Reverse((pair_cost(&groups[a], &groups[c]), a, stamp[a], c, stamp[c])));
         }
     }
-    groups.into_iter().zip(alive).filter(|(_, alive)| *alive).map(|(g, _)| g).collect()
+    let mut out: Vec<Group> = groups.into_iter().zip(alive).filter(|(_, alive)| *alive).map(|(g, _)| g).collect();
+    out.sort_by(|a, b| pull_key(a).total_cmp(&pull_key(b)));
+    out
 }
 
 fn singleton(g: &Graph, v: u32) -> Group {
