@@ -281,6 +281,9 @@ pub struct ImageArgs {
     /// The previous release's layers (a JSON plan as `layers` prints, an image archive, or docker://REGISTRY/REPO:TAG): the stable planner keeps every one still whole, at the bottom.
     #[arg(long, value_name = "PLAN|IMAGE", conflicts_with_all = ["auto_layer", "popularity", "pipeline"])]
     pub previous: Option<PathBuf>,
+    /// Plan this image together with another image's closure (a closure graph or store path; repeatable), as `layers --joint` does: the store paths all of them hold become the same bottom layers of each, byte for byte, when each image is built with the same --max-layers and ownership options.
+    #[arg(long = "joint-with", value_name = "GRAPH|STORE_PATH", conflicts_with_all = ["auto_layer", "popularity", "pipeline", "previous"])]
+    pub joint_with: Vec<String>,
     /// The image config (Cmd, Env, ...) as a JSON object, or @FILE.
     #[arg(long, value_name = "JSON|@FILE")]
     pub config: Option<String>,
@@ -1410,19 +1413,6 @@ fn compare_table(
     Ok(())
 }
 
-fn host_architecture() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "x86" => "386",
-        "arm" => "arm",
-        "powerpc64" => "ppc64le",
-        "riscv64" => "riscv64",
-        "s390x" => "s390x",
-        other => other,
-    }
-}
-
 fn image(a: &ImageArgs) -> anyhow::Result<()> {
     let (closure, exclude) = load_closure(&a.closure)?;
     // nixpkgs' budget: maxLayers, less the customisation layer and the base image's layers.
@@ -1443,6 +1433,13 @@ fn image(a: &ImageArgs) -> anyhow::Result<()> {
     } else if a.popularity {
         let steps = pipeline::parse(&serde_json::json!([["popularity_contest"], ["limit_layers", budget]]))?;
         pipeline::plan_layers(&closure, &steps, &exclude)?
+    } else if !a.joint_with.is_empty() {
+        let mut graphs = vec![closure.clone()];
+        for other in &a.joint_with {
+            let one = ClosureArgs { input: vec![other.clone()], exclude_paths: a.closure.exclude_paths.clone() };
+            graphs.push(load_closure(&one)?.0);
+        }
+        stable::plan_joint(&graphs, &exclude, budget)?.swap_remove(0).layers
     } else if a.stable || a.previous.is_some() {
         let previous = load_previous(a.previous.as_deref(), &closure, Some(&a.registry))?;
         let planned = stable::plan(&closure, &exclude, budget, previous.as_ref().map(|p| p.layers.as_slice()))?;
@@ -1475,7 +1472,7 @@ fn image(a: &ImageArgs) -> anyhow::Result<()> {
         format!("{}:latest", if name.is_empty() { "image" } else { name })
     });
     let v = serde_json::json!({
-        "architecture": a.architecture.as_deref().unwrap_or(host_architecture()),
+        "architecture": a.architecture.as_deref().unwrap_or(crate::dest::manifest::host_architecture()),
         "created": a.created,
         "mtime": a.mtime.as_deref().unwrap_or(&a.created),
         "uid": a.owner.uid, "gid": a.owner.gid, "uname": a.owner.uname, "gname": a.owner.gname,
@@ -1572,7 +1569,7 @@ fn man(a: &ManArgs) -> anyhow::Result<()> {
 
 fn layer_digest(a: &LayerDigestArgs) -> anyhow::Result<()> {
     let v = serde_json::json!({
-        "architecture": host_architecture(),
+        "architecture": crate::dest::manifest::host_architecture(),
         "created": a.mtime, "mtime": a.mtime,
         "uid": a.owner.uid, "gid": a.owner.gid, "uname": a.owner.uname, "gname": a.owner.gname,
         "store_dir": a.store_dir,

@@ -180,6 +180,36 @@ fn joint_layers_are_identical_across_images() {
     assert_eq!(in_bottom, shared, "the shared paths are exactly the identical bottom layers");
 }
 
+/// `image A --joint-with B` and `image B --joint-with A` build the two
+/// images of `layers A B --joint`: their shared bottom layers are the very
+/// same layers (same diff_ids), as many as the joint plans share.
+#[test]
+#[ignore = "needs nix: run scripts/test"]
+fn image_joint_with_builds_identical_shared_layers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, _) = release("app", &[]);
+    let (b, _) = release("other", &[]);
+    let max = MAX_LAYERS.to_string();
+    let out = run(bin().args(["layers", "--joint", "--max-layers", &max, &a, &b]));
+    let plans: Vec<Vec<Vec<String>>> = serde_json::from_slice(&out.stdout).unwrap();
+    let shared = plans[0].iter().zip(&plans[1]).take_while(|(x, y)| x == y).count();
+    assert!(shared > 0);
+    let mut diff_ids = Vec::new();
+    for (this, other) in [(&a, &b), (&b, &a)] {
+        let file = tmp.path().join(format!("{}.tar", diff_ids.len()));
+        run(bin()
+            .args(["image", "-q", "--max-layers", &max, this, "--joint-with", other])
+            .stdout(std::fs::File::create(&file).unwrap()));
+        let archive = common::validate(&std::fs::read(&file).unwrap());
+        diff_ids.push(archive.config["rootfs"]["diff_ids"].as_array().unwrap().clone());
+    }
+    // Store layers, then the customisation layer.
+    assert_eq!(diff_ids[0].len(), plans[0].len() + 1);
+    assert_eq!(diff_ids[1].len(), plans[1].len() + 1);
+    let same = diff_ids[0].iter().zip(&diff_ids[1]).take_while(|(x, y)| x == y).count();
+    assert_eq!(same, shared, "the shared layers are byte-identical, and only those");
+}
+
 /// `image` writes the history the next release reads back, from a
 /// docker-archive and from the oci-archive skopeo makes of it.
 #[test]

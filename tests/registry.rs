@@ -421,11 +421,7 @@ fn gzip(data: &[u8]) -> Vec<u8> {
 }
 
 fn arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    }
+    nixstream::dest::manifest::host_architecture()
 }
 
 impl MemImage {

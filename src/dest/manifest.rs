@@ -88,6 +88,21 @@ pub fn index(manifests: &[(Descriptor, Vec<(String, String)>)]) -> Vec<u8> {
     serde_json::to_vec(&Value::Object(m)).expect("JSON values serialise")
 }
 
+/// This machine's architecture as image configs and platforms name it
+/// (Go's GOARCH names).
+pub fn host_architecture() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "arm" => "arm",
+        "powerpc64" => "ppc64le",
+        "riscv64" => "riscv64",
+        "s390x" => "s390x",
+        other => other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

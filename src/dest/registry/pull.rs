@@ -59,17 +59,6 @@ struct Index {
     manifests: Vec<IndexEntry>,
 }
 
-/// This machine's architecture as image platforms name it.
-pub fn this_architecture() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "x86" => "386",
-        "powerpc64" => "ppc64le",
-        other => other,
-    }
-}
-
 fn sha256_of(bytes: &[u8]) -> String {
     format!("sha256:{}", hex(&sha2::Sha256::digest(bytes)))
 }
@@ -113,7 +102,7 @@ pub fn fetch_image(from: &Reference, opts: &ClientOptions, what: &str) -> Result
         }
     }
     if let Ok(index) = serde_json::from_slice::<Index>(&body) {
-        let arch = this_architecture();
+        let arch = manifest::host_architecture();
         let entry = index
             .manifests
             .iter()
