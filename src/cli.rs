@@ -1181,7 +1181,7 @@ fn previous_from_registry(reference: &str, a: Option<&RegistryArgs>) -> anyhow::
                 writeln!(io::stderr(), "nixstream: previous image {reference} does not exist (yet): planning afresh");
             Ok(None)
         }
-        Err(e) => Err(e.into()),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("--previous {reference}"))),
     }
 }
 
