@@ -513,10 +513,12 @@ pub fn plan(
     }
     let slots = budget - kept.len();
     // What no other path uses is what is being released: it changes every
-    // time, so each such path gets a layer of its own on top (when they
-    // are few against the layers left), and nothing rides with it.
+    // time, so each such path gets a layer of its own on top, and nothing
+    // rides with it, when they are few (a quarter of the budget at most)
+    // and leave a layer for the rest.
     let roots: Vec<u32> = pool.iter().copied().filter(|&v| g.root[v as usize]).collect();
-    let apart = !roots.is_empty() && roots.len() * 4 <= slots && roots.len() < pool.len() + released.len();
+    let rest = pool.len() - roots.len() + released.len();
+    let apart = !roots.is_empty() && roots.len() * 4 <= budget && roots.len() + usize::from(rest > 0) <= slots;
     let mut groups: Vec<Group> =
         pool.iter().filter(|&&v| !apart || !g.root[v as usize]).map(|&v| singleton(&g, v)).collect();
     groups.extend(released);
