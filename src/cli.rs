@@ -792,6 +792,7 @@ fn push_image(
         nar_hashes: &nar_hashes,
         compression,
         hints: hints.into_iter().map(|h| (h.key.clone(), h)).collect(),
+        from: a.cache_from.clone().unwrap_or_default(),
     };
 
     let progress = Progress::new(if quiet { Mode::Quiet } else { Mode::Plain }, n);
@@ -825,8 +826,18 @@ fn push_image(
         known,
         ..Default::default()
     };
-    let (pushed, summary) =
-        crate::engine::run(&plan, &opts, &progress, |engine| session.push(engine, &say).map_err(anyhow::Error::from))?;
+    let push_once = || {
+        crate::engine::run(&plan, &opts, &progress, |engine| session.push(engine, &say).map_err(anyhow::Error::from))
+    };
+    let (pushed, summary) = match push_once() {
+        // A wrong digest-cache entry is removed when it is found, and the
+        // registry kept nothing of that blob: a second try hashes the layer.
+        Err(e) if is_wrong_cache_entry(&e) => {
+            let _ = writeln!(io::stderr(), "nixstream: warning: {e}; pushing again without that entry");
+            push_once()?
+        }
+        r => r?,
+    };
     progress.finish();
     cache.store(&summary);
     say(&format!("pushed {dest}: {pushed}"));
@@ -848,6 +859,15 @@ fn push_image(
     Ok(())
 }
 
+/// Whether `e` is a digest-cache entry found wrong by the streaming pass.
+fn is_wrong_cache_entry(e: &anyhow::Error) -> bool {
+    let engine = e.downcast_ref::<EngineError>().or_else(|| match e.downcast_ref() {
+        Some(crate::dest::registry::RegistryError::Engine { source, .. }) => Some(source),
+        _ => None,
+    });
+    matches!(engine, Some(EngineError::WrongDigest(w)) if matches!(w.origin, crate::engine::Origin::Cache { .. }))
+}
+
 /// The digest cache, then `--cache-from`'s hints: a store layer whose
 /// content key (as the engine makes it for [`crate::engine::image::LayerInfo::key`])
 /// is annotated on a layer of that image takes its digests from there.  The
@@ -860,6 +880,8 @@ struct HintLookup<'a> {
     nar_hashes: &'a HashMap<String, String>,
     compression: Compression,
     hints: HashMap<String, crate::dest::registry::CacheHint>,
+    /// `--cache-from`'s reference, for an error if a hint is wrong.
+    from: String,
 }
 
 impl Lookup for HintLookup<'_> {
@@ -885,6 +907,7 @@ impl Lookup for HintLookup<'_> {
             blob: (self.compression != Compression::None).then_some(blob),
             unchanged_before_ns: i128::MIN,
             files: None,
+            origin: crate::engine::Origin::CacheFrom(self.from.clone()),
         })
     }
 }
@@ -1010,7 +1033,12 @@ impl Lookup for CacheUse<'_> {
         // A narHash key says nothing of the files' ctimes: every file is
         // read and checked.
         let unchanged_before_ns = if nar.is_some() { i128::MIN } else { hit.unchanged_before_ns };
-        Some(Hashed { digest: hit.digest, blob, unchanged_before_ns, files: Some(hit.files) })
+        let mut entries = vec![c.entry_path(&key)];
+        if self.blobs.compression() != Compression::None {
+            entries.push(c.entry_path(&crate::engine::cache::blob_key(&key, self.blobs.compression())));
+        }
+        let origin = crate::engine::Origin::Cache { dir: c.dir().to_path_buf(), entries };
+        Some(Hashed { digest: hit.digest, blob, unchanged_before_ns, files: Some(hit.files), origin })
     }
 }
 

@@ -241,7 +241,16 @@ fn content_changed_between_passes_stops_before_manifest() {
     let mut out = Vec::new();
     let opts = EngineOptions {
         jobs: 2,
-        known: vec![Some(Hashed { digest: stale, blob: None, unchanged_before_ns: i128::MIN, files: None }), None],
+        known: vec![
+            Some(Hashed {
+                digest: stale,
+                blob: None,
+                unchanged_before_ns: i128::MIN,
+                files: None,
+                origin: Default::default(),
+            }),
+            None,
+        ],
         ..Default::default()
     };
     let e = write_archive(&plan, &mut out, &opts, &Progress::new(Mode::Quiet, 0)).unwrap_err();

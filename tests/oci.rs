@@ -265,7 +265,13 @@ fn a_layer_that_changed_between_the_passes_stops_before_the_index() {
     for c in [Compression::Gzip, Compression::Zstd, Compression::None] {
         let stale = LayerDigest { size: 4096, sha256: [0x33; 32] };
         let mut known = vec![None; plan.layers.len()];
-        known[1] = Some(Hashed { digest: stale, blob: Some(stale), unchanged_before_ns: i128::MIN, files: None });
+        known[1] = Some(Hashed {
+            digest: stale,
+            blob: Some(stale),
+            unchanged_before_ns: i128::MIN,
+            files: None,
+            origin: Default::default(),
+        });
         let opts = EngineOptions { jobs: 2, blobs: Blobs::Encoded(c), known, ..Default::default() };
         let progress = Progress::new(Mode::Quiet, 0);
         let mut out = Vec::new();
