@@ -829,14 +829,18 @@ fn push_image(
     let push_once = || {
         crate::engine::run(&plan, &opts, &progress, |engine| session.push(engine, &say).map_err(anyhow::Error::from))
     };
-    let (pushed, summary) = match push_once() {
-        // A wrong digest-cache entry is removed when it is found, and the
-        // registry kept nothing of that blob: a second try hashes the layer.
-        Err(e) if is_wrong_cache_entry(&e) => {
-            let _ = writeln!(io::stderr(), "nixstream: warning: {e}; pushing again without that entry");
-            push_once()?
+    // A wrong digest-cache entry is removed when it is found, and the
+    // registry keeps nothing of its blob: the next try hashes that layer.
+    // Each try removes an entry, so there are at most as many as layers.
+    let mut tries = 0;
+    let (pushed, summary) = loop {
+        match push_once() {
+            Err(e) if tries < n && wrong_cache_entry_removed(&e) => {
+                let _ = writeln!(io::stderr(), "nixstream: warning: {e}; pushing again without that entry");
+                tries += 1;
+            }
+            r => break r?,
         }
-        r => r?,
     };
     progress.finish();
     cache.store(&summary);
@@ -859,13 +863,15 @@ fn push_image(
     Ok(())
 }
 
-/// Whether `e` is a digest-cache entry found wrong by the streaming pass.
-fn is_wrong_cache_entry(e: &anyhow::Error) -> bool {
+/// Whether `e` is a digest-cache entry found wrong by the streaming pass,
+/// and removed since.
+fn wrong_cache_entry_removed(e: &anyhow::Error) -> bool {
     let engine = e.downcast_ref::<EngineError>().or_else(|| match e.downcast_ref() {
         Some(crate::dest::registry::RegistryError::Engine { source, .. }) => Some(source),
         _ => None,
     });
-    matches!(engine, Some(EngineError::WrongDigest(w)) if matches!(w.origin, crate::engine::Origin::Cache { .. }))
+    let Some(EngineError::WrongDigest(w)) = engine else { return false };
+    matches!(&w.origin, crate::engine::Origin::Cache { entries, .. } if entries.iter().all(|p| !p.exists()))
 }
 
 /// The digest cache, then `--cache-from`'s hints: a store layer whose
