@@ -246,8 +246,9 @@ pub(crate) fn write_blob(
                     return Err(s.slots.first_error().unwrap_or(EngineError::Worker("aborted".into())))
                 }
                 Err(LayerError::Output(e)) if is_overrun(&e) => return Err(mismatch(listed, expected, &what, None)),
-                Err(LayerError::ContentDiffers { path, recorded, actual }) => {
-                    return Err(self::mismatch(num, &paths, h, None, h.digest, Found::File { path, recorded, actual }))
+                Err(LayerError::ContentDiffers(d)) => {
+                    let found = Found::File { path: d.path, recorded: d.recorded, actual: d.actual };
+                    return Err(self::mismatch(num, &paths, h, None, h.digest, found));
                 }
                 Err(source) => return Err(EngineError::Layer { layer: num, source }),
             }

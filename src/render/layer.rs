@@ -91,12 +91,20 @@ pub enum LayerError {
     /// record is what is wrong when it came from outside this run (the
     /// engine says so, naming where it came from).  `recorded` is `None`
     /// when the record has fewer files than the layer.
-    #[error("{path}: its content (xxh3 {actual:032x}) is not what was recorded for it")]
-    ContentDiffers { path: PathBuf, recorded: Option<u128>, actual: u128 },
+    #[error("{}: its content (xxh3 {:032x}) is not what was recorded for it", .0.path.display(), .0.actual)]
+    ContentDiffers(Box<ContentDiffers>),
     #[error("writing the output failed: {0}")]
     Output(#[source] io::Error),
     #[error("stopped because another part of the image failed")]
     Aborted,
+}
+
+/// A file whose content hashed to `actual`, not to the `recorded` xxh3-128.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContentDiffers {
+    pub path: PathBuf,
+    pub recorded: Option<u128>,
+    pub actual: u128,
 }
 
 /// Buffers reused across layers by one worker.
@@ -281,7 +289,7 @@ fn content_differs(e: &Entry, path: &[u8], file: &File, recorded: Option<u128>, 
     };
     match Seen::of(e).differs(&now, true) {
         Some(what) => LayerError::Changed { path, what: format!("{what}; its content differs from the hashing pass") },
-        None => LayerError::ContentDiffers { path, recorded, actual },
+        None => LayerError::ContentDiffers(Box::new(ContentDiffers { path, recorded, actual })),
     }
 }
 
@@ -578,8 +586,8 @@ mod tests {
         )
         .unwrap_err();
         match &e {
-            LayerError::ContentDiffers { path, recorded, actual } => {
-                assert_eq!((path, *recorded, *actual), (&f, Some(old[0]), new[0]));
+            LayerError::ContentDiffers(d) => {
+                assert_eq!(**d, ContentDiffers { path: f.clone(), recorded: Some(old[0]), actual: new[0] });
             }
             e => panic!("{e}"),
         }
