@@ -1043,7 +1043,7 @@ impl Lookup for CacheUse<'_> {
         if self.blobs.compression() != Compression::None {
             entries.push(c.entry_path(&crate::engine::cache::blob_key(&key, self.blobs.compression())));
         }
-        let origin = crate::engine::Origin::Cache { dir: c.dir().to_path_buf(), entries };
+        let origin = crate::engine::Origin::Cache { dir: c.dir().to_path_buf(), entries, nar_hash: nar.is_some() };
         Some(Hashed { digest: hit.digest, blob, unchanged_before_ns, files: Some(hit.files), origin })
     }
 }

@@ -29,8 +29,9 @@ pub enum Origin {
     /// A layer annotation of the image `--cache-from` names.
     CacheFrom(String),
     /// Entries of the digest cache (`--cache DIR`): the layer's, and for an
-    /// encoded blob its blob's.
-    Cache { dir: PathBuf, entries: Vec<PathBuf> },
+    /// encoded blob its blob's; `nar_hash` when keyed by the store paths'
+    /// narHashes (else by the files' identities).
+    Cache { dir: PathBuf, entries: Vec<PathBuf>, nar_hash: bool },
 }
 
 impl Origin {
@@ -112,16 +113,31 @@ impl WrongDigest {
                  owner and mtime settings, or leave it out",
                 p.display()
             ),
+            // Keys made of narHashes match when the paths are what Nix
+            // registered: a right digest can also meet a store path that
+            // was modified since, which only Nix can tell.
             Origin::CacheFrom(r) => format!(
-                "{r} does not describe these store paths: push without --cache-from {r}, or name an image \
-                 nixstream pushed of this build"
+                "{r} does not describe these store paths (or they no longer have the content their narHash says: \
+                 `nix-store --verify-path` checks): push without --cache-from {r}, or name an image nixstream \
+                 pushed of this build"
             ),
-            Origin::Cache { entries, .. } => match forget(entries) {
-                Ok(()) => "the entry was removed from the cache, so running again hashes this layer".to_string(),
-                Err((p, e)) => {
-                    format!("remove {} by hand (it could not be removed: {e}), or run without --cache", p.display())
+            Origin::Cache { entries, nar_hash, .. } => {
+                let verify = if *nar_hash {
+                    " (it was keyed by narHash: if it was right, the store path no longer has the content Nix \
+                     registered, which `nix-store --verify-path` checks)"
+                } else {
+                    ""
+                };
+                match forget(entries) {
+                    Ok(()) => {
+                        format!("the entry was removed from the cache, so running again hashes this layer{verify}")
+                    }
+                    Err((p, e)) => format!(
+                        "remove {} by hand (it could not be removed: {e}), or run without --cache{verify}",
+                        p.display()
+                    ),
                 }
-            },
+            }
         };
         WrongDigest { layer, paths, origin, promised, found, advice }
     }
@@ -150,7 +166,7 @@ mod tests {
         std::fs::create_dir(d.path().join("ab")).unwrap();
         std::fs::write(&entry, b"entry").unwrap();
         let gone = d.path().join("ab").join("never-there");
-        let origin = Origin::Cache { dir: d.path().to_path_buf(), entries: vec![entry.clone(), gone] };
+        let origin = Origin::Cache { dir: d.path().to_path_buf(), entries: vec![entry.clone(), gone], nar_hash: false };
         let promised = LayerDigest { size: 10240, sha256: [0xaa; 32] };
         let actual = LayerDigest { size: 20480, sha256: [0xbb; 32] };
         let e = WrongDigest::new(
