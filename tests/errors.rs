@@ -361,7 +361,7 @@ fn a_stale_layer_digest_file_is_named_not_the_store() {
     let err = fails_with_known_digests(&f, &file);
     for needle in [
         format!("layer 1 (['{}'])", f.pkg.display()),
-        format!("the digest from --known-digests file {} is wrong for this layer", file.display()),
+        format!("the digest from the layer digest file {} is wrong for this layer", file.display()),
         format!("{} has xxh3", f.pkg.join("readme").display()),
         "no file of the layer changed since it was listed".into(),
         format!("regenerate {} with `nixstream layer-digest`", file.display()),
@@ -384,7 +384,7 @@ fn a_layer_digest_file_with_a_wrong_diff_id_names_both_digests() {
     std::fs::write(&file, v.to_string()).unwrap();
     let err = fails_with_known_digests(&f, &file);
     for needle in [
-        format!("--known-digests file {}", file.display()),
+        format!("the layer digest file {}", file.display()),
         format!("it promises {wrong}, {size} bytes, but the layer tar streamed is {real}, {size} bytes"),
         format!("regenerate {}", file.display()),
     ] {

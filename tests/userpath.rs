@@ -310,7 +310,7 @@ fn library_layer_digest_derivations_are_used_checked_and_rebuilt_alone() {
     // Blamed on the digest file, not on the store.
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(err.contains("nixstream-data") && err.contains("is wrong for this layer"), "{err}");
-    assert!(err.contains(&format!("--known-digests file {}", copy.join("digests").display())), "{err}");
+    assert!(err.contains(&format!("the layer digest file {}", copy.join("digests").display())), "{err}");
     assert!(!err.contains("changed while"), "{err}");
     let partial = tmp.path().join("partial.tar");
     std::fs::write(&partial, &bad.stdout).unwrap();

@@ -45,7 +45,7 @@ impl std::fmt::Display for Origin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Origin::ThisRun => write!(f, "this run's hashing pass"),
-            Origin::DigestFile(p) => write!(f, "--known-digests file {}", p.display()),
+            Origin::DigestFile(p) => write!(f, "the layer digest file {}", p.display()),
             Origin::CacheFrom(r) => write!(f, "--cache-from {r} (its layer annotation)"),
             Origin::Cache { dir, .. } => write!(f, "the digest cache {}", dir.display()),
         }
@@ -197,7 +197,11 @@ mod tests {
         let found = Found::File { path: "/nix/store/x-a/f".into(), recorded: Some(1), actual: 2 };
         let file = WrongDigest::new(1, "[]".into(), Origin::DigestFile("/d/1.json".into()), promised, found.clone());
         let m = file.to_string();
-        assert!(m.contains("--known-digests file /d/1.json") && m.contains("regenerate /d/1.json"), "{m}");
+        assert!(
+            m.contains("the digest from the layer digest file /d/1.json is wrong")
+                && m.contains("regenerate /d/1.json"),
+            "{m}"
+        );
         assert!(m.contains(&format!("/nix/store/x-a/f has xxh3 {:032x} where the record says {:032x}", 2, 1)), "{m}");
         let from = WrongDigest::new(1, "[]".into(), Origin::CacheFrom("r.example/app:1".into()), promised, found);
         let m = from.to_string();
