@@ -65,16 +65,18 @@ pub enum Found {
 
 impl std::fmt::Display for Found {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const LAYER: &str = "and no file of the layer changed since it was listed";
+        const FILE: &str = "though that file has not changed since it was listed";
         match self {
             Found::Bytes { what, actual: Some(a) } => {
-                write!(f, "the {what} streamed is sha256:{}, {} bytes", a.hex(), a.size)
+                write!(f, "the {what} streamed is sha256:{}, {} bytes, {LAYER}", a.hex(), a.size)
             }
-            Found::Bytes { what, actual: None } => write!(f, "the {what} streamed runs past that size"),
+            Found::Bytes { what, actual: None } => write!(f, "the {what} streamed runs past that size, {LAYER}"),
             Found::File { path, recorded: Some(r), actual } => {
-                write!(f, "{} has xxh3 {actual:032x} where the record says {r:032x}", path.display())
+                write!(f, "{} has xxh3 {actual:032x} where the record says {r:032x}, {FILE}", path.display())
             }
             Found::File { path, recorded: None, actual } => {
-                write!(f, "{} (xxh3 {actual:032x}) is past the files the record has", path.display())
+                write!(f, "{} (xxh3 {actual:032x}) is past the files the record has, {FILE}", path.display())
             }
         }
     }
@@ -84,8 +86,7 @@ impl std::fmt::Display for Found {
 #[derive(Debug, thiserror::Error)]
 #[error(
     "layer {layer} ({paths}): the digest from {origin} is wrong for this layer: it promises sha256:{}, {} bytes, \
-     but {found}, and no file of the layer changed since it was listed; {advice}; the output was stopped before \
-     it could become an image",
+     but {found}; {advice}; the output was stopped before it could become an image",
     promised.hex(),
     promised.size
 )]
