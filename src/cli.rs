@@ -792,6 +792,7 @@ fn push_image(
         nar_hashes: &nar_hashes,
         compression,
         hints: hints.into_iter().map(|h| (h.key.clone(), h)).collect(),
+        from: a.cache_from.clone().unwrap_or_default(),
     };
 
     let progress = Progress::new(if quiet { Mode::Quiet } else { Mode::Plain }, n);
@@ -825,8 +826,22 @@ fn push_image(
         known,
         ..Default::default()
     };
-    let (pushed, summary) =
-        crate::engine::run(&plan, &opts, &progress, |engine| session.push(engine, &say).map_err(anyhow::Error::from))?;
+    let push_once = || {
+        crate::engine::run(&plan, &opts, &progress, |engine| session.push(engine, &say).map_err(anyhow::Error::from))
+    };
+    // A wrong digest-cache entry is removed when it is found, and the
+    // registry keeps nothing of its blob: the next try hashes that layer.
+    // Each try removes an entry, so there are at most as many as layers.
+    let mut tries = 0;
+    let (pushed, summary) = loop {
+        match push_once() {
+            Err(e) if tries < n && wrong_cache_entry_removed(&e) => {
+                let _ = writeln!(io::stderr(), "nixstream: warning: {e}; pushing again without that entry");
+                tries += 1;
+            }
+            r => break r?,
+        }
+    };
     progress.finish();
     cache.store(&summary);
     say(&format!("pushed {dest}: {pushed}"));
@@ -848,6 +863,17 @@ fn push_image(
     Ok(())
 }
 
+/// Whether `e` is a digest-cache entry found wrong by the streaming pass,
+/// and removed since.
+fn wrong_cache_entry_removed(e: &anyhow::Error) -> bool {
+    let engine = e.downcast_ref::<EngineError>().or_else(|| match e.downcast_ref() {
+        Some(crate::dest::registry::RegistryError::Engine { source, .. }) => Some(source),
+        _ => None,
+    });
+    let Some(EngineError::WrongDigest(w)) = engine else { return false };
+    matches!(&w.origin, crate::engine::Origin::Cache { entries, .. } if entries.iter().all(|p| !p.exists()))
+}
+
 /// The digest cache, then `--cache-from`'s hints: a store layer whose
 /// content key (as the engine makes it for [`crate::engine::image::LayerInfo::key`])
 /// is annotated on a layer of that image takes its digests from there.  The
@@ -860,6 +886,8 @@ struct HintLookup<'a> {
     nar_hashes: &'a HashMap<String, String>,
     compression: Compression,
     hints: HashMap<String, crate::dest::registry::CacheHint>,
+    /// `--cache-from`'s reference, for an error if a hint is wrong.
+    from: String,
 }
 
 impl Lookup for HintLookup<'_> {
@@ -885,6 +913,7 @@ impl Lookup for HintLookup<'_> {
             blob: (self.compression != Compression::None).then_some(blob),
             unchanged_before_ns: i128::MIN,
             files: None,
+            origin: crate::engine::Origin::CacheFrom(self.from.clone()),
         })
     }
 }
@@ -1010,7 +1039,12 @@ impl Lookup for CacheUse<'_> {
         // A narHash key says nothing of the files' ctimes: every file is
         // read and checked.
         let unchanged_before_ns = if nar.is_some() { i128::MIN } else { hit.unchanged_before_ns };
-        Some(Hashed { digest: hit.digest, blob, unchanged_before_ns, files: Some(hit.files) })
+        let mut entries = vec![c.entry_path(&key)];
+        if self.blobs.compression() != Compression::None {
+            entries.push(c.entry_path(&crate::engine::cache::blob_key(&key, self.blobs.compression())));
+        }
+        let origin = crate::engine::Origin::Cache { dir: c.dir().to_path_buf(), entries, nar_hash: nar.is_some() };
+        Some(Hashed { digest: hit.digest, blob, unchanged_before_ns, files: Some(hit.files), origin })
     }
 }
 

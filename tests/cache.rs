@@ -184,17 +184,32 @@ fn an_entry_whose_files_no_longer_match_stops_the_archive() {
     let body = d.len() - 32;
     let sum = <sha2::Sha256 as sha2::Digest>::digest(&d[..body]);
     d[body..].copy_from_slice(&sum);
-    std::fs::write(&new[0], &d).unwrap();
     // Read and copied; then, once bin/tool is settled enough to be spliced
-    // into the output pipe, read and checked before it is spliced.
+    // into the output pipe, read and checked before it is spliced.  The
+    // error blames the entry, not the store, and the entry is removed.
     for (how, wait) in [("--no-splice", 0), ("--jobs=2", 2100)] {
+        std::fs::write(&new[0], &d).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(wait));
         let out = bin().args(["stream", "-q", how, "--cache"]).arg(&f.cache).arg(&f.conf).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{how}: {err}");
-        assert!(err.contains("bin/tool") && err.contains("differs"), "{how}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{how}: {err}");
+        for needle in [
+            "layer 2 (",
+            &format!("the digest from the digest cache {} is wrong for this layer", f.cache.display()),
+            "bin/tool has xxh3",
+            "the entry was removed from the cache",
+        ] {
+            assert!(err.contains(needle), "{how}: {needle:?} in {err}");
+        }
+        assert!(!err.contains("changed while"), "{how}: nothing changed: {err}");
+        assert!(!new[0].exists(), "{how}: the wrong entry is gone");
         assert!(!nixstream::read::verify::verify(&out.stdout[..], "out").is_ok_and(|r| r.ok()), "{how}");
     }
+    // So the next run hashes the layer and is right.
+    let (again, stats) = stream_stats(&f.conf, Some(&f.cache), &[]);
+    assert_eq!(again, fresh);
+    assert_eq!(stats["layers_from_cache"], 1, "only the other layer hit: {stats}");
 }
 
 fn hex_to_bytes(h: &str) -> [u8; 32] {

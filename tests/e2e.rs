@@ -333,8 +333,13 @@ fn what_a_failed_run_leaves_is_refused_by_every_client() {
     // load anywhere.
     let stale = LayerDigest { size: 10240, sha256: [0x22; 32] };
     let mut known = vec![None; plan.layers.len()];
-    known[2] =
-        Some(nixstream::engine::Hashed { digest: stale, blob: None, unchanged_before_ns: i128::MIN, files: None });
+    known[2] = Some(nixstream::engine::Hashed {
+        digest: stale,
+        blob: None,
+        unchanged_before_ns: i128::MIN,
+        files: None,
+        origin: Default::default(),
+    });
     let mut out = Vec::new();
     let e = write_archive(
         &plan,

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use common::{bin, conf_json, golden_dir, golden_tree, make_customisation};
 use nixstream::dest::docker_archive::write_archive;
 use nixstream::engine::digest::LayerDigest;
-use nixstream::engine::{EngineError, EngineOptions, Hashed};
+use nixstream::engine::{EngineError, EngineOptions, Hashed, Origin};
 use nixstream::input::conf::Conf;
 use nixstream::input::isotime::DateTime;
 use nixstream::output::progress::{Mode, Progress};
@@ -241,7 +241,16 @@ fn content_changed_between_passes_stops_before_manifest() {
     let mut out = Vec::new();
     let opts = EngineOptions {
         jobs: 2,
-        known: vec![Some(Hashed { digest: stale, blob: None, unchanged_before_ns: i128::MIN, files: None }), None],
+        known: vec![
+            Some(Hashed {
+                digest: stale,
+                blob: None,
+                unchanged_before_ns: i128::MIN,
+                files: None,
+                origin: Default::default(),
+            }),
+            None,
+        ],
         ..Default::default()
     };
     let e = write_archive(&plan, &mut out, &opts, &Progress::new(Mode::Quiet, 0)).unwrap_err();
@@ -304,6 +313,138 @@ fn file_vanishing_after_listing_is_named() {
     let mut out = Vec::new();
     let e = stream_failing(&plan, 1, &mut out);
     assert!(e.to_string().contains("bin/tool") && e.to_string().contains("removed"), "{e}");
+}
+
+// --- Digests from outside that are wrong ----------------------------------
+
+impl Fixture {
+    /// `nixstream layer-digest` of the pkg layer (with `extra` owner
+    /// settings) into `name`: its path and JSON.
+    fn layer_digest(&self, name: &str, extra: &[&str]) -> (PathBuf, serde_json::Value) {
+        let file = self.root.join(name);
+        let out = bin()
+            .args(["layer-digest", "-q", "--store-dir"])
+            .arg(&self.store)
+            .args(extra)
+            .arg(&self.pkg)
+            .arg("-o")
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        (file, v)
+    }
+}
+
+/// `stream --known-digests FILE` that fails: one line, exit 1, nothing
+/// loadable, and not blamed on the store; the line.
+fn fails_with_known_digests(f: &Fixture, file: &Path) -> String {
+    let out = bin().args(["stream", "-q", "--known-digests"]).arg(file).arg(f.conf(&f.good())).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "exit status; stderr: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(!err.contains("changed while") && !err.contains("panicked"), "{err}");
+    assert!(!loadable(&out.stdout), "stdout is a loadable archive");
+    err
+}
+
+/// A layer digest file made from other content than the store path has
+/// here (another build of it, or the file is stale): the error names the
+/// file, the layer and the file of the layer whose hash differs, and says
+/// to regenerate it; nothing changed in the store.
+#[test]
+fn a_stale_layer_digest_file_is_named_not_the_store() {
+    let f = fixture();
+    let (file, _) = f.layer_digest("pkg.json", &[]);
+    std::fs::write(f.pkg.join("readme"), b"ho\n").unwrap();
+    let err = fails_with_known_digests(&f, &file);
+    for needle in [
+        format!("layer 1 (['{}'])", f.pkg.display()),
+        format!("the digest from the layer digest file {} is wrong for this layer", file.display()),
+        format!("{} has xxh3", f.pkg.join("readme").display()),
+        "though that file has not changed since it was listed".into(),
+        format!("regenerate {} with `nixstream layer-digest`", file.display()),
+    ] {
+        assert!(err.contains(&needle), "{needle:?} in {err}");
+    }
+}
+
+/// Without per-file hashes the layer is hashed again while streaming: a
+/// wrong diff_id is named beside the layer's real one.
+#[test]
+fn a_layer_digest_file_with_a_wrong_diff_id_names_both_digests() {
+    let f = fixture();
+    let (file, mut v) = f.layer_digest("pkg.json", &[]);
+    let real = v["diff_id"].as_str().unwrap().to_string();
+    let size = v["size"].as_u64().unwrap();
+    let wrong = format!("sha256:{}", "ab".repeat(32));
+    v["files"] = serde_json::json!([]);
+    v["diff_id"] = serde_json::json!(wrong);
+    std::fs::write(&file, v.to_string()).unwrap();
+    let err = fails_with_known_digests(&f, &file);
+    for needle in [
+        format!("the layer digest file {}", file.display()),
+        format!("it promises {wrong}, {size} bytes, but the layer tar streamed is {real}, {size} bytes"),
+        format!("regenerate {}", file.display()),
+    ] {
+        assert!(err.contains(&needle), "{needle:?} in {err}");
+    }
+}
+
+/// A layer digest file made for another owner does not describe this
+/// image's layer: it is not used (the layer is hashed here), and the image
+/// is right.
+#[test]
+fn a_layer_digest_file_for_another_owner_is_not_used() {
+    let f = fixture();
+    let (file, _) = f.layer_digest("pkg-1000.json", &["--uid", "1000", "--uname", "app"]);
+    let conf = f.conf(&f.good());
+    let out = bin().args(["stream", "-q", "--stats", "--known-digests"]).arg(&file).arg(&conf).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("\"layers_from_cache\":0"), "{err}");
+    assert!(out.stdout == streams_ok(&conf), "the same bytes as without it");
+}
+
+/// A store file that really changed after the listing (same size, mtime
+/// put back: only its ctime tells) stays a change of the store, with a
+/// digest from outside too, whether the layer is checked file by file or
+/// whole.
+#[test]
+fn a_file_changed_under_a_digest_from_outside_is_still_a_change() {
+    let f = fixture();
+    let plan = plan_of(&f);
+    let summary = nixstream::engine::hash_only(
+        &plan,
+        &EngineOptions { jobs: 2, ..Default::default() },
+        &Progress::new(Mode::Quiet, 0),
+    )
+    .unwrap();
+    let readme = f.pkg.join("readme");
+    let mtime = std::fs::metadata(&readme).unwrap().modified().unwrap();
+    // Past the clock's granularity, so the ctime moves.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let mut w = std::fs::OpenOptions::new().write(true).open(&readme).unwrap();
+    std::io::Write::write_all(&mut w, b"ho\n").unwrap();
+    w.set_modified(mtime).unwrap();
+    drop(w);
+    for files in [None, summary.files[0].clone()] {
+        let per_file = files.is_some();
+        let known = Hashed {
+            digest: summary.digests[0],
+            blob: None,
+            unchanged_before_ns: i128::MIN,
+            files,
+            origin: Origin::DigestFile(f.root.join("pkg.json")),
+        };
+        let opts = EngineOptions { jobs: 2, known: vec![Some(known), None], ..Default::default() };
+        let mut out = Vec::new();
+        let e = write_archive(&plan, &mut out, &opts, &Progress::new(Mode::Quiet, 0)).unwrap_err().to_string();
+        assert!(e.contains(&format!("{} changed while the image was being written", readme.display())), "{e}");
+        assert!(e.contains("ctime moved") && !e.contains("pkg.json"), "per file {per_file}: {e}");
+        assert!(!loadable(&out));
+    }
 }
 
 #[test]

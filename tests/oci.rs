@@ -265,7 +265,13 @@ fn a_layer_that_changed_between_the_passes_stops_before_the_index() {
     for c in [Compression::Gzip, Compression::Zstd, Compression::None] {
         let stale = LayerDigest { size: 4096, sha256: [0x33; 32] };
         let mut known = vec![None; plan.layers.len()];
-        known[1] = Some(Hashed { digest: stale, blob: Some(stale), unchanged_before_ns: i128::MIN, files: None });
+        known[1] = Some(Hashed {
+            digest: stale,
+            blob: Some(stale),
+            unchanged_before_ns: i128::MIN,
+            files: None,
+            origin: Default::default(),
+        });
         let opts = EngineOptions { jobs: 2, blobs: Blobs::Encoded(c), known, ..Default::default() };
         let progress = Progress::new(Mode::Quiet, 0);
         let mut out = Vec::new();
@@ -283,6 +289,56 @@ fn a_layer_that_changed_between_the_passes_stops_before_the_index() {
             .unwrap_or_default();
         assert!(!names.iter().any(|n| n == "index.json"), "{c:?}: {names:?}");
     }
+}
+
+/// A digest from outside whose blob is right but whose diff_id is not (an
+/// annotation or config that lies about it): the plain tar is hashed too
+/// while its blob is streamed, and the error names where the digest came
+/// from and both diff_ids, before `index.json`.
+#[test]
+fn a_digest_from_outside_with_the_right_blob_and_a_wrong_diff_id_is_caught() {
+    use nixstream::dest::{oci_archive, tarstream::with_tar_stream};
+    use nixstream::engine::digest::LayerDigest;
+    use nixstream::engine::image::Compression;
+    use nixstream::engine::{Blobs, EngineError, EngineOptions, Hashed, Origin};
+    use nixstream::output::progress::{Mode, Progress};
+    golden_tree();
+    let conf = nixstream::input::conf::Conf::load(&golden_dir().join("cases/grouped/conf.json"), None).unwrap();
+    let plan = nixstream::plan::ImagePlan::from_conf(&conf).unwrap();
+    let progress = Progress::new(Mode::Quiet, 0);
+    let blobs = Blobs::Encoded(Compression::Gzip);
+    let right = nixstream::engine::hash_only(&plan, &EngineOptions { jobs: 2, blobs, ..Default::default() }, &progress)
+        .unwrap();
+    let lie = LayerDigest { size: right.digests[1].size, sha256: [0x44; 32] };
+    let mut known = vec![None; plan.layers.len()];
+    known[1] = Some(Hashed {
+        digest: lie,
+        blob: right.blobs[1],
+        unchanged_before_ns: i128::MIN,
+        files: None,
+        origin: Origin::CacheFrom("registry.example/app:1".into()),
+    });
+    let opts = EngineOptions { jobs: 2, blobs, known, ..Default::default() };
+    let mut out = Vec::new();
+    let r = nixstream::engine::run(&plan, &opts, &progress, |engine| {
+        with_tar_stream(&mut out, None, &progress, |tar| oci_archive::write(engine, tar))
+    });
+    let Err(e) = r else { panic!("a wrong diff_id must fail") };
+    assert!(matches!(e, EngineError::WrongDigest(_)), "{e}");
+    let msg = e.to_string();
+    for needle in [
+        "layer 2 (".to_string(),
+        "--cache-from registry.example/app:1".to_string(),
+        format!("it promises sha256:{}", "44".repeat(32)),
+        format!("the layer tar streamed is sha256:{}, {} bytes", right.digests[1].hex(), right.digests[1].size),
+    ] {
+        assert!(msg.contains(&needle), "{needle:?} in {msg}");
+    }
+    let names: Vec<String> = tar::Archive::new(&out[..])
+        .entries()
+        .map(|es| es.filter_map(|e| e.ok()).map(|e| String::from_utf8_lossy(&e.path_bytes()).into_owned()).collect())
+        .unwrap_or_default();
+    assert!(!names.iter().any(|n| n == "index.json"), "{names:?}");
 }
 
 /// With the digests known from the cache there is no hashing pass: the

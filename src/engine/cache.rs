@@ -16,7 +16,11 @@
 //! settled before the run that stored the entry
 //! ([`CachedLayer::unchanged_before_ns`]), which are spliced into an
 //! output pipe unread (their unchanged ctime is the proof, as for the files
-//! a run hashes itself; see [`crate::output::splice`]).  Entries are written to a temporary file and renamed
+//! a run hashes itself; see [`crate::output::splice`]).  A hit whose digest
+//! the streamed bytes do not have, though no file of the layer changed, is a
+//! wrong entry: the run stops with an error saying so
+//! ([`crate::engine::origin::WrongDigest`]) and removes the entry, so the
+//! next run hashes the layer again.  Entries are written to a temporary file and renamed
 //! into place, so runs sharing the directory never see half an entry.
 
 use std::io::{self, Write};
@@ -127,7 +131,13 @@ impl DigestCache {
         Ok(DigestCache { dir: dir.to_path_buf() })
     }
 
-    fn path(&self, key: &[u8; 32]) -> PathBuf {
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The file holding the entry for `key` (present or not).
+    pub fn entry_path(&self, key: &[u8; 32]) -> PathBuf {
         let h = hex(key);
         self.dir.join(&h[..2]).join(&h)
     }
@@ -136,13 +146,13 @@ impl DigestCache {
     /// files.  Anything else (absent, unreadable, torn, corrupt, another
     /// file count) is a miss.
     pub fn get(&self, key: &[u8; 32], files: usize) -> Option<CachedLayer> {
-        let data = read_entry(&self.path(key), max_entry_len(files))?;
+        let data = read_entry(&self.entry_path(key), max_entry_len(files))?;
         decode(&data, key).filter(|c| c.files.len() == files)
     }
 
     /// Stores an entry.
     pub fn put(&self, key: &[u8; 32], layer: &CachedLayer) -> Result<(), CacheError> {
-        let path = self.path(key);
+        let path = self.entry_path(key);
         let parent = path.parent().expect("entry paths have a parent");
         let err = |source| CacheError::Io { path: parent.to_path_buf(), source };
         std::fs::create_dir_all(parent).map_err(err)?;
@@ -245,7 +255,7 @@ mod tests {
         assert_eq!(c.get(&key, 3), Some(layer.clone()));
         assert_eq!(c.get(&key, 4), None, "another file count is a miss");
         // Every single flipped byte and every truncation is a miss.
-        let p = c.path(&key);
+        let p = c.entry_path(&key);
         let good = std::fs::read(&p).unwrap();
         for i in 0..good.len() {
             let mut bad = good.clone();
@@ -271,7 +281,7 @@ mod tests {
             unchanged_before_ns: 0,
         };
         c.put(&key, &layer).unwrap();
-        let p = c.path(&key);
+        let p = c.entry_path(&key);
         let good = std::fs::read(&p).unwrap();
         assert_eq!(c.get(&key, 1), Some(layer.clone()));
         // A link to the entry itself is not followed.

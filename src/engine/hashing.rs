@@ -17,6 +17,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use crate::engine::digest::LayerDigest;
 use crate::engine::image::Compression;
+use crate::engine::origin::{Origin, WrongDigest};
 use crate::engine::source;
 use crate::output::progress::Progress;
 use crate::output::splice::{Changed, Policy};
@@ -41,6 +42,10 @@ pub enum EngineError {
          become an image"
     )]
     DigestMismatch { layer: usize, paths: String, expected: String, expected_size: u64, became: String },
+    /// A digest from outside this run (see [`crate::engine::origin`]) that
+    /// the layer's bytes do not have, though none of its files changed.
+    #[error(transparent)]
+    WrongDigest(Box<WrongDigest>),
     #[error("writing the output failed: {0}")]
     Output(#[source] std::io::Error),
     #[error("layer {layer}: writing its blob failed: {what}")]
@@ -84,6 +89,10 @@ pub struct Hashed {
     /// `None` for a digest known without them, which the streaming pass then
     /// verifies by hashing the whole layer with sha256 again.
     pub files: Option<Vec<u128>>,
+    /// Where these digests came from: a mismatch in the streaming pass is
+    /// the store's fault for this run's own, the source's for one from
+    /// outside.
+    pub origin: Origin,
 }
 
 /// Hashing-pass results, published by workers, awaited by the writer.
@@ -148,12 +157,14 @@ pub struct EngineOptions<'a> {
     pub jobs: usize,
     pub blobs: Blobs,
     /// Digests already known for some store layers (by plan index), e.g.
-    /// from a cache: those layers skip the hashing pass.  The streaming pass
-    /// still verifies them, so a stale digest stops the output before it
-    /// becomes an image instead of producing a lying one.
+    /// from layer digest files: those layers skip the hashing pass.  The
+    /// streaming pass still verifies them, so a stale digest stops the output
+    /// before it becomes an image instead of producing a lying one; their
+    /// [`Hashed::origin`] is what the error then names.
     pub known: Vec<Option<Hashed>>,
     /// Digests looked up once each layer is listed (the digest cache, keyed
-    /// by the listing): a hit skips that layer's hashing pass, as `known`.
+    /// by the listing; `--cache-from`'s annotations): a hit skips that
+    /// layer's hashing pass, as `known`, and names its [`Hashed::origin`].
     pub lookup: Option<&'a dyn Lookup>,
     /// Splice big files of plain (uncompressed) blobs into the output pipe
     /// instead of copying them (see [`crate::output::splice`]): unread where

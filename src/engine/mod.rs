@@ -16,6 +16,7 @@ pub mod config;
 pub mod digest;
 pub mod hashing;
 pub mod image;
+pub mod origin;
 pub mod source;
 
 use std::io::Write;
@@ -29,6 +30,7 @@ use crate::plan::{ImagePlan, PlannedLayer};
 use crate::render::sink::LayerOut;
 
 pub use crate::engine::hashing::{BlobSink, BlobWriter, Blobs, EngineError, EngineOptions, Hashed, Lookup};
+pub use crate::engine::origin::Origin;
 
 /// What a run learnt, for the digest cache and for reports.
 #[derive(Debug, Clone)]
@@ -128,7 +130,13 @@ impl Engine<'_> {
 
     /// Digests known from the plan alone, without a hashing pass.
     fn known_digests(&self, i: usize) -> Option<Hashed> {
-        let known = |digest: LayerDigest| Hashed { digest, blob: None, unchanged_before_ns: i128::MIN, files: None };
+        let known = |digest: LayerDigest| Hashed {
+            digest,
+            blob: None,
+            unchanged_before_ns: i128::MIN,
+            files: None,
+            origin: origin::Origin::ThisRun,
+        };
         match (self.opts.blobs, &self.plan.layers[i]) {
             (Blobs::DockerArchive, PlannedLayer::Base { index }) => {
                 let bl = &self.plan.base.as_ref().expect("base layer without base").layers[*index];

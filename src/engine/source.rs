@@ -15,12 +15,14 @@ use crate::engine::compress::Encoder;
 use crate::engine::digest::{HashSink, LayerDigest, OverrunError, VerifyingWriter};
 use crate::engine::hashing::{BlobWriter, Blobs, EngineError, EngineOptions, Hashed, Slots};
 use crate::engine::image::Compression;
+use crate::engine::origin::{Found, Origin, WrongDigest};
 use crate::output::splice::Policy;
 use crate::plan::{Customisation, ImagePlan, PlannedLayer};
 use crate::read::baseimage::BaseError;
 use crate::render::layer::{FileCheck, Identity, LayerError};
 use crate::render::segment::render_layer;
-use crate::render::sink::LayerOut;
+use crate::render::sink::{FileRef, LayerOut};
+use crate::store::walk::Listing;
 
 /// The line the reference prints before writing layer `i` (0-based).
 pub(crate) fn describe(plan: &ImagePlan, i: usize) -> String {
@@ -145,7 +147,7 @@ pub(crate) fn hash(
         if let Some(w) = copy {
             w.commit(&blob.unwrap_or(digest)).map_err(|e| EngineError::Sink { layer: num, what: e.to_string() })?;
         }
-        Ok(Hashed { digest, blob, unchanged_before_ns, files })
+        Ok(Hashed { digest, blob, unchanged_before_ns, files, origin: Origin::ThisRun })
     };
     match &plan.layers[i] {
         PlannedLayer::Store { listing, owner, .. } => {
@@ -209,16 +211,28 @@ pub(crate) fn write_blob(
         _ => {}
     }
     let expected = if c == Compression::None { h.digest } else { h.blob.expect("an encoded layer's blob digest") };
+    let what = match c {
+        Compression::None => "layer tar".to_string(),
+        c => format!("{} blob", c.name()),
+    };
     let paths = plan.history_paths(layer);
-    let mismatch = |actual: Option<LayerDigest>| mismatch(num, &paths, expected, actual);
+    let mut listed: Option<&Listing> = None;
+    let mismatch = |listed: Option<&Listing>, promised: LayerDigest, what: &str, actual: Option<LayerDigest>| {
+        mismatch(num, &paths, h, listed, promised, Found::Bytes { what: what.to_string(), actual })
+    };
     // Uncompressed, with per-file hashes: each file is checked by its
     // xxh3 (or spliced, by metadata), the layer by its size only.
     let per_file = c == Compression::None && h.files.is_some();
     let mut v = if per_file { VerifyingWriter::size_only(out, expected) } else { VerifyingWriter::new(out, expected) };
     let mut enc = Encoder::new(&mut v, c, s.readers).map_err(|source| EngineError::Compress { layer: num, source })?;
+    // An encoded blob's digest from outside vouches for the blob, not for
+    // the diff_id that came with it: the plain tar is hashed too.
+    let mut plain =
+        PlainHash { out: &mut enc, hash: (c != Compression::None && h.origin.is_outside()).then(HashSink::new) };
     match layer {
         PlannedLayer::Store { listing, owner, .. } => {
             let listing = listing.get(s.readers).map_err(|source| EngineError::Walk { layer: num, source })?;
+            listed = Some(listing);
             let owner = owner.as_ref().unwrap_or(&plan.owner);
             let policy =
                 if c == Compression::None { s.splice.map(|p| p.unread_before(h.unchanged_before_ns)) } else { None };
@@ -226,42 +240,124 @@ pub(crate) fn write_blob(
                 Some(f) => FileCheck::Verify(f, policy),
                 None => FileCheck::Off,
             };
-            match render_layer(listing, owner, &mut enc, check, Some(&s.slots.abort), s.readers) {
+            match render_layer(listing, owner, &mut plain, check, Some(&s.slots.abort), s.readers) {
                 Ok(_) => {}
                 Err(LayerError::Aborted) => {
                     return Err(s.slots.first_error().unwrap_or(EngineError::Worker("aborted".into())))
                 }
-                Err(LayerError::Output(e)) if is_overrun(&e) => return Err(mismatch(None)),
+                Err(LayerError::Output(e)) if is_overrun(&e) => return Err(mismatch(listed, expected, &what, None)),
+                Err(LayerError::ContentDiffers(d)) => {
+                    let found = Found::File { path: d.path, recorded: d.recorded, actual: d.actual };
+                    return Err(self::mismatch(num, &paths, h, None, h.digest, found));
+                }
                 Err(source) => return Err(EngineError::Layer { layer: num, source }),
             }
         }
-        PlannedLayer::Base { index } => base_plain(plan, *index, &mut enc)?,
-        PlannedLayer::Customisation(cust) => copy_customisation(cust, &mut enc)?,
+        PlannedLayer::Base { index } => base_plain(plan, *index, &mut plain)?,
+        PlannedLayer::Customisation(cust) => copy_customisation(cust, &mut plain)?,
     }
+    let plain = plain.hash.map(HashSink::finish);
     match enc.finish() {
         Ok(_) => {}
-        Err(e) if is_overrun(&e) => return Err(mismatch(None)),
+        Err(e) if is_overrun(&e) => return Err(mismatch(listed, expected, &what, None)),
         Err(source) => return Err(EngineError::Compress { layer: num, source }),
     }
     if let Err(m) = v.finish() {
-        return Err(mismatch(Some(m.actual)));
+        return Err(mismatch(listed, expected, &what, Some(m.actual)));
+    }
+    if let Some(actual) = plain.filter(|p| *p != h.digest) {
+        return Err(mismatch(listed, h.digest, "layer tar", Some(actual)));
     }
     Ok(h.files.clone())
+}
+
+/// The plain tar on its way into the encoder, hashed when `hash` is set.
+struct PlainHash<'a, W: LayerOut> {
+    out: &'a mut W,
+    hash: Option<HashSink>,
+}
+
+impl<W: LayerOut> Write for PlainHash<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_all(buf).map(|_| buf.len())
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        if let Some(h) = &mut self.hash {
+            h.write_all(buf)?;
+        }
+        self.out.write_all(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+impl<W: LayerOut> LayerOut for PlainHash<'_, W> {
+    // Bytes that bypass `write` would bypass the hash: only without one.
+    fn read_into(&mut self, fd: std::os::fd::BorrowedFd<'_>, max: usize) -> Option<io::Result<&[u8]>> {
+        match self.hash {
+            None => self.out.read_into(fd, max),
+            Some(_) => None,
+        }
+    }
+
+    fn pass_file(&mut self, file: FileRef) -> io::Result<()> {
+        match self.hash {
+            None => self.out.pass_file(file),
+            Some(_) => {
+                Err(io::Error::other(format!("{}: a hashed layer takes no file by reference", file.path.display())))
+            }
+        }
+    }
 }
 
 fn is_overrun(e: &io::Error) -> bool {
     e.get_ref().is_some_and(|r| r.is::<OverrunError>())
 }
 
-fn mismatch(layer: usize, paths: &[String], expected: LayerDigest, actual: Option<LayerDigest>) -> EngineError {
+/// The error for layer `layer`'s bytes that are not what `h` promised
+/// (`promised`: its plain tar's or its blob's digest).  For digests from
+/// this run, the store changed between the passes.  For digests from
+/// outside, the store changed only if a file of the layer is no longer what
+/// the listing saw (`listed`, looked at again now; `None` when a file's own
+/// check already found it unchanged); else the digest is wrong.
+fn mismatch(
+    layer: usize,
+    paths: &[String],
+    h: &Hashed,
+    listed: Option<&Listing>,
+    promised: LayerDigest,
+    found: Found,
+) -> EngineError {
+    if h.origin.is_outside() {
+        if let Some((path, what)) = listed.and_then(Listing::first_changed) {
+            return EngineError::Layer { layer, source: LayerError::Changed { path, what } };
+        }
+        return EngineError::WrongDigest(Box::new(WrongDigest::new(
+            layer,
+            repr_str_list(paths),
+            h.origin.clone(),
+            promised,
+            found,
+        )));
+    }
+    let actual = match found {
+        Found::Bytes { actual, .. } => actual,
+        Found::File { path, .. } => {
+            let what = "its content differs from the hashing pass".to_string();
+            return EngineError::Layer { layer, source: LayerError::Changed { path, what } };
+        }
+    };
     EngineError::DigestMismatch {
         layer,
         paths: repr_str_list(paths),
-        expected: expected.hex(),
-        expected_size: expected.size,
+        expected: promised.hex(),
+        expected_size: promised.size,
         became: match actual {
             Some(a) => format!("became sha256:{}, {} bytes", a.hex(), a.size),
-            None => format!("grew past {} bytes", expected.size),
+            None => format!("grew past {} bytes", promised.size),
         },
     }
 }

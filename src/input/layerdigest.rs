@@ -10,7 +10,9 @@
 //! A match is never trusted blindly, as a digest-cache hit is not: the file
 //! carries each file's xxh3-128, and the streaming pass compares every file
 //! it writes with them (a file without them: it hashes the whole layer with
-//! sha256 again), stopping before `manifest.json` on any difference.  As
+//! sha256 again), stopping before `manifest.json` on any difference, with
+//! an error naming the file the digest came from
+//! ([`crate::engine::origin::WrongDigest`]).  As
 //! with the cache, trust the files as you trust the store they come from: a
 //! forged file with matching per-file hashes can name a wrong diff_id.
 
@@ -21,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::engine::digest::LayerDigest;
 use crate::engine::hashing::Hashed;
 use crate::engine::image::Compression;
+use crate::engine::origin::Origin;
 use crate::plan::{ImagePlan, PlannedLayer};
 use crate::render::layer::Owner;
 
@@ -56,6 +59,10 @@ pub struct LayerDigestFile {
     /// The layer's compressed blobs, for the OCI outputs.
     #[serde(default)]
     pub blobs: Vec<BlobDigest>,
+    /// The file this was read from (empty for one made here): what an error
+    /// names when the digest turns out wrong for the layer.
+    #[serde(skip)]
+    pub source: PathBuf,
 }
 
 /// A compressed layer blob's digest.
@@ -103,6 +110,7 @@ impl LayerDigestFile {
             size: digest.size,
             files: files.iter().map(|h| format!("{h:032x}")).collect(),
             blobs: Vec::new(),
+            source: PathBuf::new(),
         }
     }
 
@@ -169,8 +177,9 @@ pub fn read_all(paths: &[PathBuf]) -> Result<Vec<LayerDigestFile>, LayerDigestEr
 
 fn read_one(path: &Path) -> Result<LayerDigestFile, LayerDigestError> {
     let text = std::fs::read(path).map_err(|source| LayerDigestError::Read { path: path.to_path_buf(), source })?;
-    let f: LayerDigestFile = serde_json::from_slice(&text)
+    let mut f: LayerDigestFile = serde_json::from_slice(&text)
         .map_err(|e| LayerDigestError::Invalid { path: path.to_path_buf(), what: e.to_string() })?;
+    f.source = path.to_path_buf();
     if f.file_hashes().is_none() {
         return Err(LayerDigestError::Invalid {
             path: path.to_path_buf(),
@@ -215,7 +224,13 @@ pub fn known_for(plan: &ImagePlan, files: &[LayerDigestFile], compression: Compr
                     // for their ctimes).
                     let files = f.file_hashes().filter(|h| !h.is_empty());
                     let blob = f.blob(compression)?;
-                    Some(Hashed { digest: f.digest()?, blob, unchanged_before_ns: i128::MIN, files })
+                    Some(Hashed {
+                        digest: f.digest()?,
+                        blob,
+                        unchanged_before_ns: i128::MIN,
+                        files,
+                        origin: Origin::DigestFile(f.source.clone()),
+                    })
                 })
             }
             _ => None,

@@ -86,10 +86,25 @@ pub enum LayerError {
     Read { path: PathBuf, source: io::Error },
     #[error("{path} changed while the image was being written ({what}); rebuild or retry when the store is quiet")]
     Changed { path: PathBuf, what: String },
+    /// A file's content does not have its recorded xxh3 ([`FileCheck::Verify`]),
+    /// though the file is still what the listing saw, ctime included: the
+    /// record is what is wrong when it came from outside this run (the
+    /// engine says so, naming where it came from).  `recorded` is `None`
+    /// when the record has fewer files than the layer.
+    #[error("{}: its content (xxh3 {:032x}) is not what was recorded for it", .0.path.display(), .0.actual)]
+    ContentDiffers(Box<ContentDiffers>),
     #[error("writing the output failed: {0}")]
     Output(#[source] io::Error),
     #[error("stopped because another part of the image failed")]
     Aborted,
+}
+
+/// A file whose content hashed to `actual`, not to the `recorded` xxh3-128.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContentDiffers {
+    pub path: PathBuf,
+    pub recorded: Option<u128>,
+    pub actual: u128,
 }
 
 /// Buffers reused across layers by one worker.
@@ -219,8 +234,9 @@ pub fn write_entries<W: LayerOut>(
                     FileCheck::Off => {}
                     FileCheck::Record(v, _) => v.push(hashed),
                     FileCheck::Verify(v, _) => {
-                        if v.get(file_no) != Some(&hashed) {
-                            return Err(content_differs(path));
+                        let recorded = v.get(file_no).copied();
+                        if recorded != Some(hashed) {
+                            return Err(content_differs(e, path, &file, recorded, hashed));
                         }
                     }
                 }
@@ -256,16 +272,24 @@ fn pass_on<W: LayerOut>(
     if !policy.unread(e) {
         let hashed = copy_file(e, path, &file, &mut Counting { out: &mut io::sink(), written: 0 }, buf, true)?;
         if recorded != Some(hashed) {
-            return Err(content_differs(path));
+            return Err(content_differs(e, path, &file, recorded, hashed));
         }
     }
     out.pass_file(FileRef { fd: file.into(), len: e.size, path: path_buf(), seen }).map_err(LayerError::Output)
 }
 
-fn content_differs(path: &[u8]) -> LayerError {
-    LayerError::Changed {
-        path: PathBuf::from(std::ffi::OsStr::from_bytes(path)),
-        what: "its content differs from the hashing pass".into(),
+/// A file whose content hashed to `actual`, not `recorded`: [`LayerError::Changed`]
+/// if it is no longer what the listing saw (ctime included: a write moves
+/// it), else [`LayerError::ContentDiffers`], the record's fault.
+fn content_differs(e: &Entry, path: &[u8], file: &File, recorded: Option<u128>, actual: u128) -> LayerError {
+    let path = PathBuf::from(std::ffi::OsStr::from_bytes(path));
+    let now = match fsat::fstat(file.as_fd()) {
+        Ok(st) => st,
+        Err(source) => return LayerError::Read { path, source },
+    };
+    match Seen::of(e).differs(&now, true) {
+        Some(what) => LayerError::Changed { path, what: format!("{what}; its content differs from the hashing pass") },
+        None => LayerError::ContentDiffers(Box::new(ContentDiffers { path, recorded, actual })),
     }
 }
 
@@ -529,5 +553,43 @@ mod tests {
         .unwrap_err();
         assert!(matches!(&e, LayerError::Changed { path, .. } if path == &f), "{e}");
         assert!(e.to_string().contains("differs from the hashing pass"), "{e}");
+    }
+
+    /// Hashes recorded from other content than the file had when it was
+    /// listed (a record from outside the run) are the record's fault, not a
+    /// change: the file is still what the listing saw.
+    #[test]
+    fn a_record_of_other_content_is_not_a_change() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("pkg");
+        std::fs::create_dir(&p).unwrap();
+        let f = p.join("data");
+        std::fs::write(&f, vec![1u8; 5000]).unwrap();
+        let record = |listing: &Listing| {
+            let mut files = Vec::new();
+            let check = FileCheck::Record(&mut files, Identity::Checked);
+            write_store_layer(listing, &Owner::test_root(), &mut HashSink::new(), &mut Scratch::default(), check, None)
+                .unwrap();
+            files
+        };
+        let old = record(&list_layer(std::slice::from_ref(&p), 2).unwrap());
+        std::fs::write(&f, vec![2u8; 5000]).unwrap();
+        let listing = list_layer(std::slice::from_ref(&p), 2).unwrap();
+        let new = record(&listing);
+        let e = write_store_layer(
+            &listing,
+            &Owner::test_root(),
+            &mut Vec::new(),
+            &mut Scratch::default(),
+            FileCheck::Verify(&old, None),
+            None,
+        )
+        .unwrap_err();
+        match &e {
+            LayerError::ContentDiffers(d) => {
+                assert_eq!(**d, ContentDiffers { path: f.clone(), recorded: Some(old[0]), actual: new[0] });
+            }
+            e => panic!("{e}"),
+        }
     }
 }

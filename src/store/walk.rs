@@ -150,6 +150,25 @@ impl Listing {
         &self.arena[e.link.0..e.link.1]
     }
 
+    /// The first file that is no longer what the listing saw (identity,
+    /// size, mtime, ctime), and how; looked up by absolute path.  What tells
+    /// a file that changed under a run from a digest that was wrong for it
+    /// all along, once a layer's bytes failed their check: only a file's
+    /// content is read by the passes (names, modes and links come from the
+    /// listing), and any write moves its ctime.
+    pub fn first_changed(&self) -> Option<(PathBuf, String)> {
+        let mut name = CName::default();
+        self.entries.iter().filter(|e| e.kind == Kind::File).find_map(|e| {
+            let path = self.path(e);
+            let what = match name.set(path).and_then(|c| fsat::lstat(None, c)) {
+                Ok(st) => Seen::of(e).differs(&st, true)?,
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => "it was removed".into(),
+                Err(err) => format!("it cannot be examined: {err}"),
+            };
+            Some((PathBuf::from(OsStr::from_bytes(path)), what))
+        })
+    }
+
     /// Appends the entry at `path` (base name from `base`) of `kind`, with
     /// its symlink target `link`; returns its index.
     fn push(&mut self, path: &[u8], base: usize, parent: u32, st: &Stat, kind: Kind, link: &[u8]) -> u32 {
