@@ -54,6 +54,10 @@ pub enum StableError {
     NoBudget,
     #[error("joint planning needs at least two images, found {0}")]
     JointNeedsTwo(usize),
+    #[error(
+        "a layer budget of {0} is too small to plan jointly: the shared paths and each image's own need a layer each"
+    )]
+    JointNeedsBudget(usize),
     #[error("image {image} gives {path} other references than image {first} does (two different stores?)")]
     JointMismatch { image: usize, first: usize, path: String },
 }
@@ -486,7 +490,10 @@ pub fn plan(
         let share = (budget as f64 * pool_bytes as f64 / total.max(1) as f64).round() as usize;
         let want = pool.len().min(share.max(2)).min(budget);
         let free = budget.saturating_sub(kept.len());
-        let must = (kept.len() + usize::from(!pool.is_empty())).saturating_sub(budget);
+        // Layers let go need a layer too, so more kept layers than the
+        // budget leaves room for (a smaller --max-layers) go as well.
+        let need_room = !pool.is_empty() || kept.len() > budget;
+        let must = (kept.len() + usize::from(need_room)).saturating_sub(budget);
         let mut above: Vec<usize> = (0..kept.len()).filter(|&j| kept_at[j] > first_break).collect();
         above.sort_by_key(|&j| (kept[j].size, Reverse(j)));
         let mut go: Vec<usize> = above.into_iter().take(want.saturating_sub(free)).collect();
@@ -504,11 +511,12 @@ pub fn plan(
             for &i in go.iter().rev() {
                 released.push(kept.remove(i));
             }
-            notes.push(format!(
-                "let go of {} of the previous layers ({bytes} bytes of paths) to make room for {} new or moved paths within {budget} layers",
-                go.len(),
-                pool.len()
-            ));
+            let why = if pool.is_empty() {
+                format!("to fit within {budget} layers")
+            } else {
+                format!("to make room for {} new or moved paths within {budget} layers", pool.len())
+            };
+            notes.push(format!("let go of {} of the previous layers ({bytes} bytes of paths) {why}", go.len()));
         }
     }
     let slots = budget - kept.len();
@@ -548,7 +556,7 @@ pub fn plan_joint(
         return Err(StableError::JointNeedsTwo(graphs.len()));
     }
     if budget < 2 {
-        return Err(StableError::NoBudget);
+        return Err(StableError::JointNeedsBudget(budget));
     }
     // One graph of every path (each image's view of a path must agree).
     let mut union = ClosureGraph::default();
@@ -761,6 +769,45 @@ mod tests {
         assert_eq!(p.kept, 3, "{:?}", p.layers);
         assert_eq!(p.layers[..3], [prev[0].clone(), prev[2].clone(), prev[4].clone()]);
         assert_eq!(p.layers.len(), 5);
+    }
+
+    #[test]
+    fn a_smaller_budget_than_the_previous_plan_is_kept() {
+        // The same closure, a previous plan of six layers, a budget of 3:
+        // two previous layers stay, the rest share the third.
+        let g = sample();
+        let prev: Vec<Vec<String>> = g.nodes.iter().map(|n| vec![n.path.clone()]).collect();
+        let p = plan(&g, &HashSet::new(), 3, Some(&prev)).unwrap();
+        every_path_once(&g, &p.layers);
+        assert_eq!(p.layers.len(), 3, "{:?}", p.layers);
+        assert_eq!(p.kept, 2);
+        assert!(p.notes[0].contains("to fit within 3 layers"), "{:?}", p.notes);
+    }
+
+    #[test]
+    fn layers_are_stacked_by_odds_of_change_per_byte() {
+        // Two paths only the app uses: a big one that changes rarely and a
+        // small one that changes often.  Volatility order would put the
+        // big one on top (its closure is the more volatile: it pulls in a
+        // volatile helper); a host pulls less with the small one on top.
+        let g = ClosureGraph {
+            nodes: vec![
+                node("a1-app", &["b1-big", "s1-small"], 10),
+                node("b1-big", &["h1-helper"], 10_000_000),
+                node("h1-helper", &[], 10),
+                node("s1-small", &[], 10),
+            ],
+        };
+        let p = plan(&g, &HashSet::new(), 3, None).unwrap();
+        every_path_once(&g, &p.layers);
+        let gg = Graph::new(&g);
+        let at = |name: &str| p.layers.iter().position(|l| l.iter().any(|x| x.ends_with(name))).unwrap();
+        let v = |name: &str| {
+            let i = gg.paths.iter().position(|x| x.ends_with(name)).unwrap();
+            gg.volatility(&gg.sketch[i])
+        };
+        assert!(v("b1-big") > v("s1-small"), "the case needs the two orders to disagree");
+        assert!(at("s1-small") > at("b1-big"), "{:?}", p.layers);
     }
 
     #[test]
