@@ -1050,6 +1050,18 @@ fn cli_push_default_cache() {
     assert!(notes[0].starts_with("nixstream: note: no digest cache") && notes[0].contains("a-file"), "{err}");
     let (_, err) = cli_push_in(&[("XDG_CACHE_HOME", Some(&file))], &["-q", conf, &dest]);
     assert!(err.is_empty(), "{err}");
+    // A default whose entries cannot be written (every entry directory's
+    // name taken by a file): the same, at store time.
+    let blocked = tmp.path().join("blocked");
+    std::fs::create_dir_all(blocked.join("nixstream")).unwrap();
+    for i in 0..256 {
+        std::fs::write(blocked.join(format!("nixstream/{i:02x}")), b"").unwrap();
+    }
+    let (_, err) = cli_push_in(&[("XDG_CACHE_HOME", Some(&blocked))], &[conf, &dest]);
+    let notes: Vec<&str> = err.lines().filter(|l| l.contains("note:") || l.contains("warning:")).collect();
+    assert!(notes.len() == 1 && notes[0].starts_with("nixstream: note: digest cache"), "{err}");
+    let (_, err) = cli_push_in(&[("XDG_CACHE_HOME", Some(&blocked))], &["-q", conf, &dest]);
+    assert!(err.is_empty(), "{err}");
     // An explicit --cache that cannot be used: a warning, as for `stream`.
     let (_, err) = cli_push_in(&[], &["-q", "--cache", file.to_str().unwrap(), conf, &dest]);
     assert!(err.starts_with("nixstream: warning: digest cache") && err.lines().count() == 1, "{err}");
