@@ -962,6 +962,37 @@ fn tree_state(dir: &Path) -> Vec<(PathBuf, u64, std::time::SystemTime)> {
     out
 }
 
+/// `push` run by a real `nix-build` (no sandbox, so it reaches the loopback
+/// registry; `$HOME` is Nix's `/homeless-shelter`, no XDG variable): the
+/// push succeeds without a cache and says nothing about one, twice (the
+/// second run hashes again: there was no cache to fill).
+#[test]
+#[ignore = "needs docker-registry and nix: run scripts/test"]
+fn cli_push_inside_a_nix_build() {
+    common::golden_tree();
+    let reg = Registry::start(false);
+    let conf = common::golden_dir().join("cases/grouped/conf.json");
+    let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    for run in 0..2 {
+        let expr = format!(
+            r#"derivation {{ name = "nixstream-push-in-a-build"; system = builtins.currentSystem; builder = "/bin/sh"; nonce = "{nonce}-{run}"; args = [ "-c" "echo HOME=$HOME XDG_CACHE_HOME=$XDG_CACHE_HOME >$out; {} push --stats {} docker://{}/nix-build/app:1 2>>$out" ]; }}"#,
+            env!("CARGO_BIN_EXE_nixstream"),
+            conf.display(),
+            reg.host()
+        );
+        let out = nix_build(&["-E", &expr]);
+        let err = std::fs::read_to_string(&out).unwrap();
+        eprintln!("{err}");
+        let line = err.lines().find_map(|l| l.strip_prefix("nixstream: stats ")).expect("a stats line");
+        let s: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(s["layers_from_cache"].as_u64(), Some(0), "{s}");
+        assert_eq!(s["layers_uploaded"].as_u64(), Some(if run == 0 { 3 } else { 0 }), "{s}");
+        assert!(err.starts_with("HOME=/homeless-shelter XDG_CACHE_HOME=\n"), "{err}");
+        assert!(!err.contains("note:") && !err.contains("warning:"), "{err}");
+    }
+    assert!(!Path::new("/homeless-shelter").exists());
+}
+
 /// Without `--cache`, `push` and `image --push` keep digests in
 /// `$XDG_CACHE_HOME/nixstream`, else `$HOME/.cache/nixstream`: an unchanged
 /// second push takes every store layer's digests from there (nothing hashed,
