@@ -1382,7 +1382,7 @@ fn cli_push_of_a_nix_closure() {
     assert_eq!(s["manifest_uploaded"], false);
     assert!(reg.uploads_since(mark).is_empty(), "{:?}", reg.uploads_since(mark));
 
-    // A new top store path; a fresh machine (no --cache), --cache-from the
+    // A new top store path; a fresh machine (--no-cache), --cache-from the
     // first push.
     let expr = format!(
         r#"let c = import {}; in derivation {{ name = "nixstream-app-2"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "/bin/mkdir -p $out/bin; printf '#!${{c.busybox}}/bin/sh\necho v2\n' > $out/bin/app; /bin/chmod 555 $out/bin/app" ]; }}"#,
@@ -1397,7 +1397,9 @@ fn cli_push_of_a_nix_closure() {
         .arg(&trace)
         .arg(env!("CARGO_BIN_EXE_nixstream"))
         .env("NIX_REMOTE", "local")
-        .args(["push", "--stats"])
+        .env_remove("HOME")
+        .env_remove("XDG_CACHE_HOME")
+        .args(["push", "--stats", "--no-cache"])
         .arg(&conf2)
         .arg(format!("docker://{}/e2e/app:2", reg.host()))
         .args(["--cache-from", &format!("docker://{dest}")])
