@@ -102,7 +102,7 @@ const EXAMPLES_DIGEST: &str = "Examples:
   nixstream digest --json --cache ~/.cache/nixstream conf.json";
 const EXAMPLES_PUSH: &str = "Examples:
   nixstream push ./result docker://registry.example.com/team/app:1.0
-  nixstream push --cache ~/.cache/nixstream --cache-from docker://registry.example.com/team/app:main ./result docker://registry.example.com/team/app:pr-42
+  nixstream push --cache-from docker://registry.example.com/team/app:main ./result docker://registry.example.com/team/app:pr-42
   echo \"$TOKEN\" | nixstream push --creds ci --password-stdin ./result docker://localhost:5000/app:latest
   nixstream image /nix/store/...-app --push docker://registry.example.com/team/app:1.0";
 const EXAMPLES_VERIFY: &str = "Examples:
@@ -394,9 +394,12 @@ pub struct RunArgs {
     /// Print what the run did (layers from the cache, bytes spliced, blobs written) as one JSON line on stderr at the end.
     #[arg(long)]
     pub stats: bool,
-    /// Keep layer digests in DIR, so a later run skips the hashing pass for layers whose files are unchanged (keyed by narHash when the closure gives one, else by every file's identity; every file is still checked while streaming). Safe to share between runs.
+    /// Keep layer digests in DIR, so a later run skips the hashing pass for layers whose files are unchanged (keyed by narHash when the closure gives one, else by every file's identity; every file is still checked while streaming). Safe to share between runs. A push uses $XDG_CACHE_HOME/nixstream (~/.cache/nixstream) without it; see docs/cache.md.
     #[arg(long, value_name = "DIR")]
     pub cache: Option<PathBuf>,
+    /// No digest cache, not even a push's default one.
+    #[arg(long, conflicts_with = "cache")]
+    pub no_cache: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -775,7 +778,10 @@ fn push_image(
         }
     };
     let blobs = Blobs::Encoded(compression);
-    let cache = CacheUse::new(&plan, run.cache.as_deref(), &nar_hashes, blobs)?;
+    let cache = match (&run.cache, run.no_cache) {
+        (Some(_), _) | (None, true) => CacheUse::new(&plan, run.cache.as_deref(), &nar_hashes, blobs)?,
+        (None, false) => CacheUse::default_for_push(&plan, &nar_hashes, blobs, quiet),
+    };
     let hints = match &a.cache_from {
         Some(from) => {
             let from = Reference::parse(from)?;
@@ -799,7 +805,7 @@ fn push_image(
     // A layer the registry has is never streamed, so nothing would confirm
     // its files for the digest cache: with a cache, the hashing pass checks
     // them itself (as `digest` does), and every push fills the cache.
-    let check_in_hashing_pass = run.cache.is_some();
+    let check_in_hashing_pass = cache.lookup().is_some();
     let known =
         if known.is_empty() { Vec::new() } else { crate::input::layerdigest::known_for(&plan, known, compression) };
     let push_opts = registry::PushOptions {
@@ -951,7 +957,14 @@ struct CacheUse<'p> {
     /// Taken before any layer is listed: what entries stored by this run
     /// vouch for ([`CachedLayer::unchanged_before_ns`]).
     settled_before_ns: i128,
+    /// The default directory of a push, not one the user named: a failure
+    /// to write it is a note (none with `-q`), not a warning.
+    default: Option<Quiet>,
 }
+
+/// Whether `-q` was given.
+#[derive(Debug, Clone, Copy)]
+struct Quiet(bool);
 
 impl<'p> CacheUse<'p> {
     /// Opens the cache.  One that cannot be used (not a directory, not
@@ -969,14 +982,46 @@ impl<'p> CacheUse<'p> {
                 None
             }
         });
-        Ok(CacheUse {
+        Ok(CacheUse::with(cache, plan, nar_hashes, blobs, None))
+    }
+
+    /// A push's default cache ([`crate::engine::cache::default_dir`]): none
+    /// where there is no home for it (a Nix build), and a push never fails
+    /// for it; one that cannot be made is one note, none with `-q`.
+    fn default_for_push(
+        plan: &'p ImagePlan,
+        nar_hashes: &'p HashMap<String, String>,
+        blobs: Blobs,
+        quiet: bool,
+    ) -> CacheUse<'p> {
+        let cache = crate::engine::cache::default_dir().and_then(|d| match DigestCache::open_default(&d) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                if !quiet {
+                    let _ = writeln!(io::stderr(), "nixstream: note: no digest cache: {e} (--no-cache or --cache DIR)");
+                }
+                None
+            }
+        });
+        CacheUse::with(cache, plan, nar_hashes, blobs, Some(Quiet(quiet)))
+    }
+
+    fn with(
+        cache: Option<DigestCache>,
+        plan: &'p ImagePlan,
+        nar_hashes: &'p HashMap<String, String>,
+        blobs: Blobs,
+        default: Option<Quiet>,
+    ) -> CacheUse<'p> {
+        CacheUse {
             cache,
             plan,
             nar_hashes,
             blobs,
             keys: std::sync::Mutex::new(vec![(None, false); plan.layers.len()]),
             settled_before_ns: crate::output::splice::settled_before_ns(std::time::SystemTime::now()),
-        })
+            default,
+        }
     }
 
     /// What the engine looks layers up in, with a cache.
@@ -1000,16 +1045,19 @@ impl<'p> CacheUse<'p> {
                 };
                 entries.push((*key, entry));
             }
-            if let (Some(blob), true) = (summary.blobs[i], summary.files[i].is_some()) {
+            // A hit had its blob entry already (else it was no hit).
+            if let (false, Some(blob), true) = (hit, summary.blobs[i], summary.files[i].is_some()) {
                 let bkey = crate::engine::cache::blob_key(key, self.blobs.compression());
                 entries.push((bkey, CachedLayer { digest: blob, files: Vec::new(), unchanged_before_ns: 0 }));
             }
             for (k, entry) in entries {
                 if let Err(e) = c.put(&k, &entry) {
-                    let _ = writeln!(
-                        io::stderr(),
-                        "nixstream: warning: {e} (the image is complete; the next run hashes again)"
-                    );
+                    let line = match self.default {
+                        None => format!("warning: {e} (the image is complete; the next run hashes again)"),
+                        Some(Quiet(true)) => return,
+                        Some(Quiet(false)) => format!("note: {e} (the push is complete; --no-cache or --cache DIR)"),
+                    };
+                    let _ = writeln!(io::stderr(), "nixstream: {line}");
                     return;
                 }
             }

@@ -269,3 +269,27 @@ fn a_warm_oci_run_knows_the_compressed_digests() {
     // Two layer entries, and a blob entry per layer and compression.
     assert_eq!(entries(&f.cache).len(), 2 + 2 * 2);
 }
+
+/// Only the pushing commands default to a cache: `stream` and `digest` with
+/// a home and an XDG cache directory still make no cache there (a second
+/// run hashes again), and write the same bytes.
+#[test]
+fn stream_and_digest_use_no_default_cache() {
+    let f = fixture();
+    let home = f.root.join("home");
+    std::fs::create_dir(&home).unwrap();
+    let xdg = f.root.join("xdg");
+    let plain = stream(&f.conf, None);
+    for _ in 0..2 {
+        for env in [vec![("HOME", &home)], vec![("HOME", &home), ("XDG_CACHE_HOME", &xdg)]] {
+            let out = bin().envs(env.clone()).args(["stream", "-q", "--stats"]).arg(&f.conf).output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{err}");
+            assert_eq!(out.stdout, plain);
+            assert!(err.contains("\"layers_from_cache\":0"), "{err}");
+            let out = bin().envs(env).args(["digest", "-q"]).arg(&f.conf).output().unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    assert!(!xdg.exists() && !home.join(".cache").exists());
+}

@@ -875,8 +875,14 @@ fn registry_killed_mid_push_then_rerun_finishes() {
 
 // ------------------------------------------------------- the command line
 
+/// The binary, with no home and no XDG cache directory: a push then has no
+/// default digest cache (as in a Nix build), so these tests never write into
+/// the real `~/.cache`, and a push without `--cache` hashes every layer as a
+/// fresh machine would.  Tests of the default cache set `XDG_CACHE_HOME`.
 fn nixstream() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_nixstream"))
+    let mut c = Command::new(env!("CARGO_BIN_EXE_nixstream"));
+    c.env_remove("HOME").env_remove("XDG_CACHE_HOME");
+    c
 }
 
 fn nix_build(args: &[&str]) -> PathBuf {
@@ -911,12 +917,221 @@ fn nix_conf(dir: &Path, name: &str, paths: &[PathBuf], cmd: &Path) -> PathBuf {
 
 /// Runs `nixstream push ... --stats`; returns the stats line's JSON.
 fn cli_push(args: &[&str]) -> serde_json::Value {
-    let out = nixstream().env("NIX_REMOTE", "local").arg("push").args(args).arg("--stats").output().unwrap();
+    cli_push_in(&[], args).0
+}
+
+/// As [`cli_push`], with `env` set (a `None` value removes the variable);
+/// returns the stats and the rest of stderr.
+fn cli_push_in(env: &[(&str, Option<&Path>)], args: &[&str]) -> (serde_json::Value, String) {
+    cli_run_in(env, &[&["push"], args].concat())
+}
+
+/// Runs `nixstream ARGS --stats` with `env`: the stats and the rest of stderr.
+fn cli_run_in(env: &[(&str, Option<&Path>)], args: &[&str]) -> (serde_json::Value, String) {
+    let mut c = nixstream();
+    for (k, v) in env {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    let out = c.env("NIX_REMOTE", "local").args(args).arg("--stats").output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "nixstream push {args:?} failed:\n{err}");
+    assert!(out.status.success(), "nixstream {args:?} failed:\n{err}");
     eprintln!("{err}");
     let line = err.lines().find_map(|l| l.strip_prefix("nixstream: stats ")).expect("a stats line");
-    serde_json::from_str(line).unwrap()
+    let rest = err.lines().filter(|l| !l.starts_with("nixstream: stats ")).collect::<Vec<_>>().join("\n");
+    (serde_json::from_str(line).unwrap(), rest)
+}
+
+/// Every file under `dir`, with its size and mtime: what a run changed there.
+fn tree_state(dir: &Path) -> Vec<(PathBuf, u64, std::time::SystemTime)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let m = e.metadata().unwrap();
+            if m.is_dir() {
+                todo.push(e.path());
+            }
+            out.push((e.path(), m.len(), m.modified().unwrap()));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `push` run by a real `nix-build` (no sandbox, so it reaches the loopback
+/// registry; `$HOME` is Nix's `/homeless-shelter`, no XDG variable): the
+/// push succeeds without a cache and says nothing about one, twice (the
+/// second run hashes again: there was no cache to fill).
+#[test]
+#[ignore = "needs docker-registry and nix: run scripts/test"]
+fn cli_push_inside_a_nix_build() {
+    common::golden_tree();
+    let reg = Registry::start(false);
+    let conf = common::golden_dir().join("cases/grouped/conf.json");
+    let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    for run in 0..2 {
+        let expr = format!(
+            r#"derivation {{ name = "nixstream-push-in-a-build"; system = builtins.currentSystem; builder = "/bin/sh"; nonce = "{nonce}-{run}"; args = [ "-c" "echo HOME=$HOME XDG_CACHE_HOME=$XDG_CACHE_HOME >$out; {} push --stats {} docker://{}/nix-build/app:1 2>>$out" ]; }}"#,
+            env!("CARGO_BIN_EXE_nixstream"),
+            conf.display(),
+            reg.host()
+        );
+        let out = nix_build(&["-E", &expr]);
+        let err = std::fs::read_to_string(&out).unwrap();
+        eprintln!("{err}");
+        let line = err.lines().find_map(|l| l.strip_prefix("nixstream: stats ")).expect("a stats line");
+        let s: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(s["layers_from_cache"].as_u64(), Some(0), "{s}");
+        assert_eq!(s["layers_uploaded"].as_u64(), Some(if run == 0 { 3 } else { 0 }), "{s}");
+        assert!(err.starts_with("HOME=/homeless-shelter XDG_CACHE_HOME=\n"), "{err}");
+        assert!(!err.contains("note:") && !err.contains("warning:"), "{err}");
+    }
+    assert!(!Path::new("/homeless-shelter").exists());
+}
+
+/// Without `--cache`, `push` and `image --push` keep digests in
+/// `$XDG_CACHE_HOME/nixstream`, else `$HOME/.cache/nixstream`: an unchanged
+/// second push takes every store layer's digests from there (nothing hashed,
+/// compressed or uploaded).  `--no-cache` leaves the directory alone.  With
+/// no home (unset, or Nix's `/homeless-shelter`) the push goes on without a
+/// cache and says nothing; a default directory that cannot be made costs
+/// one note (none with `-q`), never the push; an explicit `--cache` that
+/// cannot be used stays a warning.  Two pushes at once share it safely.
+#[test]
+#[ignore = "needs docker-registry: run scripts/test"]
+fn cli_push_default_cache() {
+    common::golden_tree();
+    let reg = Registry::start(false);
+    let tmp = tempfile::tempdir().unwrap();
+    let conf = common::golden_dir().join("cases/grouped/conf.json");
+    let conf = conf.to_str().unwrap();
+    let dest = format!("docker://{}/golden/default-cache:1", reg.host());
+    let xdg = tmp.path().join("xdg");
+    let with_xdg: &[(&str, Option<&Path>)] = &[("XDG_CACHE_HOME", Some(&xdg))];
+    let counts = |s: &serde_json::Value| {
+        ["layers_from_cache", "layers_uploaded", "layers_present", "layers_written"].map(|k| s[k].as_u64().unwrap())
+    };
+
+    // First push: everything hashed and uploaded, the cache made (private).
+    let (s, _) = cli_push_in(with_xdg, &["-q", conf, &dest]);
+    assert_eq!(counts(&s), [0, 3, 0, 3], "{s}");
+    let dir = xdg.join("nixstream");
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&dir).unwrap().permissions()) & 0o777, 0o700);
+    let filled = tree_state(&dir);
+    assert!(
+        filled.iter().filter(|(_, len, _)| *len > 0).count() >= 4,
+        "two store layers, two entries each: {filled:?}"
+    );
+
+    // Unchanged: both store layers' digests from the cache; nothing
+    // uploaded, nothing rendered, by the registry's log too.
+    let mark = reg.log().len();
+    let (s, _) = cli_push_in(with_xdg, &["-q", conf, &dest]);
+    assert_eq!(counts(&s), [2, 0, 3, 0], "{s}");
+    assert_eq!(s["manifest_uploaded"], false, "{s}");
+    assert!(reg.uploads_since(mark).is_empty(), "{:?}", reg.uploads_since(mark));
+    assert_eq!(tree_state(&dir), filled, "an unchanged push rewrote entries");
+
+    // --no-cache: the warm directory is neither read nor written, and a
+    // missing one is not made.
+    let (s, _) = cli_push_in(with_xdg, &["-q", "--no-cache", conf, &dest]);
+    assert_eq!(counts(&s)[..2], [0, 0], "{s}");
+    assert_eq!(tree_state(&dir), filled, "--no-cache touched the cache");
+    let unused = tmp.path().join("unused");
+    let (s, _) = cli_push_in(&[("XDG_CACHE_HOME", Some(&unused))], &["-q", "--no-cache", conf, &dest]);
+    assert_eq!(counts(&s)[0], 0, "{s}");
+    assert!(!unused.exists());
+    // Both is a usage error.
+    let out = nixstream().args(["push", "--no-cache", "--cache"]).arg(&dir).args([conf, &dest]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // $HOME/.cache/nixstream when XDG_CACHE_HOME is unset.
+    let home = tmp.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    let with_home: &[(&str, Option<&Path>)] = &[("HOME", Some(&home))];
+    assert_eq!(counts(&cli_push_in(with_home, &["-q", conf, &dest]).0)[0], 0);
+    assert_eq!(counts(&cli_push_in(with_home, &["-q", conf, &dest]).0)[0], 2);
+    assert!(home.join(".cache/nixstream").is_dir());
+
+    // No home, no XDG_CACHE_HOME (the helper's default): no cache, no word
+    // about it, twice.
+    for _ in 0..2 {
+        let (s, err) = cli_push_in(&[], &[conf, &dest]);
+        assert_eq!(counts(&s)[..2], [0, 0], "{s}");
+        assert!(!err.contains("note:") && !err.contains("warning:"), "{err}");
+    }
+    // A Nix build's home: not made, nothing said.
+    let shelter = Path::new("/homeless-shelter");
+    assert!(!shelter.exists(), "/homeless-shelter exists on this machine: Nix builds would fail here");
+    let (s, err) = cli_push_in(&[("HOME", Some(shelter))], &[conf, &dest]);
+    assert_eq!(counts(&s)[0], 0, "{s}");
+    assert!(!err.contains("note:") && !err.contains("warning:") && !shelter.exists(), "{err}");
+
+    // A default that cannot be made: one note, none with -q; the push done.
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, b"").unwrap();
+    let (s, err) = cli_push_in(&[("XDG_CACHE_HOME", Some(&file))], &[conf, &dest]);
+    assert_eq!(s["manifest_uploaded"], false, "{s}");
+    let notes: Vec<&str> = err.lines().filter(|l| l.contains("note:") || l.contains("warning:")).collect();
+    assert_eq!(notes.len(), 1, "{err}");
+    assert!(notes[0].starts_with("nixstream: note: no digest cache") && notes[0].contains("a-file"), "{err}");
+    let (_, err) = cli_push_in(&[("XDG_CACHE_HOME", Some(&file))], &["-q", conf, &dest]);
+    assert!(err.is_empty(), "{err}");
+    // A default whose entries cannot be written (every entry directory's
+    // name taken by a file): the same, at store time.
+    let blocked = tmp.path().join("blocked");
+    std::fs::create_dir_all(blocked.join("nixstream")).unwrap();
+    for i in 0..256 {
+        std::fs::write(blocked.join(format!("nixstream/{i:02x}")), b"").unwrap();
+    }
+    let (_, err) = cli_push_in(&[("XDG_CACHE_HOME", Some(&blocked))], &[conf, &dest]);
+    let notes: Vec<&str> = err.lines().filter(|l| l.contains("note:") || l.contains("warning:")).collect();
+    assert!(notes.len() == 1 && notes[0].starts_with("nixstream: note: digest cache"), "{err}");
+    let (_, err) = cli_push_in(&[("XDG_CACHE_HOME", Some(&blocked))], &["-q", conf, &dest]);
+    assert!(err.is_empty(), "{err}");
+    // An explicit --cache that cannot be used: a warning, as for `stream`.
+    let (_, err) = cli_push_in(&[], &["-q", "--cache", file.to_str().unwrap(), conf, &dest]);
+    assert!(err.starts_with("nixstream: warning: digest cache") && err.lines().count() == 1, "{err}");
+
+    // Two pushes at once into one fresh default cache: both complete, and
+    // a third finds whole entries (no torn or temporary file left).
+    let shared = tmp.path().join("shared");
+    let with_shared: &[(&str, Option<&Path>)] = &[("XDG_CACHE_HOME", Some(&shared))];
+    std::thread::scope(|s| {
+        let a = s.spawn(|| cli_push_in(with_shared, &["-q", conf, &format!("{dest}-a")]));
+        let b = s.spawn(|| cli_push_in(with_shared, &["-q", conf, &format!("{dest}-b")]));
+        a.join().unwrap();
+        b.join().unwrap();
+    });
+    let (s, _) = cli_push_in(with_shared, &["-q", conf, &dest]);
+    assert_eq!(counts(&s)[0], 2, "{s}");
+    for (p, _, _) in tree_state(&shared.join("nixstream")) {
+        let name = p.file_name().unwrap().to_str().unwrap();
+        assert!(name.bytes().all(|b| b.is_ascii_hexdigit()), "not an entry: {}", p.display());
+    }
+
+    // `image --push` uses it too: a closure of the golden tree's data-1.0.
+    let c: serde_json::Value = serde_json::from_slice(&std::fs::read(conf).unwrap()).unwrap();
+    let (store, data) = (c["store_dir"].as_str().unwrap(), &c["store_layers"][1][0]);
+    let graph = tmp.path().join("graph.json");
+    std::fs::write(&graph, serde_json::json!({"graph": [{"path": data, "references": [], "narSize": 1}]}).to_string())
+        .unwrap();
+    let image_xdg = tmp.path().join("image-xdg");
+    let push = format!("docker://{}/golden/image-default-cache:1", reg.host());
+    let image = || {
+        let args = ["image", "-q", "--store-dir", store, graph.to_str().unwrap(), "--push", &push];
+        cli_run_in(&[("XDG_CACHE_HOME", Some(&image_xdg))], &args).0
+    };
+    let s = image();
+    assert_eq!(counts(&s)[..2], [0, 2], "{s}");
+    // Both layers (the store path's, and the top one, made from an empty
+    // --contents listing) from the cache.
+    let s = image();
+    assert_eq!(counts(&s), [2, 0, 2, 0], "{s}");
 }
 
 /// Whether repository `repo` of `reg` links blob `digest` (`sha256:...`):
@@ -1167,7 +1382,7 @@ fn cli_push_of_a_nix_closure() {
     assert_eq!(s["manifest_uploaded"], false);
     assert!(reg.uploads_since(mark).is_empty(), "{:?}", reg.uploads_since(mark));
 
-    // A new top store path; a fresh machine (no --cache), --cache-from the
+    // A new top store path; a fresh machine (--no-cache), --cache-from the
     // first push.
     let expr = format!(
         r#"let c = import {}; in derivation {{ name = "nixstream-app-2"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "/bin/mkdir -p $out/bin; printf '#!${{c.busybox}}/bin/sh\necho v2\n' > $out/bin/app; /bin/chmod 555 $out/bin/app" ]; }}"#,
@@ -1182,7 +1397,9 @@ fn cli_push_of_a_nix_closure() {
         .arg(&trace)
         .arg(env!("CARGO_BIN_EXE_nixstream"))
         .env("NIX_REMOTE", "local")
-        .args(["push", "--stats"])
+        .env_remove("HOME")
+        .env_remove("XDG_CACHE_HOME")
+        .args(["push", "--stats", "--no-cache"])
         .arg(&conf2)
         .arg(format!("docker://{}/e2e/app:2", reg.host()))
         .args(["--cache-from", &format!("docker://{dest}")])

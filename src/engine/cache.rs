@@ -22,8 +22,14 @@
 //! ([`crate::engine::origin::WrongDigest`]) and removes the entry, so the
 //! next run hashes the layer again.  Entries are written to a temporary file and renamed
 //! into place, so runs sharing the directory never see half an entry.
+//!
+//! It also owns where `push` keeps the cache when given no directory
+//! ([`default_dir`]): the XDG cache directory, and none where there is no
+//! home of this user's to keep it in (a Nix build).
 
+use std::ffi::OsString;
 use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -124,10 +130,51 @@ pub fn blob_key(layer_key: &[u8; 32], c: crate::engine::image::Compression) -> [
     k.0.finalize().into()
 }
 
+/// The `$HOME` Nix gives a build: it must not exist, and nothing may
+/// create it (a build that does fails Nix's purity check afterwards).
+const NIX_BUILD_HOME: &str = "/homeless-shelter";
+
+/// The digest cache a push uses without `--cache`: `$XDG_CACHE_HOME/nixstream`,
+/// else `$HOME/.cache/nixstream`.  None when neither names a usable place:
+/// no `$HOME`, or Nix's `/homeless-shelter`, or a home that is not an
+/// existing directory owned by this user (`sudo` keeping another user's
+/// `$HOME`: entries owned by root there would be unwritable to its owner).
+/// Relative values are ignored, as the XDG base directory spec asks; the
+/// password database is not consulted for a missing `$HOME`, unlike the
+/// `dirs` crate, since a Nix build's passwd entry names its build directory.
+pub fn default_dir() -> Option<PathBuf> {
+    default_dir_in(|k| std::env::var_os(k), rustix::process::geteuid().as_raw())
+}
+
+fn default_dir_in(env: impl Fn(&str) -> Option<OsString>, euid: u32) -> Option<PathBuf> {
+    let absolute = |k: &str| env(k).map(PathBuf::from).filter(|p| p.is_absolute());
+    if let Some(xdg) = absolute("XDG_CACHE_HOME") {
+        return Some(xdg.join("nixstream"));
+    }
+    let home = absolute("HOME")?;
+    if home == Path::new(NIX_BUILD_HOME) {
+        return None;
+    }
+    let m = std::fs::metadata(&home).ok()?;
+    (m.is_dir() && m.uid() == euid).then(|| home.join(".cache").join("nixstream"))
+}
+
 impl DigestCache {
     /// Opens (creating it if need be) the cache directory.
     pub fn open(dir: &Path) -> Result<DigestCache, CacheError> {
         std::fs::create_dir_all(dir).map_err(|source| CacheError::Io { path: dir.to_path_buf(), source })?;
+        Ok(DigestCache { dir: dir.to_path_buf() })
+    }
+
+    /// Opens the default directory ([`default_dir`]), creating what is
+    /// missing of it private to this user (mode 0700, as the XDG spec asks
+    /// of the directories it names).
+    pub fn open_default(dir: &Path) -> Result<DigestCache, CacheError> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| CacheError::Io { path: dir.to_path_buf(), source })?;
         Ok(DigestCache { dir: dir.to_path_buf() })
     }
 
@@ -330,6 +377,57 @@ mod tests {
             good[i] ^= 1;
             proptest::prop_assert_eq!(decode_entry(&good, &key), None);
         }
+    }
+
+    #[test]
+    fn the_default_dir_follows_xdg_and_needs_a_home_of_ours() {
+        let d = tempfile::tempdir().unwrap();
+        let home = d.path().join("home");
+        std::fs::create_dir(&home).unwrap();
+        let uid = std::fs::metadata(&home).unwrap().uid();
+        let with = |vars: &[(&str, &Path)], euid: u32| {
+            let vars: Vec<(String, OsString)> =
+                vars.iter().map(|(k, v)| (k.to_string(), v.as_os_str().to_owned())).collect();
+            default_dir_in(|k| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()), euid)
+        };
+        let xdg = d.path().join("xdg");
+        assert_eq!(with(&[("XDG_CACHE_HOME", &xdg), ("HOME", &home)], uid), Some(xdg.join("nixstream")));
+        assert_eq!(with(&[("XDG_CACHE_HOME", &xdg)], uid), Some(xdg.join("nixstream")), "no HOME needed");
+        assert_eq!(with(&[("HOME", &home)], uid), Some(home.join(".cache/nixstream")));
+        // A relative XDG_CACHE_HOME is ignored; so is an empty one.
+        assert_eq!(
+            with(&[("XDG_CACHE_HOME", Path::new("rel")), ("HOME", &home)], uid),
+            Some(home.join(".cache/nixstream"))
+        );
+        assert_eq!(
+            with(&[("XDG_CACHE_HOME", Path::new("")), ("HOME", &home)], uid),
+            Some(home.join(".cache/nixstream"))
+        );
+        // No usable home: no default cache.
+        assert_eq!(with(&[], uid), None, "no HOME");
+        assert_eq!(with(&[("HOME", Path::new(""))], uid), None, "empty HOME");
+        assert_eq!(with(&[("HOME", Path::new("home"))], uid), None, "relative HOME");
+        assert_eq!(with(&[("HOME", Path::new(NIX_BUILD_HOME))], uid), None, "a Nix build");
+        assert_eq!(with(&[("HOME", &d.path().join("missing"))], uid), None, "HOME missing");
+        assert_eq!(with(&[("HOME", &home)], uid.wrapping_add(1)), None, "another user's HOME");
+        let file = d.path().join("file");
+        std::fs::write(&file, b"").unwrap();
+        assert_eq!(with(&[("HOME", &file)], uid), None, "HOME a file");
+    }
+
+    #[test]
+    fn the_default_dir_is_made_private() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("xdg/nixstream");
+        DigestCache::open_default(&dir).unwrap();
+        for p in [d.path().join("xdg"), dir.clone()] {
+            assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o700, "{}", p.display());
+        }
+        // Existing: opened as it is.
+        DigestCache::open_default(&dir).unwrap();
+        let file = d.path().join("file");
+        std::fs::write(&file, b"").unwrap();
+        assert!(DigestCache::open_default(&file.join("nixstream")).is_err());
     }
 
     #[test]
