@@ -73,7 +73,9 @@ fn rebuild(g: &ClosureGraph, changed: &HashSet<String>, salt: u64) -> ClosureGra
 fn main() {
     let mut args = std::env::args().skip(1);
     let file = args.next().expect("usage: plan_robustness GRAPH [MAX_LAYERS [TRIALS]]");
-    let budget = args.next().map(|a| a.parse::<usize>().unwrap()).unwrap_or(100) - 1;
+    let max_layers = args.next().map(|a| a.parse::<usize>().expect("MAX_LAYERS")).unwrap_or(100);
+    assert!(max_layers >= 2, "MAX_LAYERS must leave a store layer beside the customisation layer");
+    let budget = max_layers - 1;
     let trials: usize = args.next().map(|a| a.parse().unwrap()).unwrap_or(100);
     let g = ClosureGraph::load(Path::new(&file)).unwrap();
     let used: HashSet<&str> =

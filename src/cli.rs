@@ -232,7 +232,7 @@ pub struct LayeringChoice {
     /// The layer budget when no --auto-layer N is given, as `image --max-layers`: at most N layers in all, one of them the customisation layer.
     #[arg(long, default_value_t = 100, value_name = "N")]
     pub max_layers: usize,
-    /// The previous release's layers: a JSON list of lists (as `layers` prints) or an image (docker-archive or oci-archive file, or docker://REGISTRY/REPO:TAG). The stable planner keeps what it can of them; `plan` compares with them.
+    /// The previous release's layers: a JSON list of lists (as `layers` prints) or an image (docker-archive or oci-archive file, or docker://REGISTRY/REPO:TAG, read with the logins docker and podman keep). The stable planner keeps what it can of them; `plan` compares with them.
     #[arg(long, value_name = "PLAN|IMAGE")]
     pub previous: Option<PathBuf>,
     /// Plan every input as its own image, at once, so the paths all of them hold are the same bottom layers of each (stable planner).
@@ -698,6 +698,30 @@ fn push(a: &PushArgs) -> anyhow::Result<()> {
 }
 
 /// Plans the image for `conf` and pushes it (the registry destination).
+/// `--creds` (with `--password-stdin`, whose line is read once, whoever
+/// asks first: the push and `--previous` may both need it).
+fn explicit_credentials(a: &RegistryArgs) -> anyhow::Result<Option<crate::dest::registry::auth::Credentials>> {
+    use crate::dest::registry::auth;
+    static PASSWORD: std::sync::OnceLock<Result<String, String>> = std::sync::OnceLock::new();
+    let Some(c) = &a.creds else {
+        anyhow::ensure!(!a.password_stdin, "--password-stdin reads the password of --creds USER: give --creds");
+        return Ok(None);
+    };
+    let password = if a.password_stdin {
+        let line = PASSWORD.get_or_init(|| {
+            let mut line = String::new();
+            io::stdin()
+                .read_line(&mut line)
+                .map(|_| line.trim_end_matches(['\n', '\r']).to_string())
+                .map_err(|e| e.to_string())
+        });
+        Some(line.clone().map_err(|e| anyhow::anyhow!("reading the password from stdin: {e}"))?)
+    } else {
+        None
+    };
+    Ok(Some(auth::parse_creds(c, password)?))
+}
+
 /// `nar_hashes` (store path to narHash) key the layers; without them the
 /// local Nix is asked.
 fn push_image(
@@ -722,22 +746,7 @@ fn push_image(
             let _ = writeln!(io::stderr(), "nixstream: {line}");
         }
     };
-    let explicit = match &a.creds {
-        Some(c) => {
-            let password = if a.password_stdin {
-                let mut line = String::new();
-                io::stdin().read_line(&mut line).context("reading the password from stdin")?;
-                Some(line.trim_end_matches(['\n', '\r']).to_string())
-            } else {
-                None
-            };
-            Some(auth::parse_creds(c, password)?)
-        }
-        None => {
-            anyhow::ensure!(!a.password_stdin, "--password-stdin reads the password of --creds USER: give --creds");
-            None
-        }
-    };
+    let explicit = explicit_credentials(a)?;
     let files = auth::default_auth_files();
     // Explicit credentials, else those kept for `registry`.
     let credentials_for = |r: &Reference| -> anyhow::Result<Option<auth::Credentials>> {
@@ -1216,7 +1225,7 @@ struct Chosen {
 fn load_previous(
     file: Option<&Path>,
     closure: &ClosureGraph,
-    registry: Option<&RegistryArgs>,
+    registry: Option<&PreviousRegistry>,
 ) -> anyhow::Result<Option<Previous>> {
     let Some(file) = file else { return Ok(None) };
     let prev = match file.to_str().filter(|f| f.starts_with("docker://")) {
@@ -1236,14 +1245,17 @@ fn load_previous(
 }
 
 /// `--previous docker://...`: the image's config, read from the registry
-/// with the credentials docker and podman keep (or `image`'s `--creds
-/// USER:PASSWORD`) and `image`'s TLS options.  An image that is not there
-/// yet (a first release) is said, and the plan is made afresh.
-fn previous_from_registry(reference: &str, a: Option<&RegistryArgs>) -> anyhow::Result<Option<Previous>> {
-    use crate::dest::registry::{auth, client::ClientOptions, pull, Reference, RegistryError};
+/// with the credentials docker and podman keep, and `image`'s registry
+/// options: its TLS options, and `--creds` when the previous image is on
+/// the registry `--creds` is for (the `--push` one, or the only one named).
+/// A tag that is not there yet (a first release) is said, and the plan is
+/// made afresh; anything else missing is an error.
+fn previous_from_registry(reference: &str, registry: Option<&PreviousRegistry>) -> anyhow::Result<Option<Previous>> {
+    use crate::dest::registry::{auth, client::ClientOptions, pull, Reference};
     let from = Reference::parse(reference)?;
-    let explicit = match a.and_then(|a| a.creds.as_deref()) {
-        Some(c) if c.contains(':') => Some(auth::parse_creds(c, None)?),
+    let args = registry.map(|r| r.args);
+    let explicit = match registry {
+        Some(r) if r.push.as_deref().is_none_or(|p| p == from.registry) => explicit_credentials(r.args)?,
         _ => None,
     };
     let credentials = match explicit {
@@ -1251,20 +1263,31 @@ fn previous_from_registry(reference: &str, a: Option<&RegistryArgs>) -> anyhow::
         None => auth::lookup(&from.registry, &from.repository, &auth::default_auth_files())?.map(|f| f.credentials),
     };
     let opts = ClientOptions {
-        insecure: a.is_some_and(|a| a.insecure || !a.tls_verify),
-        cert_dir: a.and_then(|a| a.cert_dir.clone()),
+        insecure: args.is_some_and(|a| a.insecure || !a.tls_verify),
+        cert_dir: args.and_then(|a| a.cert_dir.clone()),
         credentials,
         pull_repositories: Vec::new(),
     };
-    match pull::fetch_image(&from, &opts, "--previous") {
-        Ok(image) => Ok(Some(crate::planner::previous::from_config(reference, &image.config)?)),
-        Err(RegistryError::Status { status: 404, .. }) => {
+    let arch = registry.and_then(|r| r.architecture).unwrap_or(crate::dest::manifest::host_architecture());
+    let fetched = pull::fetch_image(&from, &opts, "--previous", arch)
+        .map_err(|e| anyhow::Error::new(e).context(format!("--previous {reference}")))?;
+    match fetched {
+        Some(image) => Ok(Some(crate::planner::previous::from_config(reference, &image.config)?)),
+        None => {
             let _ =
                 writeln!(io::stderr(), "nixstream: previous image {reference} does not exist (yet): planning afresh");
             Ok(None)
         }
-        Err(e) => Err(anyhow::Error::new(e).context(format!("--previous {reference}"))),
     }
+}
+
+/// What `image` knows about registries, for `--previous docker://...`.
+struct PreviousRegistry<'a> {
+    args: &'a RegistryArgs,
+    /// The `--push` destination's registry.
+    push: Option<String>,
+    /// The image's `--architecture`, to pick from an index.
+    architecture: Option<&'a str>,
 }
 
 fn note(planned: &crate::planner::stable::Planned) {
@@ -1523,7 +1546,12 @@ fn image(a: &ImageArgs) -> anyhow::Result<()> {
         }
         stable::plan_joint(&graphs, &exclude, budget)?.swap_remove(0).layers
     } else if a.stable || a.previous.is_some() {
-        let previous = load_previous(a.previous.as_deref(), &closure, Some(&a.registry))?;
+        let push = match &a.push {
+            Some(p) => Some(crate::dest::registry::Reference::parse(p)?.registry),
+            None => None,
+        };
+        let registry = PreviousRegistry { args: &a.registry, push, architecture: a.architecture.as_deref() };
+        let previous = load_previous(a.previous.as_deref(), &closure, Some(&registry))?;
         let planned = stable::plan(&closure, &exclude, budget, previous.as_ref().map(|p| p.layers.as_slice()))?;
         note(&planned);
         planned.layers

@@ -51,10 +51,14 @@ impl Previous {
     /// What to tell the user before planning, if anything.
     pub fn note(&self) -> Option<String> {
         if self.layers.is_empty() && self.from_image {
+            let why = if self.other_layers == 0 {
+                "its config has no layer history".to_string()
+            } else {
+                format!("none of its {} layers names store paths in its history", self.other_layers)
+            };
             Some(format!(
-                "previous image {}: none of its {} layers names store paths in its history (made by another tool?): nothing can be reused, planning afresh",
-                self.source.display(),
-                self.other_layers
+                "previous image {}: {why} (made by another tool?): nothing can be reused, planning afresh",
+                self.source.display()
             ))
         } else {
             None

@@ -2,7 +2,7 @@
 //! every digest checked.  `--cache-from` takes layer keys from them and
 //! `--previous docker://...` the store paths of each layer (the config's
 //! history).  A tag that names an index (a multi-platform image) resolves to
-//! the entry for this machine's platform, as `docker pull` does.
+//! the entry for the platform asked for, as `docker pull --platform` does.
 
 use std::time::Duration;
 
@@ -66,7 +66,12 @@ fn sha256_of(bytes: &[u8]) -> String {
 /// GETs `path`, following a redirect to blob storage elsewhere (without our
 /// credentials: the client drops them for another host).
 fn get(c: &Client, path: &str, headers: &[(&str, &str)], what: &str) -> Result<Reply, RegistryError> {
-    let mut r = c.send(Method::GET, path, headers, Body::Empty, what)?;
+    let r = c.send(Method::GET, path, headers, Body::Empty, what)?;
+    followed(c, r, headers, what)
+}
+
+/// `r`, or where its redirect leads; an error unless that succeeded.
+fn followed(c: &Client, mut r: Reply, headers: &[(&str, &str)], what: &str) -> Result<Reply, RegistryError> {
     if (300..400).contains(&r.status) {
         let bad = || RegistryError::Protocol {
             registry: c.registry().into(),
@@ -81,9 +86,16 @@ fn get(c: &Client, path: &str, headers: &[(&str, &str)], what: &str) -> Result<R
     Ok(r)
 }
 
-/// Fetches `from`'s manifest (through an index, for this machine's
-/// platform) and config.  `what` names the option asking, for errors.
-pub fn fetch_image(from: &Reference, opts: &ClientOptions, what: &str) -> Result<RemoteImage, RegistryError> {
+/// Fetches `from`'s manifest (through an index, the entry for linux/`arch`)
+/// and config.  `what` names the option asking, for errors.  `None` when
+/// the tag names nothing (the registry answers 404 to the tag's manifest);
+/// anything missing after that, or a digest that is not there, is an error.
+pub fn fetch_image(
+    from: &Reference,
+    opts: &ClientOptions,
+    what: &str,
+    arch: &str,
+) -> Result<Option<RemoteImage>, RegistryError> {
     let c = Client::connect(from, opts, 3, Duration::from_millis(500))?;
     let bad = |why: String| RegistryError::Protocol { registry: c.registry().into(), what: format!("{what}: {why}") };
     let accept = format!(
@@ -95,14 +107,17 @@ pub fn fetch_image(from: &Reference, opts: &ClientOptions, what: &str) -> Result
     let headers = [("Accept", accept.as_str())];
     let what_m = format!("GET {what} manifest");
     let path = c.repo_path(&format!("manifests/{}", from.manifest_reference()));
-    let mut body = get(&c, &path, &headers, &what_m)?.body;
+    let first = c.send(Method::GET, &path, &headers, Body::Empty, &what_m)?;
+    if first.status == 404 && from.digest.is_none() {
+        return Ok(None);
+    }
+    let mut body = followed(&c, first, &headers, &what_m)?.body;
     if let Some(d) = &from.digest {
         if &sha256_of(&body) != d {
             return Err(bad("the manifest's digest is not the one asked for".into()));
         }
     }
     if let Ok(index) = serde_json::from_slice::<Index>(&body) {
-        let arch = manifest::host_architecture();
         let entry = index
             .manifests
             .iter()
@@ -119,5 +134,93 @@ pub fn fetch_image(from: &Reference, opts: &ClientOptions, what: &str) -> Result
     if sha256_of(&config) != m.config.digest {
         return Err(bad("the config's bytes do not match its digest".into()));
     }
-    Ok(RemoteImage { layers: m.layers, config })
+    Ok(Some(RemoteImage { layers: m.layers, config }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+
+    type Routes = HashMap<String, (u16, Vec<(String, String)>, Vec<u8>)>;
+
+    /// A registry of fixed answers on a loopback port (plain HTTP, which the
+    /// client allows on loopback after HTTPS fails).
+    fn serve(routes: Routes) -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut s) = stream else { continue };
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                    // A TLS handshake (the client tries HTTPS first): hang up.
+                    if req.first() == Some(&0x16) {
+                        break;
+                    }
+                }
+                let text = String::from_utf8_lossy(&req);
+                let Some(path) = text.strip_prefix("GET ").and_then(|r| r.split(' ').next()) else { continue };
+                let (status, headers, body) = routes.get(path).cloned().unwrap_or((
+                    404,
+                    vec![],
+                    br#"{"errors":[{"code":"NOT_FOUND"}]}"#.to_vec(),
+                ));
+                let mut head =
+                    format!("HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
+                for (k, v) in headers {
+                    head += &format!("{k}: {v}\r\n");
+                }
+                let _ = s.write_all(head.as_bytes());
+                let _ = s.write_all(b"\r\n");
+                let _ = s.write_all(&body);
+            }
+        });
+        port
+    }
+
+    #[test]
+    fn an_index_resolves_to_the_platform_asked_for_through_a_redirect() {
+        let config = br#"{"history":[{"comment":"store paths: ['/nix/store/a-x']"}]}"#.to_vec();
+        let config_digest = sha256_of(&config);
+        let manifest = format!(r#"{{"config":{{"digest":"{config_digest}","size":{}}},"layers":[]}}"#, config.len());
+        let manifest_digest = sha256_of(manifest.as_bytes());
+        let missing_config = r#"{"config":{"digest":"sha256:0000000000000000000000000000000000000000000000000000000000000000","size":1},"layers":[]}"#;
+        let index = format!(
+            r#"{{"manifests":[{{"digest":"sha256:{}","platform":{{"os":"linux","architecture":"other"}}}},{{"digest":"{manifest_digest}","platform":{{"os":"linux","architecture":"amd64"}}}}]}}"#,
+            "1".repeat(64)
+        );
+        let ok = |body: Vec<u8>| (200, vec![], body);
+        let mut routes: Routes = HashMap::new();
+        routes.insert("/v2/".into(), ok(b"{}".to_vec()));
+        routes.insert("/v2/r/manifests/multi".into(), ok(index.into_bytes()));
+        routes.insert(format!("/v2/r/manifests/{manifest_digest}"), ok(manifest.into_bytes()));
+        routes.insert(
+            format!("/v2/r/blobs/{config_digest}"),
+            (307, vec![("Location".into(), "/elsewhere/config".into())], vec![]),
+        );
+        routes.insert("/elsewhere/config".into(), ok(config.clone()));
+        routes.insert("/v2/r/manifests/no-config".into(), ok(missing_config.as_bytes().to_vec()));
+        let port = serve(routes);
+        let at = |r: &str| Reference::parse(&format!("docker://127.0.0.1:{port}/r{r}")).unwrap();
+        let opts = ClientOptions::default();
+
+        let got = fetch_image(&at(":multi"), &opts, "--previous", "amd64").unwrap().expect("an image");
+        assert_eq!(got.config, config);
+        let e = fetch_image(&at(":multi"), &opts, "--previous", "arm64").unwrap_err().to_string();
+        assert!(e.contains("no linux/arm64 image"), "{e}");
+        // A tag that names nothing is no error; anything else missing is.
+        assert!(fetch_image(&at(":nothing"), &opts, "--previous", "amd64").unwrap().is_none());
+        let e = fetch_image(&at(":no-config"), &opts, "--previous", "amd64").unwrap_err().to_string();
+        assert!(e.contains("404"), "{e}");
+        let absent = format!("@sha256:{}", "2".repeat(64));
+        assert!(fetch_image(&at(&absent), &opts, "--previous", "amd64").is_err());
+    }
 }

@@ -854,9 +854,11 @@ pub struct CacheHint {
 /// [`LAYER_KEY_ANNOTATION`], its key, blob and diff_id.  The config's
 /// digest is checked; the annotations are trusted (see docs/push.md).
 pub fn fetch_cache_hints(from: &Reference, opts: &ClientOptions) -> Result<Vec<CacheHint>, RegistryError> {
-    let image = super::pull::fetch_image(from, opts, "--cache-from")?;
     let bad =
         |why: &str| RegistryError::Protocol { registry: from.registry.clone(), what: format!("--cache-from: {why}") };
+    let arch = crate::dest::manifest::host_architecture();
+    let image = super::pull::fetch_image(from, opts, "--cache-from", arch)?
+        .ok_or_else(|| bad(&format!("{from} does not exist (no manifest for its tag)")))?;
     #[derive(serde::Deserialize)]
     struct Rootfs {
         diff_ids: Vec<String>,

@@ -15,6 +15,20 @@ pub enum ReferenceError {
     Invalid { reference: String, why: &'static str },
 }
 
+/// `text` with what looks like `user:password@` before the host masked: a
+/// reference is no place for credentials, and errors must not show them.
+fn redacted(text: &str) -> String {
+    let (scheme, rest) = match text.strip_prefix("docker://") {
+        Some(r) => ("docker://", r),
+        None => ("", text),
+    };
+    let host_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..host_end].rfind('@') {
+        Some(at) => format!("{scheme}***@{}", &rest[at + 1..]),
+        None => text.to_string(),
+    }
+}
+
 /// A parsed reference.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reference {
@@ -36,7 +50,7 @@ impl Reference {
     /// `localhost`) is on Docker Hub, as `docker` reads it.  Without a tag
     /// or digest, the tag is `latest`.
     pub fn parse(text: &str) -> Result<Reference, ReferenceError> {
-        let bad = |why| ReferenceError::Invalid { reference: text.to_string(), why };
+        let bad = |why| ReferenceError::Invalid { reference: redacted(text), why };
         let s = text.strip_prefix("docker://").unwrap_or(text);
         if s.is_empty() {
             return Err(bad("empty"));
@@ -201,6 +215,15 @@ fn valid_component(c: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_in_a_reference_are_not_echoed() {
+        let e = Reference::parse("docker://bob:s3cret@host.example/r:t").unwrap_err().to_string();
+        assert!(!e.contains("s3cret") && !e.contains("bob"), "{e}");
+        assert!(e.contains("***@host.example/r:t"), "{e}");
+        let e = Reference::parse("bob:s3cret@host.example").unwrap_err().to_string();
+        assert!(!e.contains("s3cret"), "{e}");
+    }
 
     fn p(s: &str) -> Reference {
         Reference::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"))
