@@ -1887,3 +1887,50 @@ fn previous_read_from_the_registry() {
     let puts = reg.uploads_since(log).iter().filter(|l| l.contains("\"PUT ")).count();
     assert_eq!(puts, 2, "{:?}", reg.uploads_since(log));
 }
+
+/// `--creds` goes with `--previous docker://...` only where it belongs:
+/// to the `--push` registry, or, without `--push`, to the one registry
+/// named; `--password-stdin` works for it too.  Elsewhere the previous
+/// image is read with the stored logins (none here), and a registry that
+/// wants credentials says so, without the password in the message.
+#[test]
+#[ignore = "needs docker-registry, htpasswd, openssl and nix: run scripts/test"]
+fn previous_creds_go_only_to_their_registry() {
+    let secure = Registry::start(true);
+    let plain = Registry::start(false);
+    let tls = secure.tls.as_ref().unwrap();
+    let certs = tempfile::tempdir().unwrap();
+    std::fs::copy(&tls.ca, certs.path().join("ca.crt")).unwrap();
+    let cert_dir = certs.path().to_str().unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/releases.nix");
+    let r1 = nix_build(&[fixture.to_str().unwrap(), "-A", "app"]);
+    let r1 = r1.to_str().unwrap();
+    let creds = format!("{USER}:{PASSWORD}");
+    let previous = format!("docker://{}/rel/app:1", secure.host());
+    let image = |extra: &[&str], stdin: Option<&str>| {
+        let mut c = nixstream();
+        c.args(["image", "-q", "--max-layers", "16", r1, "--cert-dir", cert_dir]).args(extra);
+        c.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+        c.stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        if let Some(line) = stdin {
+            child.stdin.take().unwrap().write_all(line.as_bytes()).unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, err) = image(&["--stable", "--push", &previous, "--creds", &creds], None);
+    assert!(ok, "{err}");
+    // No --push: --creds is for the one registry named.
+    let (ok, err) = image(&["--previous", &previous, "--creds", &creds], None);
+    assert!(ok, "{err}");
+    let (ok, err) =
+        image(&["--previous", &previous, "--creds", USER, "--password-stdin"], Some(&format!("{PASSWORD}\n")));
+    assert!(ok, "{err}");
+    // --creds for the --push registry is not sent to the previous image's.
+    let dest = format!("docker://{}/rel/app:2", plain.host());
+    let (ok, err) = image(&["--previous", &previous, "--push", &dest, "--creds", &creds], None);
+    assert!(!ok, "the previous image's registry got --creds meant for {dest}");
+    assert!(err.contains("--previous") && err.contains(&secure.host()), "{err}");
+    assert!(!err.contains(PASSWORD), "{err}");
+}
