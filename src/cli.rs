@@ -238,6 +238,8 @@ pub struct LayeringChoice {
     /// Plan every input as its own image, at once, so the paths all of them hold are the same bottom layers of each (stable planner).
     #[arg(long, conflicts_with_all = ["previous", "pipeline", "auto_layer", "popularity"])]
     pub joint: bool,
+    #[command(flatten, next_help_heading = "Registry options (with --previous docker://...)")]
+    pub access: RegistryAccess,
 }
 
 #[derive(clap::Args, Debug)]
@@ -254,7 +256,7 @@ pub struct PlanArgs {
     pub closure: ClosureArgs,
     #[command(flatten)]
     pub layering: LayeringChoice,
-    /// Print the plan as JSON: [{"layer", "paths", "bytes"}]; with --previous, {"layers": [{..., "reused", "pulled"}], "pushed", "pulled", "changed", "ratio", "kept"}.
+    /// Print the plan as JSON: [{"layer", "paths", "bytes"}]; with --previous, {"layers": [{..., "reused", "pulled"}], "pushed", "pulled", "changed", "total", "ratio", "kept", "previous_layers"}; with --joint, [{"layers", "shared"}], one per input in order.
     #[arg(long)]
     pub json: bool,
 }
@@ -321,7 +323,7 @@ pub struct ImageArgs {
     /// Push the image to this registry (docker://HOST[:PORT]/REPO:TAG) instead of writing it to stdout, as `nixstream push` does; layers compressed with --layer-compression (default gzip).
     #[arg(long, value_name = "docker://HOST[:PORT]/REPO:TAG")]
     pub push: Option<String>,
-    #[command(flatten, next_help_heading = "Registry options (with --push)")]
+    #[command(flatten, next_help_heading = "Registry options (with --push or --previous docker://...)")]
     pub registry: RegistryArgs,
 }
 
@@ -418,18 +420,10 @@ pub struct PushArgs {
     pub run: RunArgs,
 }
 
-/// How to talk to a registry: `push` and `image --push` take these.
-#[derive(clap::Args, Debug)]
-pub struct RegistryArgs {
-    /// The manifest format: OCI, or Docker schema 2 (gzip or uncompressed layers only).
-    #[arg(long, value_enum, value_name = "oci|docker", default_value = "oci")]
-    pub manifest_format: ManifestFormat,
-    /// Mount blobs the registry already holds in this repository (of the same registry) instead of uploading them. Repeatable.
-    #[arg(long = "mount-from", value_name = "REPO")]
-    pub mount_from: Vec<String>,
-    /// An image pushed earlier by nixstream (any repository, any registry you trust as much as this one): store layers whose content key (listing, narHashes, owner, compressor) matches one of its layer annotations take their digests from it and are not read at all when the registry has them. See docs/push.md.
-    #[arg(long = "cache-from", value_name = "REF")]
-    pub cache_from: Option<String>,
+/// How to reach a registry: credentials and TLS (for a push, and for
+/// `--previous docker://...`).
+#[derive(clap::Args, Debug, Default)]
+pub struct RegistryAccess {
     /// Credentials, USER:PASSWORD (or USER with --password-stdin). Default: podman's auth.json ($REGISTRY_AUTH_FILE), docker's config.json ($DOCKER_CONFIG), their credential helpers.
     #[arg(long, value_name = "USER[:PASSWORD]")]
     pub creds: Option<String>,
@@ -445,6 +439,22 @@ pub struct RegistryArgs {
     /// Check the registry's certificate (false: as --insecure).
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
     pub tls_verify: bool,
+}
+
+/// How to talk to a registry: `push` and `image --push` take these.
+#[derive(clap::Args, Debug)]
+pub struct RegistryArgs {
+    /// The manifest format: OCI, or Docker schema 2 (gzip or uncompressed layers only).
+    #[arg(long, value_enum, value_name = "oci|docker", default_value = "oci")]
+    pub manifest_format: ManifestFormat,
+    /// Mount blobs the registry already holds in this repository (of the same registry) instead of uploading them. Repeatable.
+    #[arg(long = "mount-from", value_name = "REPO")]
+    pub mount_from: Vec<String>,
+    /// An image pushed earlier by nixstream (any repository, any registry you trust as much as this one): store layers whose content key (listing, narHashes, owner, compressor) matches one of its layer annotations take their digests from it and are not read at all when the registry has them. See docs/push.md.
+    #[arg(long = "cache-from", value_name = "REF")]
+    pub cache_from: Option<String>,
+    #[command(flatten)]
+    pub access: RegistryAccess,
     /// Upload each blob in PATCH requests of this size (e.g. 8MiB) instead of one streamed PATCH; used anyway, at 8 MiB, when a registry refuses the streamed one.
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     pub chunk_size: Option<u64>,
@@ -700,7 +710,7 @@ fn push(a: &PushArgs) -> anyhow::Result<()> {
 /// Plans the image for `conf` and pushes it (the registry destination).
 /// `--creds` (with `--password-stdin`, whose line is read once, whoever
 /// asks first: the push and `--previous` may both need it).
-fn explicit_credentials(a: &RegistryArgs) -> anyhow::Result<Option<crate::dest::registry::auth::Credentials>> {
+fn explicit_credentials(a: &RegistryAccess) -> anyhow::Result<Option<crate::dest::registry::auth::Credentials>> {
     use crate::dest::registry::auth;
     static PASSWORD: std::sync::OnceLock<Result<String, String>> = std::sync::OnceLock::new();
     let Some(c) = &a.creds else {
@@ -746,7 +756,7 @@ fn push_image(
             let _ = writeln!(io::stderr(), "nixstream: {line}");
         }
     };
-    let explicit = explicit_credentials(a)?;
+    let explicit = explicit_credentials(&a.access)?;
     let files = auth::default_auth_files();
     // Explicit credentials, else those kept for `registry`.
     let credentials_for = |r: &Reference| -> anyhow::Result<Option<auth::Credentials>> {
@@ -761,8 +771,8 @@ fn push_image(
         }))
     };
     let client = ClientOptions {
-        insecure: a.insecure || !a.tls_verify,
-        cert_dir: a.cert_dir.clone(),
+        insecure: a.access.insecure || !a.access.tls_verify,
+        cert_dir: a.access.cert_dir.clone(),
         credentials: credentials_for(&dest)?,
         pull_repositories: Vec::new(),
     };
@@ -1229,10 +1239,7 @@ fn load_previous(
 ) -> anyhow::Result<Option<Previous>> {
     let Some(file) = file else { return Ok(None) };
     let prev = match file.to_str().filter(|f| f.starts_with("docker://")) {
-        Some(reference) => match previous_from_registry(reference, registry)? {
-            Some(prev) => prev,
-            None => return Ok(None),
-        },
+        Some(reference) => previous_from_registry(reference, registry)?,
         None => crate::planner::previous::load(file)?,
     };
     if let Some(store) = crate::planner::previous::store_dir_of(closure.nodes.iter().map(|n| n.path.as_str())) {
@@ -1245,13 +1252,13 @@ fn load_previous(
 }
 
 /// `--previous docker://...`: the image's config, read from the registry
-/// with the credentials docker and podman keep, and `image`'s registry
-/// options: its TLS options, and `--creds` when the previous image is on
-/// the registry `--creds` is for (the `--push` one, or the only one named).
-/// A tag that is not there yet (a first release) is said, and the plan is
-/// made afresh; anything else missing is an error.
-fn previous_from_registry(reference: &str, registry: Option<&PreviousRegistry>) -> anyhow::Result<Option<Previous>> {
-    use crate::dest::registry::{auth, client::ClientOptions, pull, Reference};
+/// with the registry options (TLS, and `--creds` when the previous image is
+/// on the registry `--creds` is for: the `--push` one, or the only one
+/// named), else the credentials docker and podman keep.  A tag that is not
+/// there yet (a first release) is said, and is an empty previous plan:
+/// everything is new.  Anything else missing is an error.
+fn previous_from_registry(reference: &str, registry: Option<&PreviousRegistry>) -> anyhow::Result<Previous> {
+    use crate::dest::registry::{auth, client::ClientOptions, pull, Reference, RegistryError};
     let from = Reference::parse(reference)?;
     let args = registry.map(|r| r.args);
     let explicit = match registry {
@@ -1269,21 +1276,22 @@ fn previous_from_registry(reference: &str, registry: Option<&PreviousRegistry>) 
         pull_repositories: Vec::new(),
     };
     let arch = registry.and_then(|r| r.architecture).unwrap_or(crate::dest::manifest::host_architecture());
-    let fetched = pull::fetch_image(&from, &opts, "--previous", arch)
-        .map_err(|e| anyhow::Error::new(e).context(format!("--previous {reference}")))?;
-    match fetched {
-        Some(image) => Ok(Some(crate::planner::previous::from_config(reference, &image.config)?)),
-        None => {
-            let _ =
-                writeln!(io::stderr(), "nixstream: previous image {reference} does not exist (yet): planning afresh");
-            Ok(None)
+    match pull::fetch_image(&from, &opts, "--previous", arch) {
+        Ok(image) => Ok(crate::planner::previous::from_config(reference, &image.config)?),
+        Err(RegistryError::NoSuchImage { .. }) => {
+            let _ = writeln!(
+                io::stderr(),
+                "nixstream: previous image docker://{from} does not exist (yet): planning afresh"
+            );
+            Ok(Previous { source: PathBuf::from(reference), ..Previous::default() })
         }
+        Err(e) => Err(anyhow::Error::new(e).context(format!("--previous {reference}"))),
     }
 }
 
 /// What `image` knows about registries, for `--previous docker://...`.
 struct PreviousRegistry<'a> {
-    args: &'a RegistryArgs,
+    args: &'a RegistryAccess,
     /// The `--push` destination's registry.
     push: Option<String>,
     /// The image's `--architecture`, to pick from an index.
@@ -1306,7 +1314,8 @@ fn store_budget(max_layers: usize) -> anyhow::Result<usize> {
 }
 
 fn plan_with(closure: &ClosureGraph, exclude: &HashSet<String>, l: &LayeringChoice) -> anyhow::Result<Chosen> {
-    let previous = load_previous(l.previous.as_deref(), closure, None)?;
+    let registry = PreviousRegistry { args: &l.access, push: None, architecture: None };
+    let previous = load_previous(l.previous.as_deref(), closure, Some(&registry))?;
     let plain = |layers: Vec<Vec<String>>| crate::planner::stable::Planned { layers, ..Default::default() };
     let planned = if let Some(n) = l.auto_layer {
         anyhow::ensure!(n > 0, "--auto-layer needs at least 1 layer");
@@ -1352,6 +1361,11 @@ fn layers(a: &LayersArgs) -> anyhow::Result<()> {
         writeln!(out)?;
         return Ok(());
     }
+    let l = &a.layering;
+    anyhow::ensure!(
+        l.previous.is_none() || (l.auto_layer.is_none() && l.pipeline.is_none() && !l.popularity),
+        "`layers --previous` plans with the stable planner, which builds on it: drop --auto-layer, --pipeline or --popularity (or compare with `nixstream plan`)"
+    );
     let (closure, exclude) = load_closure(&a.closure)?;
     let chosen = plan_with(&closure, &exclude, &a.layering)?;
     serde_json::to_writer_pretty(&mut out, &chosen.planned.layers)?;
@@ -1505,11 +1519,12 @@ fn compare_table(
         "{reused} of {} layers reused (░ reused, █ new; ↓ pulled by a host holding the previous image)",
         c.layers.len()
     )?;
+    let new = c.layers.len() - reused;
     writeln!(
         out,
-        "pushed            {:>10}  ({} new layers)",
+        "pushed            {:>10}  ({new} new layer{})",
         crate::output::progress::human(c.pushed),
-        c.layers.len() - reused
+        if new == 1 { "" } else { "s" }
     )?;
     writeln!(out, "pulled by a host  {:>10}", crate::output::progress::human(c.pulled))?;
     let ratio = c.ratio().map(|r| format!("pushed ÷ changed {r:.2}")).unwrap_or_else(|| "nothing changed".into());
@@ -1550,7 +1565,7 @@ fn image(a: &ImageArgs) -> anyhow::Result<()> {
             Some(p) => Some(crate::dest::registry::Reference::parse(p)?.registry),
             None => None,
         };
-        let registry = PreviousRegistry { args: &a.registry, push, architecture: a.architecture.as_deref() };
+        let registry = PreviousRegistry { args: &a.registry.access, push, architecture: a.architecture.as_deref() };
         let previous = load_previous(a.previous.as_deref(), &closure, Some(&registry))?;
         let planned = stable::plan(&closure, &exclude, budget, previous.as_ref().map(|p| p.layers.as_slice()))?;
         note(&planned);

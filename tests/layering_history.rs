@@ -215,7 +215,8 @@ fn image_joint_with_builds_identical_shared_layers() {
 }
 
 /// `image` writes the history the next release reads back, from a
-/// docker-archive and from the oci-archive skopeo makes of it.
+/// docker-archive, from the oci-archive skopeo makes of it, and from an OCI
+/// layout.
 #[test]
 #[ignore = "needs nix and skopeo: run scripts/test"]
 fn previous_image_history_is_read_back() {
@@ -235,8 +236,10 @@ fn previous_image_history_is_read_back() {
         .arg(format!("oci-archive:{}:old:latest", oci.display())));
     let json_plan = tmp.path().join("old.json");
     std::fs::write(&json_plan, serde_json::to_vec(&old_plan.layers).unwrap()).unwrap();
+    let layout = tmp.path().join("old-layout");
+    run(bin().args(["image", "-q", "--stable", "--max-layers", &max, &old, "--oci-layout"]).arg(&layout));
     let mut got = Vec::new();
-    for previous in [&json_plan, &archive, &oci] {
+    for previous in [&json_plan, &archive, &oci, &layout] {
         let out = run(bin().args(["plan", "--json", "--max-layers", &max, &new, "--previous"]).arg(previous));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(v["previous_layers"], old_plan.layers.len(), "{}: {v}", previous.display());
@@ -250,7 +253,7 @@ fn previous_image_history_is_read_back() {
         check_plan(&g_new, &layers, BUDGET);
         got.push(layers);
     }
-    assert!(got.windows(2).all(|w| w[0] == w[1]), "a JSON plan and both images give the same plan");
+    assert!(got.windows(2).all(|w| w[0] == w[1]), "a JSON plan and the three images give the same plan");
 
     // The next image, built on the previous one: its kept layers are the
     // very same layers (same diff_ids, in the same places).

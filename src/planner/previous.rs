@@ -1,6 +1,7 @@
 //! The previous release's layers (`--previous`): a plan as `nixstream
 //! layers` prints it (a JSON list of lists of store paths), or an image — a
-//! docker-archive or an oci-archive, plain or compressed, or a registry's
+//! docker-archive, an oci-archive (plain or compressed) or an OCI layout
+//! directory, or a registry's
 //! (whose config the CLI fetches and hands to [`from_config`]) — whose config
 //! history names each layer's store paths, as the reference writes it
 //! (`store paths: ['/nix/store/...', ...]`, Python's list repr).
@@ -88,7 +89,16 @@ pub fn store_dir_of<'a>(mut paths: impl Iterator<Item = &'a str>) -> Option<Stri
 /// Reads a previous plan or image.
 pub fn load(path: &Path) -> Result<Previous, PreviousError> {
     let io_err = |source| PreviousError::Io { path: path.to_path_buf(), source };
-    let f = std::fs::File::open(path).map_err(io_err)?;
+    if path.is_dir() {
+        return from_layout(path);
+    }
+    let f = std::fs::File::open(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => PreviousError::Plan {
+            path: path.to_path_buf(),
+            what: "no such file (a registry image is docker://HOST/REPO:TAG; an OCI layout is its directory)".into(),
+        },
+        _ => io_err(e),
+    })?;
     let mut outer = BufReader::with_capacity(1 << 20, f);
     let compression = Compression::sniff(outer.fill_buf().map_err(io_err)?);
     let mut r = BufReader::new(compression.decoder(outer).map_err(io_err)?);
@@ -199,6 +209,31 @@ fn from_archive(r: impl Read, path: &Path) -> Result<Previous, PreviousError> {
         return Err(bad("it has neither manifest.json (docker-archive) nor index.json (oci-archive)".into()));
     };
     Ok(from_history(&config, path))
+}
+
+/// An OCI layout directory (`image --oci-layout DIR`): its index's first
+/// manifest's config.
+fn from_layout(dir: &Path) -> Result<Previous, PreviousError> {
+    use crate::input::limited::read_capped;
+    let bad = |what: String| PreviousError::Image { path: dir.to_path_buf(), what };
+    let read = |name: &str| -> Result<Value, PreviousError> {
+        let data = read_capped(&dir.join(name), "OCI layout file", MAX_JSON).map_err(|e| bad(e.to_string()))?;
+        serde_json::from_slice(&data).map_err(|e| bad(format!("{name} is not valid JSON: {e}")))
+    };
+    let blob = |v: &Value, what: &str| -> Result<String, PreviousError> {
+        let d = v.get("digest").and_then(Value::as_str).ok_or_else(|| bad(format!("{what} has no digest")))?;
+        let hex = d.strip_prefix("sha256:").filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+        hex.map(|h| format!("blobs/sha256/{h}")).ok_or_else(|| bad(format!("{what}: {d} is not a sha256 digest")))
+    };
+    if !dir.join("index.json").is_file() {
+        return Err(bad("a directory without index.json (not an OCI layout)".into()));
+    }
+    let index = read("index.json")?;
+    let first =
+        index.get("manifests").and_then(|m| m.get(0)).ok_or_else(|| bad("index.json lists no manifest".into()))?;
+    let manifest = read(&blob(first, "index.json's manifest")?)?;
+    let config = manifest.get("config").ok_or_else(|| bad("its manifest names no config".into()))?;
+    Ok(from_history(&read(&blob(config, "the manifest's config")?)?, dir))
 }
 
 /// An image's config (as a registry serves it): its history's store paths.

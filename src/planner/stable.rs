@@ -481,8 +481,8 @@ pub fn plan(
     // Room for what is not kept.  It deserves its share of the budget by
     // bytes, and at least two layers (a new top apart from the rest): kept
     // layers above the first broken one are let go for that (a host pulls
-    // them anyway), smallest first.  And it needs one layer: if the budget
-    // leaves none, the topmost kept layers go (the least pulled again).
+    // them anyway), smallest first, then the topmost kept layers (the
+    // least pulled again).  And it needs one layer at the very least.
     let mut released: Vec<Group> = Vec::new();
     if !kept.is_empty() {
         let pool_bytes: u64 = pool.iter().map(|&v| g.size[v as usize]).sum();
@@ -497,8 +497,10 @@ pub fn plan(
         let mut above: Vec<usize> = (0..kept.len()).filter(|&j| kept_at[j] > first_break).collect();
         above.sort_by_key(|&j| (kept[j].size, Reverse(j)));
         let mut go: Vec<usize> = above.into_iter().take(want.saturating_sub(free)).collect();
+        // Not enough above the first broken layer: the topmost kept layers
+        // go (the least pulled again).
         for j in (0..kept.len()).rev() {
-            if go.len() >= must {
+            if go.len() >= must.max(want.saturating_sub(free)) {
                 break;
             }
             if !go.contains(&j) {
@@ -751,14 +753,16 @@ mod tests {
         let g = sample();
         let prev: Vec<Vec<String>> =
             ["/s/d1-libc", "/s/e1-tiny", "/s/f1-tiny", "/s/c1-runtime"].iter().map(|p| vec![p.to_string()]).collect();
-        // Budget 4, four previous layers whole: app and priv need one, the
-        // topmost kept layer goes (the least pulled again).
+        // Budget 4, four previous layers whole: app and priv deserve two
+        // layers (the app apart), so the two topmost kept layers go (the
+        // least pulled again).
         let p = plan(&g, &HashSet::new(), 4, Some(&prev)).unwrap();
         every_path_once(&g, &p.layers);
         assert_eq!(p.layers.len(), 4);
-        assert_eq!(p.kept, 3, "{:?}", p.layers);
-        assert_eq!(p.layers[..3], prev[..3]);
-        assert!(p.notes[0].contains("let go of 1 of the previous layers"), "{:?}", p.notes);
+        assert_eq!(p.kept, 2, "{:?}", p.layers);
+        assert_eq!(p.layers[..2], prev[..2]);
+        assert_eq!(p.layers[3], ["/s/a1-app"]);
+        assert!(p.notes[0].contains("let go of 2 of the previous layers"), "{:?}", p.notes);
 
         // A broken layer low in the stack: above it, the smallest kept
         // layer goes, so that what is new gets two layers.

@@ -34,6 +34,10 @@ pub enum RegistryError {
     Status { registry: String, what: String, status: u16, code: Option<String>, message: Option<String> },
     #[error("registry {registry}: {what}")]
     Unauthorized { registry: String, what: String },
+    /// The tag names no image (404 to its manifest); other things missing
+    /// are [`RegistryError::Status`].
+    #[error("registry {registry}: {what}: no such image (HTTP 404{})", registry_says(code, message))]
+    NoSuchImage { registry: String, what: String, code: Option<String>, message: Option<String> },
     #[error("registry {registry}: {what}")]
     Protocol { registry: String, what: String },
     #[error("registry {registry}: TLS setup: {why}")]

@@ -87,15 +87,16 @@ fn followed(c: &Client, mut r: Reply, headers: &[(&str, &str)], what: &str) -> R
 }
 
 /// Fetches `from`'s manifest (through an index, the entry for linux/`arch`)
-/// and config.  `what` names the option asking, for errors.  `None` when
-/// the tag names nothing (the registry answers 404 to the tag's manifest);
-/// anything missing after that, or a digest that is not there, is an error.
+/// and config.  `what` names the option asking, for errors.  A tag that
+/// names nothing (404 to its manifest) is [`RegistryError::NoSuchImage`];
+/// anything missing after that, or a digest that is not there, is another
+/// error.
 pub fn fetch_image(
     from: &Reference,
     opts: &ClientOptions,
     what: &str,
     arch: &str,
-) -> Result<Option<RemoteImage>, RegistryError> {
+) -> Result<RemoteImage, RegistryError> {
     let c = Client::connect(from, opts, 3, Duration::from_millis(500))?;
     let bad = |why: String| RegistryError::Protocol { registry: c.registry().into(), what: format!("{what}: {why}") };
     let accept = format!(
@@ -109,7 +110,13 @@ pub fn fetch_image(
     let path = c.repo_path(&format!("manifests/{}", from.manifest_reference()));
     let first = c.send(Method::GET, &path, &headers, Body::Empty, &what_m)?;
     if first.status == 404 && from.digest.is_none() {
-        return Ok(None);
+        let (code, message) = super::client::error_body(&first.body);
+        return Err(RegistryError::NoSuchImage {
+            registry: c.registry().into(),
+            what: format!("{what} {from}"),
+            code,
+            message,
+        });
     }
     let mut body = followed(&c, first, &headers, &what_m)?.body;
     if let Some(d) = &from.digest {
@@ -134,7 +141,7 @@ pub fn fetch_image(
     if sha256_of(&config) != m.config.digest {
         return Err(bad("the config's bytes do not match its digest".into()));
     }
-    Ok(Some(RemoteImage { layers: m.layers, config }))
+    Ok(RemoteImage { layers: m.layers, config })
 }
 
 #[cfg(test)]
@@ -212,15 +219,18 @@ mod tests {
         let at = |r: &str| Reference::parse(&format!("docker://127.0.0.1:{port}/r{r}")).unwrap();
         let opts = ClientOptions::default();
 
-        let got = fetch_image(&at(":multi"), &opts, "--previous", "amd64").unwrap().expect("an image");
+        let got = fetch_image(&at(":multi"), &opts, "--previous", "amd64").unwrap();
         assert_eq!(got.config, config);
         let e = fetch_image(&at(":multi"), &opts, "--previous", "arm64").unwrap_err().to_string();
         assert!(e.contains("no linux/arm64 image"), "{e}");
         // A tag that names nothing is no error; anything else missing is.
-        assert!(fetch_image(&at(":nothing"), &opts, "--previous", "amd64").unwrap().is_none());
-        let e = fetch_image(&at(":no-config"), &opts, "--previous", "amd64").unwrap_err().to_string();
-        assert!(e.contains("404"), "{e}");
+        let e = fetch_image(&at(":nothing"), &opts, "--previous", "amd64").unwrap_err();
+        assert!(matches!(e, RegistryError::NoSuchImage { .. }), "{e}");
+        assert!(e.to_string().contains("NOT_FOUND"), "the registry's words are kept: {e}");
+        let e = fetch_image(&at(":no-config"), &opts, "--previous", "amd64").unwrap_err();
+        assert!(matches!(e, RegistryError::Status { status: 404, .. }), "{e}");
         let absent = format!("@sha256:{}", "2".repeat(64));
-        assert!(fetch_image(&at(&absent), &opts, "--previous", "amd64").is_err());
+        let e = fetch_image(&at(&absent), &opts, "--previous", "amd64").unwrap_err();
+        assert!(matches!(e, RegistryError::Status { status: 404, .. }), "{e}");
     }
 }

@@ -857,8 +857,7 @@ pub fn fetch_cache_hints(from: &Reference, opts: &ClientOptions) -> Result<Vec<C
     let bad =
         |why: &str| RegistryError::Protocol { registry: from.registry.clone(), what: format!("--cache-from: {why}") };
     let arch = crate::dest::manifest::host_architecture();
-    let image = super::pull::fetch_image(from, opts, "--cache-from", arch)?
-        .ok_or_else(|| bad(&format!("{from} does not exist (no manifest for its tag)")))?;
+    let image = super::pull::fetch_image(from, opts, "--cache-from", arch)?;
     #[derive(serde::Deserialize)]
     struct Rootfs {
         diff_ids: Vec<String>,
