@@ -915,6 +915,25 @@ fn nix_conf(dir: &Path, name: &str, paths: &[PathBuf], cmd: &Path) -> PathBuf {
     p
 }
 
+/// tests/fixtures/closure.nix built: busybox, data, the app on both, and a
+/// conf (in `dir`) of one layer each that runs the app.
+struct FixtureClosure {
+    fixture: PathBuf,
+    busybox: PathBuf,
+    data: PathBuf,
+    app: PathBuf,
+    conf: PathBuf,
+}
+
+fn fixture_closure(dir: &Path) -> FixtureClosure {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/closure.nix");
+    let app = nix_build(&[fixture.to_str().unwrap()]);
+    let busybox = nix_build(&[fixture.to_str().unwrap(), "-A", "busybox"]);
+    let data = nix_build(&[fixture.to_str().unwrap(), "-A", "data"]);
+    let conf = nix_conf(dir, "app", &[busybox.clone(), data.clone(), app.clone()], &app.join("bin/app"));
+    FixtureClosure { fixture, busybox, data, app, conf }
+}
+
 /// Runs `nixstream push ... --stats`; returns the stats line's JSON.
 fn cli_push(args: &[&str]) -> serde_json::Value {
     cli_push_in(&[], args).0
@@ -1163,11 +1182,7 @@ fn cli_push_fails(args: &[&str]) -> String {
 fn cli_push_with_a_lying_cache_from_commits_nothing() {
     let reg = Registry::start(false);
     let tmp = tempfile::tempdir().unwrap();
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/closure.nix");
-    let app = nix_build(&[fixture.to_str().unwrap()]);
-    let busybox = nix_build(&[fixture.to_str().unwrap(), "-A", "busybox"]);
-    let data = nix_build(&[fixture.to_str().unwrap(), "-A", "data"]);
-    let conf = nix_conf(tmp.path(), "app", &[busybox, data, app.clone()], &app.join("bin/app"));
+    let FixtureClosure { conf, .. } = fixture_closure(tmp.path());
     let honest = format!("{}/honest/app:1", reg.host());
     cli_push(&["-q", conf.to_str().unwrap(), &format!("docker://{honest}")]);
     let hints = fetch_cache_hints(&Reference::parse(&honest).unwrap(), &ClientOptions::default()).unwrap();
@@ -1328,11 +1343,7 @@ fn oci_archive_layers(archive: &[u8]) -> Vec<String> {
 fn cli_push_of_a_nix_closure() {
     let reg = Registry::start(false);
     let tmp = tempfile::tempdir().unwrap();
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/closure.nix");
-    let app = nix_build(&[fixture.to_str().unwrap()]);
-    let busybox = nix_build(&[fixture.to_str().unwrap(), "-A", "busybox"]);
-    let data = nix_build(&[fixture.to_str().unwrap(), "-A", "data"]);
-    let conf = nix_conf(tmp.path(), "app", &[busybox.clone(), data.clone(), app.clone()], &app.join("bin/app"));
+    let FixtureClosure { fixture, busybox, data, app, conf } = fixture_closure(tmp.path());
     let dest = format!("{}/e2e/app:1", reg.host());
 
     let s = cli_push(&[conf.to_str().unwrap(), &format!("docker://{dest}")]);
