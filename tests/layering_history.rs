@@ -316,6 +316,15 @@ fn a_malformed_plan_is_named() {
     std::fs::write(&prev, b"\x00\x01 neither JSON nor tar").unwrap();
     let err = fails_with(&["plan"], &prev, &graph);
     assert!(err.contains("prev.json") && err.contains("image archive"), "{err}");
+    // A directory that is no OCI layout, a file that is not there (with
+    // the forms that are), and `layers` with a planner that would ignore it.
+    let err = fails_with(&["plan"], tmp.path(), &graph);
+    assert!(err.contains("without index.json"), "{err}");
+    let err = fails_with(&["plan"], Path::new("oci-archive:old.tar"), &graph);
+    assert!(err.contains("no such file") && err.contains("docker://"), "{err}");
+    std::fs::write(&prev, r#"[["/nix/store/bbb-lib"]]"#).unwrap();
+    let err = fails_with(&["layers", "--auto-layer", "2"], &prev, &graph);
+    assert!(err.contains("drop --auto-layer"), "{err}");
 }
 
 /// An image from another tool (no `store paths:` history): a clear
