@@ -232,7 +232,7 @@ pub struct LayeringChoice {
     /// The layer budget when no --auto-layer N is given, as `image --max-layers`: at most N layers in all, one of them the customisation layer.
     #[arg(long, default_value_t = 100, value_name = "N")]
     pub max_layers: usize,
-    /// The previous release's layers: a JSON list of lists (as `layers` prints) or an image (docker-archive or oci-archive file, or docker://REGISTRY/REPO:TAG, read with the logins docker and podman keep). The stable planner keeps what it can of them; `plan` compares with them.
+    /// The previous release's layers: a JSON list of lists (as `layers` prints) or an image (docker-archive or oci-archive file, or docker://REGISTRY/REPO:TAG: see the registry options). The stable planner keeps what it can of them; `plan` compares with them.
     #[arg(long, value_name = "PLAN|IMAGE")]
     pub previous: Option<PathBuf>,
     /// Plan every input as its own image, at once, so the paths all of them hold are the same bottom layers of each (stable planner).
@@ -439,6 +439,34 @@ pub struct RegistryAccess {
     /// Check the registry's certificate (false: as --insecure).
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
     pub tls_verify: bool,
+}
+
+impl RegistryAccess {
+    /// How to reach `r`: these TLS options, and `--creds` when `r` is on
+    /// the registry they are for (`creds_for`; any when `None`), else the
+    /// credentials docker and podman keep for it (`say` names their file).
+    fn client_options(
+        &self,
+        r: &crate::dest::registry::Reference,
+        creds_for: Option<&str>,
+        say: &dyn Fn(&str),
+    ) -> anyhow::Result<crate::dest::registry::client::ClientOptions> {
+        use crate::dest::registry::auth;
+        let explicit = if creds_for.is_none_or(|reg| reg == r.registry) { explicit_credentials(self)? } else { None };
+        let credentials = match explicit {
+            Some(c) => Some(c),
+            None => auth::lookup(&r.registry, &r.repository, &auth::default_auth_files())?.map(|found| {
+                say(&format!("credentials for {} from {}", r.registry, found.source));
+                found.credentials
+            }),
+        };
+        Ok(crate::dest::registry::client::ClientOptions {
+            insecure: self.insecure || !self.tls_verify,
+            cert_dir: self.cert_dir.clone(),
+            credentials,
+            pull_repositories: Vec::new(),
+        })
+    }
 }
 
 /// How to talk to a registry: `push` and `image --push` take these.
@@ -743,7 +771,7 @@ fn push_image(
     nar_hashes: Option<HashMap<String, String>>,
     known: &[crate::input::layerdigest::LayerDigestFile],
 ) -> anyhow::Result<()> {
-    use crate::dest::registry::{self, auth, client::ClientOptions, Reference};
+    use crate::dest::registry::{self, Reference};
     let dest = Reference::parse(destination)?;
     let jobs = run.jobs.unwrap_or_else(default_jobs).max(1);
     let format = match a.manifest_format {
@@ -756,26 +784,7 @@ fn push_image(
             let _ = writeln!(io::stderr(), "nixstream: {line}");
         }
     };
-    let explicit = explicit_credentials(&a.access)?;
-    let files = auth::default_auth_files();
-    // Explicit credentials, else those kept for `registry`.
-    let credentials_for = |r: &Reference| -> anyhow::Result<Option<auth::Credentials>> {
-        if let Some(c) = &explicit {
-            if r.registry == dest.registry {
-                return Ok(Some(c.clone()));
-            }
-        }
-        Ok(auth::lookup(&r.registry, &r.repository, &files)?.map(|found| {
-            say(&format!("credentials for {} from {}", r.registry, found.source));
-            found.credentials
-        }))
-    };
-    let client = ClientOptions {
-        insecure: a.access.insecure || !a.access.tls_verify,
-        cert_dir: a.access.cert_dir.clone(),
-        credentials: credentials_for(&dest)?,
-        pull_repositories: Vec::new(),
-    };
+    let client = a.access.client_options(&dest, Some(&dest.registry), &say)?;
 
     let plan = ImagePlan::from_conf(conf)?;
     let n = plan.layers.len();
@@ -804,7 +813,7 @@ fn push_image(
     let hints = match &a.cache_from {
         Some(from) => {
             let from = Reference::parse(from)?;
-            let opts = ClientOptions { credentials: credentials_for(&from)?, ..client.clone() };
+            let opts = a.access.client_options(&from, Some(&dest.registry), &say)?;
             let hints = registry::fetch_cache_hints(&from, &opts)?;
             say(&format!("--cache-from {from}: {} layers with keys", hints.len()));
             hints
@@ -1235,7 +1244,7 @@ struct Chosen {
 fn load_previous(
     file: Option<&Path>,
     closure: &ClosureGraph,
-    registry: Option<&PreviousRegistry>,
+    registry: &PreviousRegistry,
 ) -> anyhow::Result<Option<Previous>> {
     let Some(file) = file else { return Ok(None) };
     let prev = match file.to_str().filter(|f| f.starts_with("docker://")) {
@@ -1257,25 +1266,11 @@ fn load_previous(
 /// named), else the credentials docker and podman keep.  A tag that is not
 /// there yet (a first release) is said, and is an empty previous plan:
 /// everything is new.  Anything else missing is an error.
-fn previous_from_registry(reference: &str, registry: Option<&PreviousRegistry>) -> anyhow::Result<Previous> {
-    use crate::dest::registry::{auth, client::ClientOptions, pull, Reference, RegistryError};
+fn previous_from_registry(reference: &str, registry: &PreviousRegistry) -> anyhow::Result<Previous> {
+    use crate::dest::registry::{pull, Reference, RegistryError};
     let from = Reference::parse(reference)?;
-    let args = registry.map(|r| r.args);
-    let explicit = match registry {
-        Some(r) if r.push.as_deref().is_none_or(|p| p == from.registry) => explicit_credentials(r.args)?,
-        _ => None,
-    };
-    let credentials = match explicit {
-        Some(c) => Some(c),
-        None => auth::lookup(&from.registry, &from.repository, &auth::default_auth_files())?.map(|f| f.credentials),
-    };
-    let opts = ClientOptions {
-        insecure: args.is_some_and(|a| a.insecure || !a.tls_verify),
-        cert_dir: args.and_then(|a| a.cert_dir.clone()),
-        credentials,
-        pull_repositories: Vec::new(),
-    };
-    let arch = registry.and_then(|r| r.architecture).unwrap_or(crate::dest::manifest::host_architecture());
+    let opts = registry.args.client_options(&from, registry.push.as_deref(), &|_| {})?;
+    let arch = registry.architecture.unwrap_or(crate::dest::manifest::host_architecture());
     match pull::fetch_image(&from, &opts, "--previous", arch) {
         Ok(image) => Ok(crate::planner::previous::from_config(reference, &image.config)?),
         Err(RegistryError::NoSuchImage { .. }) => {
@@ -1315,7 +1310,7 @@ fn store_budget(max_layers: usize) -> anyhow::Result<usize> {
 
 fn plan_with(closure: &ClosureGraph, exclude: &HashSet<String>, l: &LayeringChoice) -> anyhow::Result<Chosen> {
     let registry = PreviousRegistry { args: &l.access, push: None, architecture: None };
-    let previous = load_previous(l.previous.as_deref(), closure, Some(&registry))?;
+    let previous = load_previous(l.previous.as_deref(), closure, &registry)?;
     let plain = |layers: Vec<Vec<String>>| crate::planner::stable::Planned { layers, ..Default::default() };
     let planned = if let Some(n) = l.auto_layer {
         anyhow::ensure!(n > 0, "--auto-layer needs at least 1 layer");
@@ -1566,7 +1561,7 @@ fn image(a: &ImageArgs) -> anyhow::Result<()> {
             None => None,
         };
         let registry = PreviousRegistry { args: &a.registry.access, push, architecture: a.architecture.as_deref() };
-        let previous = load_previous(a.previous.as_deref(), &closure, Some(&registry))?;
+        let previous = load_previous(a.previous.as_deref(), &closure, &registry)?;
         let planned = stable::plan(&closure, &exclude, budget, previous.as_ref().map(|p| p.layers.as_slice()))?;
         note(&planned);
         planned.layers
