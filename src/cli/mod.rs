@@ -27,6 +27,8 @@ use crate::store::walk::{Kind, Listing};
 use std::os::fd::AsFd;
 
 mod args;
+mod docs;
+mod registry;
 
 use args::json_arg;
 pub use args::{
@@ -45,34 +47,6 @@ pub enum ExitCode {
     Usage = 2,
     /// The output was closed early (e.g. `| head`); nothing printed.
     BrokenPipe = 141,
-}
-
-impl RegistryAccess {
-    /// How to reach `r`: these TLS options, and `--creds` when `r` is on
-    /// the registry they are for (`creds_for`; any when `None`), else the
-    /// credentials docker and podman keep for it (`say` names their file).
-    fn client_options(
-        &self,
-        r: &crate::dest::registry::Reference,
-        creds_for: Option<&str>,
-        say: &dyn Fn(&str),
-    ) -> anyhow::Result<crate::dest::registry::client::ClientOptions> {
-        use crate::dest::registry::auth;
-        let explicit = if creds_for.is_none_or(|reg| reg == r.registry) { explicit_credentials(self)? } else { None };
-        let credentials = match explicit {
-            Some(c) => Some(c),
-            None => auth::lookup(&r.registry, &r.repository, &auth::default_auth_files())?.map(|found| {
-                say(&format!("credentials for {} from {}", r.registry, found.source));
-                found.credentials
-            }),
-        };
-        Ok(crate::dest::registry::client::ClientOptions {
-            insecure: self.insecure || !self.tls_verify,
-            cert_dir: self.cert_dir.clone(),
-            credentials,
-            pull_repositories: Vec::new(),
-        })
-    }
 }
 
 /// Parses `args`, runs the command, reports errors on stderr.
@@ -96,8 +70,8 @@ where
         Command::Verify(a) => report(verify(&a)),
         Command::Digest(a) => report(digest(&a)),
         Command::LayerDigest(a) => report(layer_digest(&a)),
-        Command::Completions(a) => report(completions(&a)),
-        Command::Man(a) => report(man(&a)),
+        Command::Completions(a) => report(docs::completions(&a)),
+        Command::Man(a) => report(docs::man(&a)),
         Command::Push(a) => report(push(&a)),
     }
 }
@@ -266,30 +240,6 @@ fn push(a: &PushArgs) -> anyhow::Result<()> {
 }
 
 /// Plans the image for `conf` and pushes it (the registry destination).
-/// `--creds` (with `--password-stdin`, whose line is read once, whoever
-/// asks first: the push and `--previous` may both need it).
-fn explicit_credentials(a: &RegistryAccess) -> anyhow::Result<Option<crate::dest::registry::auth::Credentials>> {
-    use crate::dest::registry::auth;
-    static PASSWORD: std::sync::OnceLock<Result<String, String>> = std::sync::OnceLock::new();
-    let Some(c) = &a.creds else {
-        anyhow::ensure!(!a.password_stdin, "--password-stdin reads the password of --creds USER: give --creds");
-        return Ok(None);
-    };
-    let password = if a.password_stdin {
-        let line = PASSWORD.get_or_init(|| {
-            let mut line = String::new();
-            io::stdin()
-                .read_line(&mut line)
-                .map(|_| line.trim_end_matches(['\n', '\r']).to_string())
-                .map_err(|e| e.to_string())
-        });
-        Some(line.clone().map_err(|e| anyhow::anyhow!("reading the password from stdin: {e}"))?)
-    } else {
-        None
-    };
-    Ok(Some(auth::parse_creds(c, password)?))
-}
-
 /// `nar_hashes` (store path to narHash) key the layers; without them the
 /// local Nix is asked.
 fn push_image(
@@ -1178,33 +1128,6 @@ fn grow_pipe(out: &std::fs::File) -> bool {
 /// open file (offset, flags, pipe); dropping it leaves fd 1 open.
 fn stdout_file() -> io::Result<std::fs::File> {
     Ok(io::stdout().as_fd().try_clone_to_owned()?.into())
-}
-
-fn completions(a: &CompletionsArgs) -> anyhow::Result<()> {
-    use clap::CommandFactory;
-    let mut cmd = Cli::command();
-    let mut out = io::stdout().lock();
-    clap_complete::generate(a.shell, &mut cmd, "nixstream", &mut out);
-    out.flush()?;
-    Ok(())
-}
-
-fn man(a: &ManArgs) -> anyhow::Result<()> {
-    use clap::CommandFactory;
-    let cmd = Cli::command();
-    match &a.dir {
-        Some(dir) => {
-            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-            clap_mangen::generate_to(cmd, dir)
-                .with_context(|| format!("cannot write the pages into {}", dir.display()))?;
-        }
-        None => {
-            let mut out = io::stdout().lock();
-            clap_mangen::Man::new(cmd).render(&mut out)?;
-            out.flush()?;
-        }
-    }
-    Ok(())
 }
 
 fn layer_digest(a: &LayerDigestArgs) -> anyhow::Result<()> {
