@@ -1,9 +1,8 @@
 //! The command line: options parsed by clap, resolved into one config per
 //! command, run, and mapped to an [`ExitCode`].
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io::{self, BufWriter, IsTerminal, Write};
-use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Parser;
@@ -19,9 +18,6 @@ use crate::output::progress::{Mode, Progress};
 use crate::output::splice::Policy;
 use crate::output::writer::Blocking;
 use crate::plan::ImagePlan;
-use crate::planner::autolayer::auto_layer;
-use crate::planner::previous::Previous;
-use crate::planner::{compare, pipeline, stable};
 use crate::store::walk::Listing;
 use std::os::fd::AsFd;
 
@@ -29,6 +25,8 @@ mod args;
 mod cache;
 mod docs;
 mod inspect;
+mod layers;
+mod planning;
 mod registry;
 
 use args::json_arg;
@@ -66,8 +64,8 @@ where
     };
     match cli.command {
         Command::Stream(a) => report(stream(&a)),
-        Command::Layers(a) => report(layers(&a)),
-        Command::Plan(a) => report(plan(&a)),
+        Command::Layers(a) => report(layers::layers(&a)),
+        Command::Plan(a) => report(layers::plan(&a)),
         Command::Image(a) => report(image(&a)),
         Command::Verify(a) => report(inspect::verify(&a)),
         Command::Digest(a) => report(inspect::digest(&a)),
@@ -452,366 +450,9 @@ struct Stats {
     blobs_present: usize,
 }
 
-fn load_closure(c: &ClosureArgs) -> anyhow::Result<(ClosureGraph, HashSet<String>)> {
-    use crate::input::limited::{read_capped_text, MAX_EXCLUDE};
-    let exclude: HashSet<String> = match &c.exclude_paths {
-        None => HashSet::new(),
-        Some(f) => {
-            let text = read_capped_text(f, "--exclude-paths file", MAX_EXCLUDE)?;
-            match serde_json::from_str::<Vec<String>>(&text) {
-                Ok(list) => list.into_iter().collect(),
-                Err(_) => text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect(),
-            }
-        }
-    };
-    // One regular file is a graph, unless it is itself a store path (a
-    // file right in a store directory); anything else names store paths.
-    if let [one] = c.input.as_slice() {
-        let p = Path::new(one);
-        let in_store = p.parent().and_then(Path::file_name).is_some_and(|d| d == "store");
-        if p.is_file() && !in_store {
-            return Ok((ClosureGraph::load(p)?, exclude));
-        }
-    }
-    Ok((ClosureGraph::from_store(&c.input)?, exclude))
-}
-
-/// A plan, with what the previous release (if given) let it keep.
-struct Chosen {
-    planned: crate::planner::stable::Planned,
-    previous: Option<Previous>,
-}
-
-/// Reads `--previous`, checked against the closure's store directory; says
-/// on stderr when nothing in it can be reused.
-fn load_previous(
-    file: Option<&Path>,
-    closure: &ClosureGraph,
-    registry: &PreviousRegistry,
-) -> anyhow::Result<Option<Previous>> {
-    let Some(file) = file else { return Ok(None) };
-    let prev = match file.to_str().filter(|f| f.starts_with("docker://")) {
-        Some(reference) => previous_from_registry(reference, registry)?,
-        None => crate::planner::previous::load(file)?,
-    };
-    if let Some(store) = crate::planner::previous::store_dir_of(closure.nodes.iter().map(|n| n.path.as_str())) {
-        prev.check_store(&store)?;
-    }
-    if let Some(note) = prev.note() {
-        let _ = writeln!(io::stderr(), "nixstream: {note}");
-    }
-    Ok(Some(prev))
-}
-
-/// `--previous docker://...`: the image's config, read from the registry
-/// with the registry options (TLS, and `--creds` when the previous image is
-/// on the registry `--creds` is for: the `--push` one, or the only one
-/// named), else the credentials docker and podman keep.  A tag that is not
-/// there yet (a first release) is said, and is an empty previous plan:
-/// everything is new.  Anything else missing is an error.
-fn previous_from_registry(reference: &str, registry: &PreviousRegistry) -> anyhow::Result<Previous> {
-    use crate::dest::registry::{pull, Reference, RegistryError};
-    let from = Reference::parse(reference)?;
-    let opts = registry.args.client_options(&from, registry.push.as_deref(), &|_| {})?;
-    let arch = registry.architecture.unwrap_or(crate::dest::manifest::host_architecture());
-    match pull::fetch_image(&from, &opts, "--previous", arch) {
-        Ok(image) => Ok(crate::planner::previous::from_config(reference, &image.config)?),
-        Err(RegistryError::NoSuchImage { .. }) => {
-            let _ = writeln!(
-                io::stderr(),
-                "nixstream: previous image docker://{from} does not exist (yet): planning afresh"
-            );
-            Ok(Previous { source: PathBuf::from(reference), ..Previous::default() })
-        }
-        Err(e) => Err(anyhow::Error::new(e).context(format!("--previous {reference}"))),
-    }
-}
-
-/// What `image` knows about registries, for `--previous docker://...`.
-struct PreviousRegistry<'a> {
-    args: &'a RegistryAccess,
-    /// The `--push` destination's registry.
-    push: Option<String>,
-    /// The image's `--architecture`, to pick from an index.
-    architecture: Option<&'a str>,
-}
-
-fn note(planned: &crate::planner::stable::Planned) {
-    for n in &planned.notes {
-        let _ = writeln!(io::stderr(), "nixstream: {n}");
-    }
-}
-
-/// Store layers left by `max_layers` once the customisation layer has one.
-fn store_budget(max_layers: usize) -> anyhow::Result<usize> {
-    anyhow::ensure!(
-        max_layers >= 2,
-        "--max-layers {max_layers} leaves no layer for the store paths: the customisation layer takes one"
-    );
-    Ok(max_layers - 1)
-}
-
-fn plan_with(closure: &ClosureGraph, exclude: &HashSet<String>, l: &LayeringChoice) -> anyhow::Result<Chosen> {
-    let registry = PreviousRegistry { args: &l.access, push: None, architecture: None };
-    let previous = load_previous(l.previous.as_deref(), closure, &registry)?;
-    let plain = |layers: Vec<Vec<String>>| crate::planner::stable::Planned { layers, ..Default::default() };
-    let planned = if let Some(n) = l.auto_layer {
-        anyhow::ensure!(n > 0, "--auto-layer needs at least 1 layer");
-        plain(auto_layer(closure, exclude, n))
-    } else if let Some(text) = &l.pipeline {
-        let steps = pipeline::parse(&json_arg("pipeline", text, crate::input::limited::MAX_PIPELINE)?)?;
-        plain(pipeline::plan_layers(closure, &steps, exclude)?)
-    } else if l.popularity {
-        let steps = pipeline::parse(&serde_json::json!([
-            ["popularity_contest"],
-            ["limit_layers", store_budget(l.max_layers)?]
-        ]))?;
-        plain(pipeline::plan_layers(closure, &steps, exclude)?)
-    } else if l.stable || previous.is_some() {
-        let prev = previous.as_ref().map(|p| p.layers.as_slice());
-        stable::plan(closure, exclude, store_budget(l.max_layers)?, prev)?
-    } else {
-        plain(auto_layer(closure, exclude, store_budget(l.max_layers)?))
-    };
-    note(&planned);
-    Ok(Chosen { planned, previous })
-}
-
-/// `--joint`: one closure per input, planned together.
-fn joint_plans(c: &ClosureArgs, l: &LayeringChoice) -> anyhow::Result<Vec<(ClosureGraph, Vec<Vec<String>>)>> {
-    let mut graphs = Vec::new();
-    let mut exclude = HashSet::new();
-    for input in &c.input {
-        let one = ClosureArgs { input: vec![input.clone()], exclude_paths: c.exclude_paths.clone() };
-        let (g, ex) = load_closure(&one)?;
-        graphs.push(g);
-        exclude = ex;
-    }
-    let plans = stable::plan_joint(&graphs, &exclude, store_budget(l.max_layers)?)?;
-    Ok(graphs.into_iter().zip(plans).map(|(g, p)| (g, p.layers)).collect())
-}
-
-fn layers(a: &LayersArgs) -> anyhow::Result<()> {
-    let mut out = io::stdout().lock();
-    if a.layering.joint {
-        let plans: Vec<Vec<Vec<String>>> = joint_plans(&a.closure, &a.layering)?.into_iter().map(|(_, l)| l).collect();
-        serde_json::to_writer_pretty(&mut out, &plans)?;
-        writeln!(out)?;
-        return Ok(());
-    }
-    let l = &a.layering;
-    anyhow::ensure!(
-        l.previous.is_none() || (l.auto_layer.is_none() && l.pipeline.is_none() && !l.popularity),
-        "`layers --previous` plans with the stable planner, which builds on it: drop --auto-layer, --pipeline or --popularity (or compare with `nixstream plan`)"
-    );
-    let (closure, exclude) = load_closure(&a.closure)?;
-    let chosen = plan_with(&closure, &exclude, &a.layering)?;
-    serde_json::to_writer_pretty(&mut out, &chosen.planned.layers)?;
-    writeln!(out)?;
-    Ok(())
-}
-
-fn plan(a: &PlanArgs) -> anyhow::Result<()> {
-    if a.layering.joint {
-        let plans = joint_plans(&a.closure, &a.layering)?;
-        let mut out = io::stdout().lock();
-        let shared = plans
-            .iter()
-            .map(|(_, l)| l)
-            .skip(1)
-            .map(|l| l.iter().zip(&plans[0].1).take_while(|(x, y)| x == y).count())
-            .min()
-            .unwrap_or(0);
-        if a.json {
-            let v: Vec<serde_json::Value> =
-                plans.iter().map(|(g, l)| serde_json::json!({"layers": plan_json(g, l), "shared": shared})).collect();
-            serde_json::to_writer_pretty(&mut out, &v)?;
-            writeln!(out)?;
-            return Ok(());
-        }
-        for ((g, l), input) in plans.iter().zip(&a.closure.input) {
-            writeln!(out, "{input}: the bottom {shared} layers are shared by all {} images", plans.len())?;
-            plan_table(&mut out, g, l)?;
-            writeln!(out)?;
-        }
-        return Ok(());
-    }
-    let (closure, exclude) = load_closure(&a.closure)?;
-    let chosen = plan_with(&closure, &exclude, &a.layering)?;
-    let layers = &chosen.planned.layers;
-    let mut out = io::stdout().lock();
-    if let Some(prev) = &chosen.previous {
-        let size: HashMap<&str, u64> = closure.nodes.iter().map(|n| (n.path.as_str(), n.nar_size)).collect();
-        let c = compare::compare(layers, &prev.layers, &size);
-        if a.json {
-            let v = serde_json::json!({
-                "layers": plan_json(&closure, layers).into_iter().zip(&c.layers)
-                    .map(|(mut v, lc)| { v["reused"] = lc.reused.into(); v["pulled"] = lc.pulled.into(); v })
-                    .collect::<Vec<_>>(),
-                "pushed": c.pushed, "pulled": c.pulled, "changed": c.changed, "total": c.total,
-                "ratio": c.ratio(), "kept": chosen.planned.kept, "previous_layers": prev.layers.len(),
-            });
-            serde_json::to_writer_pretty(&mut out, &v)?;
-            writeln!(out)?;
-        } else {
-            compare_table(&mut out, &closure, layers, &c)?;
-        }
-        return Ok(());
-    }
-    if a.json {
-        serde_json::to_writer_pretty(&mut out, &plan_json(&closure, layers))?;
-        writeln!(out)?;
-        return Ok(());
-    }
-    plan_table(&mut out, &closure, layers)
-}
-
-fn plan_json(closure: &ClosureGraph, layers: &[Vec<String>]) -> Vec<serde_json::Value> {
-    let size: HashMap<&str, u64> = closure.nodes.iter().map(|n| (n.path.as_str(), n.nar_size)).collect();
-    let bytes = |l: &[String]| l.iter().map(|p| size.get(p.as_str()).copied().unwrap_or(0)).sum::<u64>();
-    layers.iter().enumerate().map(|(i, l)| serde_json::json!({"layer": i + 1, "paths": l, "bytes": bytes(l)})).collect()
-}
-
-/// A store path's name, without the store directory and hash.
-fn short_name(p: &str) -> String {
-    p.rsplit('/').next().and_then(|b| b.split_once('-')).map(|(_, n)| n.to_string()).unwrap_or_else(|| p.into())
-}
-
-/// The three largest paths of a layer, by name.
-fn largest(size: &HashMap<&str, u64>, l: &[String]) -> String {
-    let mut by_size: Vec<&String> = l.iter().collect();
-    by_size.sort_by_key(|p| std::cmp::Reverse(size.get(p.as_str()).copied().unwrap_or(0)));
-    let names: Vec<String> = by_size.iter().take(3).map(|p| short_name(p)).collect();
-    let more = if l.len() > 3 { format!(" (+{} more)", l.len() - 3) } else { String::new() };
-    format!("{}{more}", names.join(", "))
-}
-
-fn plan_table(out: &mut impl Write, closure: &ClosureGraph, layers: &[Vec<String>]) -> anyhow::Result<()> {
-    let size: HashMap<&str, u64> = closure.nodes.iter().map(|n| (n.path.as_str(), n.nar_size)).collect();
-    let bytes = |l: &[String]| l.iter().map(|p| size.get(p.as_str()).copied().unwrap_or(0)).sum::<u64>();
-    writeln!(out, "{:>5} {:>6} {:>10}  largest paths", "layer", "paths", "bytes")?;
-    for (i, l) in layers.iter().enumerate() {
-        writeln!(
-            out,
-            "{:>5} {:>6} {:>10}  {}",
-            i + 1,
-            l.len(),
-            crate::output::progress::human(bytes(l)),
-            largest(&size, l)
-        )?;
-    }
-    let total: u64 = layers.iter().map(|l| bytes(l)).sum();
-    let paths: usize = layers.iter().map(Vec::len).sum();
-    writeln!(
-        out,
-        "{:>5} {:>6} {:>10}  {} layers",
-        "total",
-        paths,
-        crate::output::progress::human(total),
-        layers.len()
-    )?;
-    Ok(())
-}
-
-/// The new plan against the previous one: a row and a bar per layer (top
-/// first, as a stack), then the totals.
-fn compare_table(
-    out: &mut impl Write,
-    closure: &ClosureGraph,
-    layers: &[Vec<String>],
-    c: &compare::Comparison,
-) -> anyhow::Result<()> {
-    const WIDTH: u64 = 30;
-    let size: HashMap<&str, u64> = closure.nodes.iter().map(|n| (n.path.as_str(), n.nar_size)).collect();
-    let most = c.layers.iter().map(|l| l.bytes).max().unwrap_or(0).max(1);
-    writeln!(
-        out,
-        "{:>5} {:>6} {:>10}  {:<6} {:<4} {:<w$}  largest paths",
-        "layer",
-        "paths",
-        "bytes",
-        "",
-        "pull",
-        "",
-        w = WIDTH as usize
-    )?;
-    for (i, (l, lc)) in layers.iter().zip(&c.layers).enumerate().rev() {
-        let n = (lc.bytes * WIDTH).div_ceil(most).max(1) as usize;
-        let bar = if lc.reused { "░".repeat(n) } else { "█".repeat(n) };
-        writeln!(
-            out,
-            "{:>5} {:>6} {:>10}  {:<6} {:<4} {bar}{:pad$}  {}",
-            i + 1,
-            l.len(),
-            crate::output::progress::human(lc.bytes),
-            if lc.reused { "reused" } else { "new" },
-            if lc.pulled { "↓" } else { "" },
-            "",
-            largest(&size, l),
-            pad = WIDTH as usize - n,
-        )?;
-    }
-    let reused = c.layers.iter().filter(|l| l.reused).count();
-    writeln!(
-        out,
-        "{reused} of {} layers reused (░ reused, █ new; ↓ pulled by a host holding the previous image)",
-        c.layers.len()
-    )?;
-    let new = c.layers.len() - reused;
-    writeln!(
-        out,
-        "pushed            {:>10}  ({new} new layer{})",
-        crate::output::progress::human(c.pushed),
-        if new == 1 { "" } else { "s" }
-    )?;
-    writeln!(out, "pulled by a host  {:>10}", crate::output::progress::human(c.pulled))?;
-    let ratio = c.ratio().map(|r| format!("pushed ÷ changed {r:.2}")).unwrap_or_else(|| "nothing changed".into());
-    writeln!(out, "really changed    {:>10}  ({ratio})", crate::output::progress::human(c.changed))?;
-    writeln!(out, "image             {:>10}", crate::output::progress::human(c.total))?;
-    Ok(())
-}
-
 fn image(a: &ImageArgs) -> anyhow::Result<()> {
-    let (closure, exclude) = load_closure(&a.closure)?;
-    // nixpkgs' budget: maxLayers, less the customisation layer and the base image's layers.
-    let base_layers = match &a.from_image {
-        Some(f) => crate::read::baseimage::BaseImage::open(f)?.layers.len(),
-        None => 0,
-    };
-    let used = 1 + base_layers;
-    anyhow::ensure!(
-        used < a.max_layers,
-        "--max-layers {} leaves no layer for the store paths: the base image has {base_layers} layers and the customisation layer takes one",
-        a.max_layers
-    );
-    let budget = a.max_layers - used;
-    let layers = if let Some(p) = &a.pipeline {
-        let steps = pipeline::parse(&json_arg("pipeline", p, crate::input::limited::MAX_PIPELINE)?)?;
-        pipeline::plan_layers(&closure, &steps, &exclude)?
-    } else if a.popularity {
-        let steps = pipeline::parse(&serde_json::json!([["popularity_contest"], ["limit_layers", budget]]))?;
-        pipeline::plan_layers(&closure, &steps, &exclude)?
-    } else if !a.joint_with.is_empty() {
-        let mut graphs = vec![closure.clone()];
-        for other in &a.joint_with {
-            let one = ClosureArgs { input: vec![other.clone()], exclude_paths: a.closure.exclude_paths.clone() };
-            graphs.push(load_closure(&one)?.0);
-        }
-        stable::plan_joint(&graphs, &exclude, budget)?.swap_remove(0).layers
-    } else if a.stable || a.previous.is_some() {
-        let push = match &a.push {
-            Some(p) => Some(crate::dest::registry::Reference::parse(p)?.registry),
-            None => None,
-        };
-        let registry = PreviousRegistry { args: &a.registry.access, push, architecture: a.architecture.as_deref() };
-        let previous = load_previous(a.previous.as_deref(), &closure, &registry)?;
-        let planned = stable::plan(&closure, &exclude, budget, previous.as_ref().map(|p| p.layers.as_slice()))?;
-        note(&planned);
-        planned.layers
-    } else {
-        auto_layer(&closure, &exclude, budget)
-    };
-    let layers: Vec<Vec<String>> = layers.into_iter().filter(|l| !l.is_empty()).collect();
+    let (closure, exclude) = planning::load_closure(&a.closure)?;
+    let layers = planning::image_layers(a, &closure, &exclude)?;
     let config = match &a.config {
         Some(c) => json_arg("config", c, crate::input::limited::MAX_CONFIG)?,
         None => serde_json::json!({}),

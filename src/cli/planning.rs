@@ -1,0 +1,209 @@
+//! From the command line to planned layers, for `layers`, `plan` and
+//! `image`: reading the closure (a graph file or store paths asked of the
+//! local Nix) and `--exclude-paths`, reading `--previous` (a plan, an image
+//! archive or a registry image), and choosing the planner the options name.
+//! The planners themselves are in `crate::planner`.
+
+use std::collections::HashSet;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use super::args::{json_arg, ClosureArgs, ImageArgs, LayeringChoice, RegistryAccess};
+use crate::input::closure::ClosureGraph;
+use crate::planner::autolayer::auto_layer;
+use crate::planner::previous::Previous;
+use crate::planner::{pipeline, stable};
+
+pub(super) fn load_closure(c: &ClosureArgs) -> anyhow::Result<(ClosureGraph, HashSet<String>)> {
+    use crate::input::limited::{read_capped_text, MAX_EXCLUDE};
+    let exclude: HashSet<String> = match &c.exclude_paths {
+        None => HashSet::new(),
+        Some(f) => {
+            let text = read_capped_text(f, "--exclude-paths file", MAX_EXCLUDE)?;
+            match serde_json::from_str::<Vec<String>>(&text) {
+                Ok(list) => list.into_iter().collect(),
+                Err(_) => text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect(),
+            }
+        }
+    };
+    // One regular file is a graph, unless it is itself a store path (a
+    // file right in a store directory); anything else names store paths.
+    if let [one] = c.input.as_slice() {
+        let p = Path::new(one);
+        let in_store = p.parent().and_then(Path::file_name).is_some_and(|d| d == "store");
+        if p.is_file() && !in_store {
+            return Ok((ClosureGraph::load(p)?, exclude));
+        }
+    }
+    Ok((ClosureGraph::from_store(&c.input)?, exclude))
+}
+
+/// A plan, with what the previous release (if given) let it keep.
+pub(super) struct Chosen {
+    pub(super) planned: crate::planner::stable::Planned,
+    pub(super) previous: Option<Previous>,
+}
+
+/// Reads `--previous`, checked against the closure's store directory; says
+/// on stderr when nothing in it can be reused.
+pub(super) fn load_previous(
+    file: Option<&Path>,
+    closure: &ClosureGraph,
+    registry: &PreviousRegistry,
+) -> anyhow::Result<Option<Previous>> {
+    let Some(file) = file else { return Ok(None) };
+    let prev = match file.to_str().filter(|f| f.starts_with("docker://")) {
+        Some(reference) => previous_from_registry(reference, registry)?,
+        None => crate::planner::previous::load(file)?,
+    };
+    if let Some(store) = crate::planner::previous::store_dir_of(closure.nodes.iter().map(|n| n.path.as_str())) {
+        prev.check_store(&store)?;
+    }
+    if let Some(note) = prev.note() {
+        let _ = writeln!(io::stderr(), "nixstream: {note}");
+    }
+    Ok(Some(prev))
+}
+
+/// `--previous docker://...`: the image's config, read from the registry
+/// with the registry options (TLS, and `--creds` when the previous image is
+/// on the registry `--creds` is for: the `--push` one, or the only one
+/// named), else the credentials docker and podman keep.  A tag that is not
+/// there yet (a first release) is said, and is an empty previous plan:
+/// everything is new.  Anything else missing is an error.
+fn previous_from_registry(reference: &str, registry: &PreviousRegistry) -> anyhow::Result<Previous> {
+    use crate::dest::registry::{pull, Reference, RegistryError};
+    let from = Reference::parse(reference)?;
+    let opts = registry.args.client_options(&from, registry.push.as_deref(), &|_| {})?;
+    let arch = registry.architecture.unwrap_or(crate::dest::manifest::host_architecture());
+    match pull::fetch_image(&from, &opts, "--previous", arch) {
+        Ok(image) => Ok(crate::planner::previous::from_config(reference, &image.config)?),
+        Err(RegistryError::NoSuchImage { .. }) => {
+            let _ = writeln!(
+                io::stderr(),
+                "nixstream: previous image docker://{from} does not exist (yet): planning afresh"
+            );
+            Ok(Previous { source: PathBuf::from(reference), ..Previous::default() })
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!("--previous {reference}"))),
+    }
+}
+
+/// What `image` knows about registries, for `--previous docker://...`.
+pub(super) struct PreviousRegistry<'a> {
+    args: &'a RegistryAccess,
+    /// The `--push` destination's registry.
+    push: Option<String>,
+    /// The image's `--architecture`, to pick from an index.
+    architecture: Option<&'a str>,
+}
+
+pub(super) fn note(planned: &crate::planner::stable::Planned) {
+    for n in &planned.notes {
+        let _ = writeln!(io::stderr(), "nixstream: {n}");
+    }
+}
+
+/// Store layers left by `max_layers` once the customisation layer has one.
+fn store_budget(max_layers: usize) -> anyhow::Result<usize> {
+    anyhow::ensure!(
+        max_layers >= 2,
+        "--max-layers {max_layers} leaves no layer for the store paths: the customisation layer takes one"
+    );
+    Ok(max_layers - 1)
+}
+
+pub(super) fn plan_with(
+    closure: &ClosureGraph,
+    exclude: &HashSet<String>,
+    l: &LayeringChoice,
+) -> anyhow::Result<Chosen> {
+    let registry = PreviousRegistry { args: &l.access, push: None, architecture: None };
+    let previous = load_previous(l.previous.as_deref(), closure, &registry)?;
+    let plain = |layers: Vec<Vec<String>>| crate::planner::stable::Planned { layers, ..Default::default() };
+    let planned = if let Some(n) = l.auto_layer {
+        anyhow::ensure!(n > 0, "--auto-layer needs at least 1 layer");
+        plain(auto_layer(closure, exclude, n))
+    } else if let Some(text) = &l.pipeline {
+        let steps = pipeline::parse(&json_arg("pipeline", text, crate::input::limited::MAX_PIPELINE)?)?;
+        plain(pipeline::plan_layers(closure, &steps, exclude)?)
+    } else if l.popularity {
+        let steps = pipeline::parse(&serde_json::json!([
+            ["popularity_contest"],
+            ["limit_layers", store_budget(l.max_layers)?]
+        ]))?;
+        plain(pipeline::plan_layers(closure, &steps, exclude)?)
+    } else if l.stable || previous.is_some() {
+        let prev = previous.as_ref().map(|p| p.layers.as_slice());
+        stable::plan(closure, exclude, store_budget(l.max_layers)?, prev)?
+    } else {
+        plain(auto_layer(closure, exclude, store_budget(l.max_layers)?))
+    };
+    note(&planned);
+    Ok(Chosen { planned, previous })
+}
+
+/// `--joint`: one closure per input, planned together.
+pub(super) fn joint_plans(
+    c: &ClosureArgs,
+    l: &LayeringChoice,
+) -> anyhow::Result<Vec<(ClosureGraph, Vec<Vec<String>>)>> {
+    let mut graphs = Vec::new();
+    let mut exclude = HashSet::new();
+    for input in &c.input {
+        let one = ClosureArgs { input: vec![input.clone()], exclude_paths: c.exclude_paths.clone() };
+        let (g, ex) = load_closure(&one)?;
+        graphs.push(g);
+        exclude = ex;
+    }
+    let plans = stable::plan_joint(&graphs, &exclude, store_budget(l.max_layers)?)?;
+    Ok(graphs.into_iter().zip(plans).map(|(g, p)| (g, p.layers)).collect())
+}
+
+/// The store layers of `image`: the planner its options name, within
+/// nixpkgs' budget; empty layers left out.
+pub(super) fn image_layers(
+    a: &ImageArgs,
+    closure: &ClosureGraph,
+    exclude: &HashSet<String>,
+) -> anyhow::Result<Vec<Vec<String>>> {
+    // nixpkgs' budget: maxLayers, less the customisation layer and the base image's layers.
+    let base_layers = match &a.from_image {
+        Some(f) => crate::read::baseimage::BaseImage::open(f)?.layers.len(),
+        None => 0,
+    };
+    let used = 1 + base_layers;
+    anyhow::ensure!(
+        used < a.max_layers,
+        "--max-layers {} leaves no layer for the store paths: the base image has {base_layers} layers and the customisation layer takes one",
+        a.max_layers
+    );
+    let budget = a.max_layers - used;
+    let layers = if let Some(p) = &a.pipeline {
+        let steps = pipeline::parse(&json_arg("pipeline", p, crate::input::limited::MAX_PIPELINE)?)?;
+        pipeline::plan_layers(closure, &steps, exclude)?
+    } else if a.popularity {
+        let steps = pipeline::parse(&serde_json::json!([["popularity_contest"], ["limit_layers", budget]]))?;
+        pipeline::plan_layers(closure, &steps, exclude)?
+    } else if !a.joint_with.is_empty() {
+        let mut graphs = vec![closure.clone()];
+        for other in &a.joint_with {
+            let one = ClosureArgs { input: vec![other.clone()], exclude_paths: a.closure.exclude_paths.clone() };
+            graphs.push(load_closure(&one)?.0);
+        }
+        stable::plan_joint(&graphs, exclude, budget)?.swap_remove(0).layers
+    } else if a.stable || a.previous.is_some() {
+        let push = match &a.push {
+            Some(p) => Some(crate::dest::registry::Reference::parse(p)?.registry),
+            None => None,
+        };
+        let registry = PreviousRegistry { args: &a.registry.access, push, architecture: a.architecture.as_deref() };
+        let previous = load_previous(a.previous.as_deref(), closure, &registry)?;
+        let planned = stable::plan(closure, exclude, budget, previous.as_ref().map(|p| p.layers.as_slice()))?;
+        note(&planned);
+        planned.layers
+    } else {
+        auto_layer(closure, exclude, budget)
+    };
+    Ok(layers.into_iter().filter(|l| !l.is_empty()).collect())
+}
