@@ -14,6 +14,8 @@ use crate::planner::autolayer::auto_layer;
 use crate::planner::previous::Previous;
 use crate::planner::{pipeline, stable};
 
+/// The closure the inputs name (a graph file, or store paths asked of the
+/// local Nix), and the paths `--exclude-paths` leaves out.
 pub(super) fn load_closure(c: &ClosureArgs) -> anyhow::Result<(ClosureGraph, HashSet<String>)> {
     use crate::input::limited::{read_capped_text, MAX_EXCLUDE};
     let exclude: HashSet<String> = match &c.exclude_paths {
@@ -46,7 +48,7 @@ pub(super) struct Chosen {
 
 /// Reads `--previous`, checked against the closure's store directory; says
 /// on stderr when nothing in it can be reused.
-pub(super) fn load_previous(
+fn load_previous(
     file: Option<&Path>,
     closure: &ClosureGraph,
     registry: &PreviousRegistry,
@@ -90,7 +92,7 @@ fn previous_from_registry(reference: &str, registry: &PreviousRegistry) -> anyho
 }
 
 /// What `image` knows about registries, for `--previous docker://...`.
-pub(super) struct PreviousRegistry<'a> {
+struct PreviousRegistry<'a> {
     args: &'a RegistryAccess,
     /// The `--push` destination's registry.
     push: Option<String>,
@@ -98,7 +100,7 @@ pub(super) struct PreviousRegistry<'a> {
     architecture: Option<&'a str>,
 }
 
-pub(super) fn note(planned: &crate::planner::stable::Planned) {
+fn note(planned: &crate::planner::stable::Planned) {
     for n in &planned.notes {
         let _ = writeln!(io::stderr(), "nixstream: {n}");
     }
@@ -113,6 +115,9 @@ fn store_budget(max_layers: usize) -> anyhow::Result<usize> {
     Ok(max_layers - 1)
 }
 
+/// The layers of `layers` and `plan`: the planner `l` names, else as
+/// `image` plans: auto-layer within `--max-layers`, or the stable planner
+/// with `--stable` or `--previous`.
 pub(super) fn plan_with(
     closure: &ClosureGraph,
     exclude: &HashSet<String>,
