@@ -58,9 +58,10 @@ rec {
     , gid ? 0
     , uname ? "root"
     , gname ? "root"
-      # "auto" (nixpkgs' auto-layer, its current default) or "popularity"
-      # (the popularity contest, nixpkgs' default before); a
-      # layeringPipeline (a list, as nixpkgs takes it) overrides both.
+      # "auto" (nixpkgs' auto-layer, its current default), "popularity"
+      # (the popularity contest, nixpkgs' default before) or "stable"
+      # (nixstream's planner for layers that survive releases); a
+      # layeringPipeline (a list, as nixpkgs takes it) overrides them.
     , planner ? "auto"
     , layeringPipeline ? null
     , architecture ? goArch
@@ -70,7 +71,7 @@ rec {
       # `stream --format oci-archive --layer-compression …`.
     , layerDigestCompressions ? [ ]
     }@args:
-    assert builtins.elem planner [ "auto" "popularity" ];
+    assert builtins.elem planner [ "auto" "popularity" "stable" ];
     let
       contentsList = if builtins.isList contents then contents else [ contents ];
       configJSON = builtins.toJSON config;
@@ -118,7 +119,8 @@ rec {
         "--store-dir" builtins.storeDir
       ]
       ++ (if layeringPipeline != null then [ "--pipeline" (builtins.toJSON layeringPipeline) ]
-          else if planner == "popularity" then [ "--popularity" ] else [ "--auto-layer" ])
+          else if planner == "popularity" then [ "--popularity" ]
+          else if planner == "stable" then [ "--stable" ] else [ "--auto-layer" ])
       ++ flag "from-image" fromImage
       ++ builtins.concatMap (p: [ "--contents-link" "${p}" ]) contentsList
       ++ digestArgs;

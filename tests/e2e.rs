@@ -277,7 +277,9 @@ fn nixstream_image_from_a_store_path() {
     let (app, paths) = closure();
     let tag = "nixstream-e2e/image:latest";
     let config = format!("{{\"Cmd\": [\"{}/bin/app\"]}}", app.display());
-    for (planner, flags) in [("popularity", vec!["--popularity"]), ("auto-layer", vec![])] {
+    for (planner, flags) in
+        [("popularity", vec!["--popularity"]), ("auto-layer", vec!["--auto-layer"]), ("stable (the default)", vec![])]
+    {
         let out = run(common::bin()
             .env("NIX_REMOTE", "local")
             .args(["image", "-q", "--tag", tag, "--config", &config])

@@ -260,6 +260,22 @@ fn library_stream_image_is_small_keeps_the_closure_and_streams_the_same_bytes() 
     assert!(out.stdout == std::fs::read(&image).unwrap(), "stream ./result == buildImage's archive");
     let again = nix_build("stream", true);
     assert_eq!(conf, again);
+    // planner = "stable": every path once, and an image that checks.
+    let stable = nix_build("streamStable", false);
+    let layers: serde_json::Value = serde_json::from_slice(&std::fs::read(stable.join("conf.json")).unwrap()).unwrap();
+    let mut paths: Vec<&str> = layers["store_layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|l| l.as_array().unwrap())
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    let mut want: Vec<&str> = refs.lines().filter(|l| !l.ends_with("-conf") && *l != conf.to_str().unwrap()).collect();
+    paths.sort_unstable();
+    want.sort_unstable();
+    assert_eq!(paths, want, "each closure path in exactly one layer");
+    let archive = run(bin().args(["stream", "-q"]).arg(&stable)).stdout;
+    validate(&archive);
 }
 
 fn walk_size(p: &Path) -> u64 {

@@ -200,7 +200,7 @@ pub struct LayeringChoice {
     /// The popularity contest ([["popularity_contest"], ["limit_layers", N]]) within --max-layers.
     #[arg(long, group = "layering")]
     pub popularity: bool,
-    /// The stable planner: layers that survive releases, built on --previous when given (implied by --previous and --joint).
+    /// The stable planner, the default: layers that survive releases, built on --previous when given.
     #[arg(long, group = "layering")]
     pub stable: bool,
     /// The layer budget when no --auto-layer N is given, as `image --max-layers`: at most N layers in all, one of them the customisation layer.
@@ -242,7 +242,7 @@ pub struct ImageArgs {
     /// At most this many layers in all, as nixpkgs' maxLayers: one goes to the customisation layer, and the base image's layers count too.
     #[arg(long, default_value_t = 100, value_name = "N")]
     pub max_layers: usize,
-    /// Plan with nixpkgs' size-based auto-layer (the default; what current nixpkgs' streamLayeredImage does without a layeringPipeline).
+    /// Plan with nixpkgs' size-based auto-layer (what current nixpkgs' streamLayeredImage does without a layeringPipeline).
     #[arg(long, group = "image_layering")]
     pub auto_layer: bool,
     /// Plan with the popularity contest ([["popularity_contest"], ["limit_layers", N]]), nixpkgs' default before auto-layer.
@@ -251,7 +251,7 @@ pub struct ImageArgs {
     /// Plan with this layering pipeline (JSON text or @FILE), as nixpkgs' layeringPipeline.
     #[arg(long, value_name = "JSON|@FILE", group = "image_layering")]
     pub pipeline: Option<String>,
-    /// Plan with the stable planner: layers that survive releases (implied by --previous).
+    /// Plan with the stable planner, the default: layers that survive releases, built on --previous when given.
     #[arg(long, group = "image_layering")]
     pub stable: bool,
     /// The previous release's layers (a JSON plan as `layers` prints, an image archive, or docker://REGISTRY/REPO:TAG): the stable planner keeps every one still whole, at the bottom.

@@ -115,9 +115,58 @@ fn store_budget(max_layers: usize) -> anyhow::Result<usize> {
     Ok(max_layers - 1)
 }
 
-/// The layers of `layers` and `plan`: the planner `l` names, else as
-/// `image` plans: auto-layer within `--max-layers`, or the stable planner
-/// with `--stable` or `--previous`.
+/// The planner the options name.
+enum How<'a> {
+    /// nixpkgs' auto-layer with at most this many layers.
+    AutoLayer(usize),
+    Pipeline(&'a str),
+    Popularity,
+    /// Planned jointly with these other closures (`image --joint-with`).
+    JointWith(&'a [String]),
+    /// The stable planner, the default, on `--previous` when given.
+    Stable,
+}
+
+/// Plans `closure` with `how` within `budget` store layers (the budget of
+/// every planner but `--auto-layer N` and `--pipeline`).
+fn choose(
+    closure: &ClosureGraph,
+    exclude: &HashSet<String>,
+    how: How,
+    budget: usize,
+    previous: Option<&Previous>,
+    exclude_paths: &Option<PathBuf>,
+) -> anyhow::Result<stable::Planned> {
+    let plain = |layers: Vec<Vec<String>>| stable::Planned { layers, ..Default::default() };
+    let planned = match how {
+        How::AutoLayer(n) => {
+            anyhow::ensure!(n > 0, "--auto-layer needs at least 1 layer");
+            plain(auto_layer(closure, exclude, n))
+        }
+        How::Pipeline(text) => {
+            let steps = pipeline::parse(&json_arg("pipeline", text, crate::input::limited::MAX_PIPELINE)?)?;
+            plain(pipeline::plan_layers(closure, &steps, exclude)?)
+        }
+        How::Popularity => {
+            let steps = pipeline::parse(&serde_json::json!([["popularity_contest"], ["limit_layers", budget]]))?;
+            plain(pipeline::plan_layers(closure, &steps, exclude)?)
+        }
+        How::JointWith(others) => {
+            let mut graphs = vec![closure.clone()];
+            for other in others {
+                let one = ClosureArgs { input: vec![other.clone()], exclude_paths: exclude_paths.clone() };
+                graphs.push(load_closure(&one)?.0);
+            }
+            stable::plan_joint(&graphs, exclude, budget)?.swap_remove(0)
+        }
+        How::Stable => stable::plan(closure, exclude, budget, previous.map(|p| p.layers.as_slice()))?,
+    };
+    note(&planned);
+    Ok(planned)
+}
+
+/// The layers of `layers` and `plan`: the planner `l` names, else the
+/// stable planner within `--max-layers`, as `image` plans.
 pub(super) fn plan_with(
     closure: &ClosureGraph,
     exclude: &HashSet<String>,
@@ -125,26 +174,17 @@ pub(super) fn plan_with(
 ) -> anyhow::Result<Chosen> {
     let registry = PreviousRegistry { args: &l.access, push: None, architecture: None };
     let previous = load_previous(l.previous.as_deref(), closure, &registry)?;
-    let plain = |layers: Vec<Vec<String>>| crate::planner::stable::Planned { layers, ..Default::default() };
-    let planned = if let Some(n) = l.auto_layer {
-        anyhow::ensure!(n > 0, "--auto-layer needs at least 1 layer");
-        plain(auto_layer(closure, exclude, n))
-    } else if let Some(text) = &l.pipeline {
-        let steps = pipeline::parse(&json_arg("pipeline", text, crate::input::limited::MAX_PIPELINE)?)?;
-        plain(pipeline::plan_layers(closure, &steps, exclude)?)
-    } else if l.popularity {
-        let steps = pipeline::parse(&serde_json::json!([
-            ["popularity_contest"],
-            ["limit_layers", store_budget(l.max_layers)?]
-        ]))?;
-        plain(pipeline::plan_layers(closure, &steps, exclude)?)
-    } else if l.stable || previous.is_some() {
-        let prev = previous.as_ref().map(|p| p.layers.as_slice());
-        stable::plan(closure, exclude, store_budget(l.max_layers)?, prev)?
-    } else {
-        plain(auto_layer(closure, exclude, store_budget(l.max_layers)?))
+    let how = match (&l.auto_layer, &l.pipeline) {
+        (Some(n), _) => How::AutoLayer(*n),
+        (None, Some(text)) => How::Pipeline(text),
+        (None, None) if l.popularity => How::Popularity,
+        (None, None) => How::Stable,
     };
-    note(&planned);
+    let budget = match how {
+        How::AutoLayer(_) | How::Pipeline(_) => 0,
+        _ => store_budget(l.max_layers)?,
+    };
+    let planned = choose(closure, exclude, how, budget, previous.as_ref(), &None)?;
     Ok(Chosen { planned, previous })
 }
 
@@ -184,31 +224,28 @@ pub(super) fn image_layers(
         a.max_layers
     );
     let budget = a.max_layers - used;
-    let layers = if let Some(p) = &a.pipeline {
-        let steps = pipeline::parse(&json_arg("pipeline", p, crate::input::limited::MAX_PIPELINE)?)?;
-        pipeline::plan_layers(closure, &steps, exclude)?
+    let how = if let Some(p) = &a.pipeline {
+        How::Pipeline(p)
     } else if a.popularity {
-        let steps = pipeline::parse(&serde_json::json!([["popularity_contest"], ["limit_layers", budget]]))?;
-        pipeline::plan_layers(closure, &steps, exclude)?
+        How::Popularity
+    } else if a.auto_layer {
+        How::AutoLayer(budget)
     } else if !a.joint_with.is_empty() {
-        let mut graphs = vec![closure.clone()];
-        for other in &a.joint_with {
-            let one = ClosureArgs { input: vec![other.clone()], exclude_paths: a.closure.exclude_paths.clone() };
-            graphs.push(load_closure(&one)?.0);
-        }
-        stable::plan_joint(&graphs, exclude, budget)?.swap_remove(0).layers
-    } else if a.stable || a.previous.is_some() {
-        let push = match &a.push {
-            Some(p) => Some(crate::dest::registry::Reference::parse(p)?.registry),
-            None => None,
-        };
-        let registry = PreviousRegistry { args: &a.registry.access, push, architecture: a.architecture.as_deref() };
-        let previous = load_previous(a.previous.as_deref(), closure, &registry)?;
-        let planned = stable::plan(closure, exclude, budget, previous.as_ref().map(|p| p.layers.as_slice()))?;
-        note(&planned);
-        planned.layers
+        How::JointWith(&a.joint_with)
     } else {
-        auto_layer(closure, exclude, budget)
+        How::Stable
     };
+    let previous = match &a.previous {
+        Some(file) => {
+            let push = match &a.push {
+                Some(p) => Some(crate::dest::registry::Reference::parse(p)?.registry),
+                None => None,
+            };
+            let registry = PreviousRegistry { args: &a.registry.access, push, architecture: a.architecture.as_deref() };
+            load_previous(Some(file), closure, &registry)?
+        }
+        None => None,
+    };
+    let layers = choose(closure, exclude, how, budget, previous.as_ref(), &a.closure.exclude_paths)?.layers;
     Ok(layers.into_iter().filter(|l| !l.is_empty()).collect())
 }
