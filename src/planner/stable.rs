@@ -809,6 +809,70 @@ mod tests {
         assert_eq!(plan(&g, &HashSet::new(), 0, None), Err(StableError::NoBudget));
     }
 
+    /// libc; 40 packages on libc and two earlier ones (the last on the one
+    /// before it and one half-way); 25 small private
+    /// dependencies of the app (a few using each other); `extra` small
+    /// paths only the app uses; the app on all of it.
+    fn service(extra: usize) -> ClosureGraph {
+        let mut nodes = vec![node("l0-libc", &[], 2_000_000)];
+        let mut app_refs: Vec<String> = Vec::new();
+        for i in 0..40u64 {
+            let mut refs = vec!["l0-libc".to_string()];
+            if i >= 2 {
+                refs.push(format!("p{}-pkg{}", i - 1, i - 1));
+                refs.push(format!("p{}-pkg{}", i / 2, i / 2));
+            }
+            let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
+            nodes.push(node(&format!("p{i}-pkg{i}"), &refs, 50_000 + (i * 7919 % 40) * 60_000));
+            if i % 3 == 0 {
+                app_refs.push(format!("p{i}-pkg{i}"));
+            }
+        }
+        for i in 0..25u64 {
+            let pkg = format!("p{}-pkg{}", i % 40, i % 40);
+            let mut refs = vec!["l0-libc".to_string(), pkg];
+            if i % 5 != 0 && i > 0 {
+                refs.push(format!("q{}-priv{}", i - 1, i - 1));
+            }
+            let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
+            nodes.push(node(&format!("q{i}-priv{i}"), &refs, 10_000 + i * 1_000));
+            app_refs.push(format!("q{i}-priv{i}"));
+        }
+        for i in 0..extra {
+            nodes.push(node(&format!("x{i}-extra{i}"), &["l0-libc"], 20_000 + i as u64 * 1_000));
+            app_refs.push(format!("x{i}-extra{i}"));
+        }
+        let refs: Vec<&str> = app_refs.iter().map(String::as_str).collect();
+        nodes.push(node("a0-app", &refs, 80_000));
+        ClosureGraph { nodes }
+    }
+
+    #[test]
+    fn a_path_added_at_the_top_leaves_the_large_paths_layers_alone() {
+        // A small path added (smaller than any large path, so auto-layer's
+        // choice of large paths stands) regroups only what the large paths
+        // leave unclaimed: the app's own part of the closure.
+        for (budget, added) in [8, 12, 16, 20, 30, 40].into_iter().flat_map(|b| [(b, 1), (b, 2), (b, 3)]) {
+            let (one, two) = (service(0), service(added));
+            let before = plan(&one, &HashSet::new(), budget, None).unwrap().layers;
+            let after = plan(&two, &HashSet::new(), budget, None).unwrap().layers;
+            every_path_once(&two, &after);
+            assert!(after.len() <= budget);
+            assert_eq!(after.last().unwrap(), &["/s/a0-app"], "{budget}: {after:?}");
+            let unclaimed: HashSet<String> =
+                auto_layer(&two, &HashSet::new(), budget - budget / 3).pop().unwrap().into_iter().collect();
+            assert!(unclaimed.contains("/s/x0-extra0") && unclaimed.contains("/s/a0-app"));
+            let own = |p: &String| unclaimed.contains(p);
+            for layer in before.iter().filter(|l| !l.iter().any(own)) {
+                assert!(after.contains(layer), "{budget}, {added}: {layer:?} was regrouped: {before:?} → {after:?}");
+            }
+            let size: HashMap<&str, u64> = two.nodes.iter().map(|n| (n.path.as_str(), n.nar_size)).collect();
+            let sent: u64 = after.iter().filter(|l| !before.contains(l)).flatten().map(|p| size[p.as_str()]).sum();
+            let top: u64 = two.nodes.iter().filter(|n| own(&n.path)).map(|n| n.nar_size).sum();
+            assert!(sent <= top, "{budget}, {added}: {sent} bytes sent again, more than the app's own {top}");
+        }
+    }
+
     #[test]
     fn what_nothing_uses_has_a_layer_of_its_own() {
         // Five paths in four layers: the cheapest company for the app is
