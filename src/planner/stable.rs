@@ -8,18 +8,21 @@
 //! package set, change gathers at the top: the application and what only it
 //! uses; a library much of the closure builds on changes rarely).  A layer's
 //! volatility is the sum of those likelihoods over the union of its paths'
-//! closures.  What no other path uses (the application: what a release
-//! is) gets a layer of its own on top when the budget allows.  The planner
-//! orders the other paths by volatility (stable at the bottom, volatile at
-//! the top), starts from one layer per path and, while
-//! there are more layers than the budget allows, merges the two neighbouring
-//! layers whose merge adds the least expected re-sent bytes:
-//! `size(A∪B)·v(A∪B) − size(A)·v(A) − size(B)·v(B)`.  The top application
-//! thus stays apart from its stable private dependencies, and small paths
-//! that change with the same things share a layer.  The layers are then
-//! stacked in order of their odds of changing per byte, which keeps the
-//! bytes a host pulls again (everything above the lowest changed layer)
-//! least.  Closures and users are
+//! closures.  A fresh plan hangs half the budget's layers on the largest
+//! paths, as nixpkgs' auto-layer does (each large path with what only it
+//! uses), which a small change of the closure leaves alone.  What no large
+//! path claims (the application and what it alone builds on: where
+//! releases change) gets the other half: what no other path uses (the
+//! application: what a release is) a layer of its own on top; auto-layer
+//! again within the rest for half of what is left; and the small paths left
+//! over ordered by volatility (stable at the bottom, volatile at the top)
+//! and merged, while there are more than the layers left, two neighbours at
+//! a time where the merge adds the least expected re-sent bytes:
+//! `size(A∪B)·v(A∪B) − size(A)·v(A) − size(B)·v(B)`.  The application thus
+//! stays apart from its private dependencies, and small paths that change
+//! with the same things share a layer.  The layers are then stacked in
+//! order of their odds of changing per byte, which keeps the bytes a host
+//! pulls again (everything above the lowest changed layer) least.  Closures and users are
 //! k-minimum-values sketches over the paths' names (exact up to [`K`] paths,
 //! an estimate above, and unmoved by a release that only rebuilds a path), so
 //! planning stays linear in the graph.
@@ -447,9 +450,12 @@ fn indices(index: &HashMap<&str, u32>, layer: &[String]) -> Vec<u32> {
 
 /// A plan made afresh.  Auto-layer's grouping hangs layers on the largest
 /// paths, which a small change of the closure leaves alone, so it is
-/// planned with two thirds of the budget; the layer it leaves for what no
-/// large path claims (the application and what it builds on alone: where
-/// releases change) is then split with the third left, by [`split_top`].
+/// planned with half the budget; the layer it leaves for what no large
+/// path claims (the application and what it builds on alone: where
+/// releases change) is then split with the other half, by [`split_top`].
+/// (A third for that top measured more robust planned afresh, but it
+/// grouped a service's private dependencies so that `--previous` then sent
+/// 2-3.5 times the changed bytes: docs/layering.md.)
 /// Grouping everything by volatility instead regroups much of the image
 /// when a path is added or removed (docs/layering.md has the figures).
 fn fresh(
@@ -459,7 +465,7 @@ fn fresh(
     exclude: &HashSet<String>,
     budget: usize,
 ) -> Vec<Group> {
-    let mut skeleton = auto_layer(graph, exclude, budget - budget / 3);
+    let mut skeleton = auto_layer(graph, exclude, budget - budget / 2);
     // Layers go by closure size: the last holds what no large path claims.
     let Some(top) = skeleton.pop() else { return Vec::new() };
     let slots = budget - skeleton.len();
@@ -794,9 +800,9 @@ mod tests {
         let g = sample();
         let p = plan(&g, &HashSet::new(), 5, None).unwrap();
         every_path_once(&g, &p.layers);
-        // A third of the budget is kept for what no large path claims; here
-        // only the app and its private dependency are left for it, so a
-        // layer stays unused.
+        // Half the budget is kept for what no large path claims; here only
+        // the app and its private dependency are left for it, so a layer
+        // stays unused.
         assert_eq!(p.layers.len(), 4, "{:?}", p.layers);
         assert_eq!(p.layers.last().unwrap(), &["/s/a1-app"], "{:?}", p.layers);
         assert!(p.layers.contains(&vec!["/s/b1-priv".to_string()]), "{:?}", p.layers);
@@ -860,7 +866,7 @@ mod tests {
             assert!(after.len() <= budget);
             assert_eq!(after.last().unwrap(), &["/s/a0-app"], "{budget}: {after:?}");
             let unclaimed: HashSet<String> =
-                auto_layer(&two, &HashSet::new(), budget - budget / 3).pop().unwrap().into_iter().collect();
+                auto_layer(&two, &HashSet::new(), budget - budget / 2).pop().unwrap().into_iter().collect();
             assert!(unclaimed.contains("/s/x0-extra0") && unclaimed.contains("/s/a0-app"));
             let own = |p: &String| unclaimed.contains(p);
             for layer in before.iter().filter(|l| !l.iter().any(own)) {
