@@ -469,9 +469,14 @@ fn fresh(
     // Layers go by closure size: the last holds what no large path claims.
     let Some(top) = skeleton.pop() else { return Vec::new() };
     let slots = budget - skeleton.len();
+    // The large paths' layers keep auto-layer's order (by closure size),
+    // which a small change leaves as it is; a host pulls every layer above
+    // the first one that moved.  Ordering them by odds of changing per
+    // byte too made a host pull 2.4-48 times more after a random path was
+    // added or removed (docs/layering.md).
     let mut out: Vec<Group> = skeleton.iter().map(|l| group_of(g, indices(index, l))).collect();
-    out.extend(split_top(graph, g, index, &indices(index, &top), slots, budget));
-    stack(g, out)
+    out.extend(stack(g, split_top(graph, g, index, &indices(index, &top), slots, budget)));
+    out
 }
 
 /// Splits the paths no large path claims into `slots` layers: each path no
