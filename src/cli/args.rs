@@ -62,6 +62,8 @@ const EXAMPLES_STREAM: &str = "Examples:
   nixstream stream -o image.tar ./result                      # into a file
   nixstream stream --compress zstd conf.json | skopeo copy docker-archive:/dev/stdin oci:img:latest";
 const EXAMPLES_LAYERS: &str = "Examples:
+  nixstream layers /nix/store/...-app > release-1.json
+  nixstream layers /nix/store/...-app-2 --previous release-1.json
   nixstream layers /nix/store/...-app --auto-layer 99
   nixstream layers graph.json --pipeline '[[\"popularity_contest\"], [\"limit_layers\", 99]]'";
 const EXAMPLES_PLAN: &str = "Examples:
@@ -187,8 +189,7 @@ pub struct ClosureArgs {
 }
 
 /// The planner of `layers` and `plan`.  Without one they plan as `image`
-/// does: auto-layer within --max-layers, or the stable planner when given
-/// --previous or --joint.
+/// does: the stable planner within --max-layers.
 #[derive(clap::Args, Debug)]
 pub struct LayeringChoice {
     /// A layering pipeline, as nixpkgs' layeringPipeline takes it: JSON text, or @FILE. Matches nixpkgs' flatten-references-graph.
