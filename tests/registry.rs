@@ -1223,16 +1223,13 @@ fn cli_push_with_a_lying_cache_from_commits_nothing() {
     assert_pushed_as_streamed(&fresh, &conf, "gzip");
 }
 
-/// A digest-cache entry found wrong while its layer is uploaded (forged
-/// here: one file's hash, its checksum made good) is removed, nothing of
-/// that blob is committed, and the push goes again without it, once: the
-/// image in the registry is the right one.
-#[test]
-#[ignore = "needs docker-registry and skopeo: run scripts/test"]
-fn cli_push_with_a_wrong_cache_entry_falls_back_to_hashing() {
-    let reg = Registry::start(false);
-    let tmp = tempfile::tempdir().unwrap();
-    let store = tmp.path().join("nix/store");
+/// A conf of two store layers (30 files, 3 files), and the digest cache a
+/// first run (`first`, given the conf and the cache) filled for it, each
+/// store layer's entry then forged: its first file hash
+/// flipped (after magic, key, size, sha256, settled time and count), its
+/// checksum made good.  Returns the conf, the cache and the forged entries.
+fn forged_cache_entries(tmp: &Path, first: impl FnOnce(&Path, &Path)) -> (PathBuf, PathBuf, Vec<(PathBuf, Vec<u8>)>) {
+    let store = tmp.join("nix/store");
     let mut layers = Vec::new();
     for (name, n) in [("aaaa-lib", 30), ("bbbb-app", 3)] {
         let p = store.join(name);
@@ -1242,16 +1239,13 @@ fn cli_push_with_a_wrong_cache_entry_falls_back_to_hashing() {
         }
         layers.push(vec![p]);
     }
-    let cust = common::make_customisation(tmp.path());
-    let conf = tmp.path().join("conf.json");
+    let cust = common::make_customisation(tmp);
+    let conf = tmp.join("conf.json");
     std::fs::write(&conf, common::conf_json(&store, &layers, &cust).to_string()).unwrap();
-    let cache = tmp.path().join("cache");
-    let first = format!("{}/first/app:1", reg.host());
-    cli_push(&["-q", "--cache", cache.to_str().unwrap(), conf.to_str().unwrap(), &format!("docker://{first}")]);
+    let cache = tmp.join("cache");
+    first(&conf, &cache);
 
-    // The layer entries hold files (blob entries none): forge each one's
-    // first file hash (after magic, key, size, sha256, settled time and
-    // count), then make its checksum good.
+    // The layer entries hold files (blob entries none).
     let mut forged = Vec::new();
     for d in std::fs::read_dir(&cache).unwrap() {
         for e in std::fs::read_dir(d.unwrap().path()).unwrap() {
@@ -1269,6 +1263,42 @@ fn cli_push_with_a_wrong_cache_entry_falls_back_to_hashing() {
         }
     }
     assert_eq!(forged.len(), 2, "an entry per store layer");
+    (conf, cache, forged)
+}
+
+/// The run's stderr holds one warning per forged entry, layer by layer,
+/// blaming the cache and ending in `then`; the cache holds a right entry
+/// again where a forged one was.
+fn assert_made_again(err: &str, cache: &Path, forged: &[(PathBuf, Vec<u8>)], then: &str) {
+    let warnings: Vec<&str> = err.lines().filter(|l| l.starts_with("nixstream: warning: ")).collect();
+    assert_eq!(warnings.len(), 2, "a fallback per forged entry: {err}");
+    for (w, layer) in warnings.iter().zip(["layer 1 (", "layer 2 ("]) {
+        assert!(
+            w.contains(layer)
+                && w.contains(&format!("the digest from the digest cache {} is wrong for this layer", cache.display()))
+                && w.contains("the entry was removed from the cache")
+                && w.ends_with(then),
+            "{w}"
+        );
+    }
+    // What the cache holds for the forged layers now is right again.
+    let rewritten = forged.iter().filter(|(p, d)| std::fs::read(p).is_ok_and(|now| now != *d)).count();
+    assert!(rewritten >= 1, "the layer made again was stored afresh");
+}
+
+/// A digest-cache entry found wrong while its layer is uploaded (forged
+/// here: one file's hash, its checksum made good) is removed, nothing of
+/// that blob is committed, and the push goes again without it, once: the
+/// image in the registry is the right one.
+#[test]
+#[ignore = "needs docker-registry and skopeo: run scripts/test"]
+fn cli_push_with_a_wrong_cache_entry_falls_back_to_hashing() {
+    let reg = Registry::start(false);
+    let tmp = tempfile::tempdir().unwrap();
+    let first = format!("docker://{}/first/app:1", reg.host());
+    let (conf, cache, forged) = forged_cache_entries(tmp.path(), |conf, cache| {
+        cli_push(&["-q", "--cache", cache.to_str().unwrap(), conf.to_str().unwrap(), &first]);
+    });
 
     let second = format!("{}/second/app:1", reg.host());
     // One layer at a time: each forged entry is found in turn.
@@ -1280,21 +1310,53 @@ fn cli_push_with_a_wrong_cache_entry_falls_back_to_hashing() {
     let err = String::from_utf8_lossy(&out.stderr);
     eprintln!("{err}");
     assert!(out.status.success(), "{err}");
-    let warnings: Vec<&str> = err.lines().filter(|l| l.starts_with("nixstream: warning: ")).collect();
-    assert_eq!(warnings.len(), 2, "a fallback per forged entry: {err}");
-    for (w, layer) in warnings.iter().zip(["layer 1 (", "layer 2 ("]) {
-        assert!(
-            w.contains(layer)
-                && w.contains(&format!("the digest from the digest cache {} is wrong for this layer", cache.display()))
-                && w.ends_with("pushing again without that entry"),
-            "{w}"
-        );
-    }
+    assert_made_again(&err, &cache, &forged, "pushing again without that entry");
     assert_pushed_as_streamed(&second, &conf, "gzip");
     assert_no_manifest_with_missing_blobs(&reg);
-    // What the cache holds for the forged layers now is right again.
-    let rewritten = forged.iter().filter(|(p, d)| std::fs::read(p).is_ok_and(|now| now != *d)).count();
-    assert!(rewritten >= 1, "the layer pushed again was stored afresh");
+}
+
+/// The same for an OCI layout (no registry needed): the layout's
+/// `index.json` is written last, so a wrong digest-cache entry found while
+/// its blob is written is removed and the layout written again, once per
+/// such entry; the layout then holds the image `stream --format
+/// oci-archive` makes, and every blob in it checks.
+#[test]
+fn cli_oci_layout_with_a_wrong_cache_entry_falls_back_to_hashing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let first = tmp.path().join("first");
+    let (conf, cache, forged) = forged_cache_entries(tmp.path(), |conf, cache| {
+        common::run(nixstream().args(["stream", "-q", "--cache"]).arg(cache).arg("--oci-layout").arg(&first).arg(conf));
+    });
+
+    let layout = tmp.path().join("layout");
+    let out = nixstream()
+        .args(["stream", "-q", "-j1", "--stats", "--cache", cache.to_str().unwrap(), "--oci-layout"])
+        .arg(&layout)
+        .arg(&conf)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{err}");
+    assert!(out.status.success(), "{err}");
+    assert_made_again(&err, &cache, &forged, "writing the layout again without that entry");
+    let stats: serde_json::Value =
+        serde_json::from_str(err.lines().find_map(|l| l.strip_prefix("nixstream: stats ")).expect("stats")).unwrap();
+    assert_eq!(stats["layers_from_cache"], 0, "the last try hashed both layers: {stats}");
+
+    let archive = nixstream().args(["stream", "-q", "--format", "oci-archive"]).arg(&conf).output().unwrap();
+    assert!(archive.status.success());
+    let index_of = |bytes: &[u8]| serde_json::from_slice::<serde_json::Value>(bytes).unwrap()["manifests"][0].clone();
+    let mut archive_index = None;
+    for e in tar::Archive::new(&archive.stdout[..]).entries().unwrap() {
+        let mut e = e.unwrap();
+        if e.path().unwrap().to_str() == Some("index.json") {
+            let mut b = Vec::new();
+            e.read_to_end(&mut b).unwrap();
+            archive_index = Some(index_of(&b));
+        }
+    }
+    assert_eq!(Some(index_of(&std::fs::read(layout.join("index.json")).unwrap())), archive_index);
+    common::run(nixstream().args(["verify", "-q"]).arg(&layout));
 }
 
 /// The layer digests of an oci-archive (its one manifest's).

@@ -1,8 +1,9 @@
 //! Writing an image where the output options say (`stream`, and `image`
 //! without `--push`): a docker-archive or oci-archive on stdout or `-o
 //! FILE` (plain, or the whole stream compressed), or blobs into an OCI
-//! layout directory; the digest cache and `--known-digests` for the hashing
-//! pass, big files spliced into an output pipe by reference, `--stats`.
+//! layout directory (made again after a wrong digest-cache entry, as a
+//! push is); the digest cache and `--known-digests` for the hashing pass,
+//! big files spliced into an output pipe by reference, `--stats`.
 
 use std::collections::HashMap;
 use std::io::{self, BufWriter, IsTerminal, Write};
@@ -11,7 +12,7 @@ use std::os::fd::AsFd;
 use anyhow::Context;
 
 use super::args::{Format, LayerCompression, OutputArgs, StreamArgs};
-use super::cache::CacheUse;
+use super::cache::RunCache;
 use super::default_jobs;
 use crate::dest::tarstream::with_tar_stream;
 use crate::dest::{docker_archive, oci_archive, oci_layout};
@@ -78,7 +79,7 @@ pub(super) fn emit(
             plan.layers.len()
         );
     }
-    let cache = CacheUse::new(&plan, o.run.cache.as_deref(), nar_hashes, blobs)?;
+    let cache = RunCache::new(&plan, o.run.cache.as_deref(), nar_hashes, blobs);
     let progress = Progress::new(Mode::detect(o.run.quiet), plan.layers.len());
     let mut opts =
         EngineOptions { jobs, blobs, lookup: cache.lookup(), nar_hashes: Some(nar_hashes), ..Default::default() };
@@ -94,7 +95,17 @@ pub(super) fn emit(
         // No streaming pass follows for the blobs written so: the hashing
         // pass checks every entry against the listing itself.
         opts.check_in_hashing_pass = true;
-        let (written, summary) = crate::engine::run(&plan, &opts, &progress, |engine| layout.write(engine))?;
+        // index.json is written last: a run stopped by a wrong digest-cache
+        // entry (removed since) can be made again, as a push is.
+        let (written, summary) = crate::engine::cache_use::run_again_after_wrong_entry(
+            &plan,
+            &opts,
+            &progress,
+            |engine| layout.write(engine),
+            |e| {
+                let _ = writeln!(io::stderr(), "nixstream: warning: {e}; writing the layout again without that entry");
+            },
+        )?;
         stats.blobs_written = written.blobs_written;
         stats.blobs_present = written.blobs_present;
         summary

@@ -9,7 +9,7 @@ use std::io::{self, Write};
 use anyhow::Context;
 
 use super::args::{DigestArgs, LayerDigestArgs, VerifyArgs};
-use super::cache::CacheUse;
+use super::cache::RunCache;
 use super::default_jobs;
 use crate::dest::docker_archive;
 use crate::engine::image::Compression;
@@ -23,7 +23,7 @@ pub(super) fn digest(a: &DigestArgs) -> anyhow::Result<()> {
     let jobs = a.run.jobs.unwrap_or_else(default_jobs).max(1);
     let plan = ImagePlan::from_conf(&conf)?;
     let no_nar_hashes = HashMap::new();
-    let cache = CacheUse::new(&plan, a.run.cache.as_deref(), &no_nar_hashes, Blobs::DockerArchive)?;
+    let cache = RunCache::new(&plan, a.run.cache.as_deref(), &no_nar_hashes, Blobs::DockerArchive);
     let progress = Progress::new(Mode::detect(a.run.quiet), plan.layers.len());
     // No streaming pass follows to compare the entries: the hashing pass does.
     let opts = EngineOptions { jobs, lookup: cache.lookup(), ..Default::default() };

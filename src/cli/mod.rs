@@ -7,8 +7,9 @@
 //! `planning.rs`, writing with `emit.rs` or pushing with `push.rs`);
 //! `push` (`push.rs`, reaching the registry with `registry.rs`); `layers`
 //! and `plan` (`layers.rs`); `digest`, `verify` and `layer-digest`
-//! (`inspect.rs`); `completions` and `man` (`docs.rs`).  `cache.rs` is the
-//! digest cache as the hashing commands use it.
+//! (`inspect.rs`); `completions` and `man` (`docs.rs`).  `cache.rs` chooses
+//! the digest cache the hashing commands hand the engine, and words its
+//! warnings.
 
 use std::io::{self, Write};
 

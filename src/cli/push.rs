@@ -1,25 +1,24 @@
 //! Pushing an image to a registry (`push`, and `image --push`): the
 //! manifest format and upload options, the narHashes that key each layer,
-//! the digest cache and `--cache-from`'s layer annotations as where digests
-//! are looked up first, and one more try after a digest-cache entry is
-//! found wrong.  The protocol itself is `crate::dest::registry`.
+//! which digest cache and `--cache-from` image to look digests up in, and
+//! what is said when a digest-cache entry is found wrong and the push made
+//! again.  The protocol, the `--cache-from` lookup and the retry are the
+//! library's (`crate::dest::registry`, `crate::engine::cache_use`).
 
 use std::collections::HashMap;
 use std::io::{self, Write};
 
 use super::args::{ManifestFormat, PushArgs, RegistryArgs, RunArgs};
-use super::cache::CacheUse;
+use super::cache::RunCache;
 use super::default_jobs;
-use crate::dest::registry::{self, CacheHint, Reference, RegistryError};
-use crate::engine::digest::LayerDigest;
+use crate::dest::registry::{self, HintLookup, Reference};
 use crate::engine::image::Compression;
-use crate::engine::{Blobs, EngineError, EngineOptions, Hashed, Lookup, Origin};
+use crate::engine::{Blobs, EngineOptions};
 use crate::input::closure::ClosureGraph;
 use crate::input::conf::Conf;
 use crate::input::layerdigest::{self, LayerDigestFile};
 use crate::output::progress::{Mode, Progress};
 use crate::plan::ImagePlan;
-use crate::store::walk::Listing;
 
 pub(super) fn push(a: &PushArgs) -> anyhow::Result<()> {
     // A conf directory (image --emit-conf) may carry its layers' digests.
@@ -76,8 +75,8 @@ pub(super) fn push_image(
     };
     let blobs = Blobs::Encoded(compression);
     let cache = match (&run.cache, run.no_cache) {
-        (Some(_), _) | (None, true) => CacheUse::new(&plan, run.cache.as_deref(), &nar_hashes, blobs)?,
-        (None, false) => CacheUse::default_for_push(&plan, &nar_hashes, blobs, quiet),
+        (Some(_), _) | (None, true) => RunCache::new(&plan, run.cache.as_deref(), &nar_hashes, blobs),
+        (None, false) => RunCache::default_for_push(&plan, &nar_hashes, blobs, quiet),
     };
     let hints = match &a.cache_from {
         Some(from) => {
@@ -89,14 +88,8 @@ pub(super) fn push_image(
         }
         None => Vec::new(),
     };
-    let lookup = HintLookup {
-        cache: cache.lookup(),
-        plan: &plan,
-        nar_hashes: &nar_hashes,
-        compression,
-        hints: hints.into_iter().map(|h| (h.key.clone(), h)).collect(),
-        from: a.cache_from.clone().unwrap_or_default(),
-    };
+    let from = a.cache_from.clone().unwrap_or_default();
+    let lookup = HintLookup::new(cache.lookup(), &plan, &nar_hashes, compression, hints, from);
 
     let progress = Progress::new(if quiet { Mode::Quiet } else { Mode::Plain }, n);
     // A layer the registry has is never streamed, so nothing would confirm
@@ -128,22 +121,15 @@ pub(super) fn push_image(
         known,
         ..Default::default()
     };
-    let push_once = || {
-        crate::engine::run(&plan, &opts, &progress, |engine| session.push(engine, &say).map_err(anyhow::Error::from))
-    };
-    // A wrong digest-cache entry is removed when it is found, and the
-    // registry keeps nothing of its blob: the next try hashes that layer.
-    // Each try removes an entry, so there are at most as many as layers.
-    let mut tries = 0;
-    let (pushed, summary) = loop {
-        match push_once() {
-            Err(e) if tries < n && wrong_cache_entry_removed(&e) => {
-                let _ = writeln!(io::stderr(), "nixstream: warning: {e}; pushing again without that entry");
-                tries += 1;
-            }
-            r => break r?,
-        }
-    };
+    let (pushed, summary) = crate::engine::cache_use::run_again_after_wrong_entry(
+        &plan,
+        &opts,
+        &progress,
+        |engine| session.push(engine, &say),
+        |e| {
+            let _ = writeln!(io::stderr(), "nixstream: warning: {e}; pushing again without that entry");
+        },
+    )?;
     progress.finish();
     cache.store(&summary);
     say(&format!("pushed {dest}: {pushed}"));
@@ -163,59 +149,4 @@ pub(super) fn push_image(
         let _ = writeln!(io::stderr(), "nixstream: stats {stats}");
     }
     Ok(())
-}
-
-/// Whether `e` is a digest-cache entry found wrong by the streaming pass,
-/// and removed since.
-fn wrong_cache_entry_removed(e: &anyhow::Error) -> bool {
-    let engine = e.downcast_ref::<EngineError>().or_else(|| match e.downcast_ref() {
-        Some(RegistryError::Engine { source, .. }) => Some(source),
-        _ => None,
-    });
-    let Some(EngineError::WrongDigest(w)) = engine else { return false };
-    matches!(&w.origin, Origin::Cache { entries, .. } if entries.iter().all(|p| !p.exists()))
-}
-
-/// The digest cache, then `--cache-from`'s hints: a store layer whose
-/// content key (as the engine makes it for [`crate::engine::image::LayerInfo::key`])
-/// is annotated on a layer of that image takes its digests from there.  The
-/// streaming pass checks them if the layer is ever written; a layer the
-/// registry already has is not read at all (see docs/push.md on trust).
-#[derive(Debug)]
-struct HintLookup<'a> {
-    cache: Option<&'a dyn Lookup>,
-    plan: &'a ImagePlan,
-    nar_hashes: &'a HashMap<String, String>,
-    compression: Compression,
-    hints: HashMap<String, CacheHint>,
-    /// `--cache-from`'s reference, for an error if a hint is wrong.
-    from: String,
-}
-
-impl Lookup for HintLookup<'_> {
-    fn lookup(&self, layer: usize, listing: &Listing) -> Option<Hashed> {
-        if let Some(hit) = self.cache.and_then(|c| c.lookup(layer, listing)) {
-            return Some(hit);
-        }
-        if self.hints.is_empty() {
-            return None;
-        }
-        let key = crate::engine::content_key(self.plan, layer, listing, self.nar_hashes, self.compression)?;
-        let hint = self.hints.get(&key)?;
-        // The key covers the compressor: another compression's media type
-        // means the annotation was not written by this code.
-        let ours = [Some(self.compression.oci_layer_media_type()), self.compression.docker_layer_media_type()];
-        if !ours.contains(&Some(hint.blob.media_type.as_str())) {
-            return None;
-        }
-        let digest = LayerDigest { size: hint.tar_size, sha256: hint.diff_id };
-        let blob = LayerDigest { size: hint.blob.size, sha256: hint.blob.digest };
-        Some(Hashed {
-            digest,
-            blob: (self.compression != Compression::None).then_some(blob),
-            unchanged_before_ns: i128::MIN,
-            files: None,
-            origin: Origin::CacheFrom(self.from.clone()),
-        })
-    }
 }

@@ -43,6 +43,15 @@ pub enum LayoutError {
     CorruptBlob { path: PathBuf, what: String },
 }
 
+impl crate::engine::cache_use::EngineCause for LayoutError {
+    fn engine_error(&self) -> Option<&EngineError> {
+        match self {
+            LayoutError::Engine(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
 /// What a layout write did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LayoutSummary {

@@ -11,6 +11,7 @@
 //! ([`crate::dest`]); nothing here knows about member names or manifests.
 
 pub mod cache;
+pub mod cache_use;
 pub mod compress;
 pub mod config;
 pub mod digest;

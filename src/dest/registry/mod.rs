@@ -6,14 +6,17 @@
 //! (TLS verified unless the user says otherwise); [`push`](mod@push) is the protocol:
 //! blobs first (`HEAD`, mount, or upload streamed from
 //! [`crate::engine::image::Image::write_layer`]), the manifest last; [`pull`]
-//! reads an image's manifest and config back (`--cache-from`, `--previous`).
+//! reads an image's manifest and config back (`--cache-from`, `--previous`);
+//! [`cache_from`] looks layers up in `--cache-from`'s annotations.
 
 pub mod auth;
+pub mod cache_from;
 pub mod client;
 pub mod pull;
 pub mod push;
 pub mod reference;
 
+pub use cache_from::HintLookup;
 pub use push::{
     fetch_cache_hints, push, CacheHint, PushOptions, PushSummary, LAYER_KEY_ANNOTATION, LAYER_TAR_SIZE_ANNOTATION,
 };
@@ -70,6 +73,17 @@ fn registry_says(code: &Option<String>, message: &Option<String>) -> String {
         (Some(c), None) => format!(" {c}"),
         (None, Some(m)) => format!(": {m}"),
         (None, None) => String::new(),
+    }
+}
+
+/// The engine's error, where the push stopped on a layer's bytes or
+/// digests ([`RegistryError::Engine`]).
+impl crate::engine::cache_use::EngineCause for RegistryError {
+    fn engine_error(&self) -> Option<&crate::engine::EngineError> {
+        match self {
+            RegistryError::Engine { source, .. } => Some(source),
+            _ => None,
+        }
     }
 }
 
