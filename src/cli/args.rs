@@ -64,10 +64,12 @@ const EXAMPLES_STREAM: &str = "Examples:
 const EXAMPLES_LAYERS: &str = "Examples:
   nixstream layers /nix/store/...-app > release-1.json
   nixstream layers /nix/store/...-app-2 --previous release-1.json
-  nixstream layers graph.json --pipeline '[[\"popularity_contest\"], [\"limit_layers\", 99]]'";
+  nixstream layers graph.json --pipeline '[[\"popularity_contest\"], [\"limit_layers\", 99]]'
+  nixstream layers /nix/store/...-app --from-image base.tar   # the store layers `image --from-image base.tar` builds";
 const EXAMPLES_PLAN: &str = "Examples:
   nixstream plan /nix/store/...-app --auto-layer 99
-  nixstream plan graph.json --pipeline @pipeline.json --json";
+  nixstream plan graph.json --pipeline @pipeline.json --json
+  nixstream plan /nix/store/...-app --from-image base.tar --max-layers 60";
 const EXAMPLES_IMAGE: &str = "Examples:
   nixstream image /nix/store/...-app --config '{\"Cmd\": [\"/nix/store/...-app/bin/app\"]}' | docker load
   nixstream image /nix/store/...-app --contents-link /nix/store/...-app -t app:1 -o app.tar
