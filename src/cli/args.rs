@@ -64,8 +64,7 @@ const EXAMPLES_STREAM: &str = "Examples:
 const EXAMPLES_LAYERS: &str = "Examples:
   nixstream layers /nix/store/...-app > release-1.json
   nixstream layers /nix/store/...-app-2 --previous release-1.json
-  nixstream layers graph.json --pipeline '[[\"popularity_contest\"], [\"limit_layers\", 99]]'
-  nixstream layers /nix/store/...-app --from-image base.tar   # the store layers `image --from-image base.tar` builds";
+  nixstream layers graph.json --pipeline '[[\"popularity_contest\"], [\"limit_layers\", 99]]'";
 const EXAMPLES_PLAN: &str = "Examples:
   nixstream plan /nix/store/...-app --auto-layer 99
   nixstream plan graph.json --pipeline @pipeline.json --json
