@@ -67,7 +67,8 @@ const EXAMPLES_LAYERS: &str = "Examples:
   nixstream layers graph.json --pipeline '[[\"popularity_contest\"], [\"limit_layers\", 99]]'";
 const EXAMPLES_PLAN: &str = "Examples:
   nixstream plan /nix/store/...-app --auto-layer 99
-  nixstream plan graph.json --pipeline @pipeline.json --json";
+  nixstream plan graph.json --pipeline @pipeline.json --json
+  nixstream plan /nix/store/...-app --from-image base.tar --max-layers 60";
 const EXAMPLES_IMAGE: &str = "Examples:
   nixstream image /nix/store/...-app --config '{\"Cmd\": [\"/nix/store/...-app/bin/app\"]}' | docker load
   nixstream image /nix/store/...-app --contents-link /nix/store/...-app -t app:1 -o app.tar
@@ -187,8 +188,18 @@ pub struct ClosureArgs {
     pub exclude_paths: Option<PathBuf>,
 }
 
+/// The base image of `image`, and of `layers` and `plan`, whose budget
+/// its layers lower as they lower the image's.
+#[derive(clap::Args, Debug, Default)]
+pub struct BaseImageArg {
+    /// A base image (docker-archive, plain or compressed): its layers come first and count in --max-layers.
+    #[arg(long, value_name = "FILE")]
+    pub from_image: Option<PathBuf>,
+}
+
 /// The planner of `layers` and `plan`.  Without one they plan as `image`
-/// does: the stable planner within --max-layers.
+/// does: the stable planner within --max-layers (less --from-image's
+/// layers), on --previous when given.
 #[derive(clap::Args, Debug)]
 pub struct LayeringChoice {
     /// A layering pipeline, as nixpkgs' layeringPipeline takes it: JSON text, or @FILE. Matches nixpkgs' flatten-references-graph.
@@ -203,9 +214,11 @@ pub struct LayeringChoice {
     /// The stable planner, the default: layers that survive releases, built on --previous when given.
     #[arg(long, group = "layering")]
     pub stable: bool,
-    /// The layer budget when no --auto-layer N is given, as `image --max-layers`: at most N layers in all, one of them the customisation layer.
+    /// The layer budget when no --auto-layer N is given, as `image --max-layers`: at most N layers in all, one of them the customisation layer, and the --from-image base's layers count too.
     #[arg(long, default_value_t = 100, value_name = "N")]
     pub max_layers: usize,
+    #[command(flatten)]
+    pub base: BaseImageArg,
     /// The previous release's layers: a JSON list of lists (as `layers` prints) or an image (docker-archive or oci-archive file, or docker://REGISTRY/REPO:TAG: see the registry options). The stable planner keeps what it can of them; `plan` compares with them.
     #[arg(long, value_name = "PLAN|IMAGE")]
     pub previous: Option<PathBuf>,
@@ -230,7 +243,7 @@ pub struct PlanArgs {
     pub closure: ClosureArgs,
     #[command(flatten)]
     pub layering: LayeringChoice,
-    /// Print the plan as JSON: [{"layer", "paths", "bytes"}]; with --previous, {"layers": [{..., "reused", "pulled"}], "pushed", "pulled", "changed", "total", "ratio", "kept", "previous_layers"}; with --joint, [{"layers", "shared"}], one per input in order.
+    /// Print the plan as JSON: [{"layer", "paths", "bytes"}], or with --from-image {"layers": [...], "base_layers"}; with --previous, {"layers": [{..., "reused", "pulled"}], "pushed", "pulled", "changed", "total", "ratio", "kept", "previous_layers", "base_layers"}; with --joint, [{"layers", "shared", "base_layers"}], one per input in order. "layer" counts store layers from 1, above the base's "base_layers".
     #[arg(long)]
     pub json: bool,
 }
@@ -266,9 +279,8 @@ pub struct ImageArgs {
     /// The image's NAME:TAG (default: the first store path's name, tag "latest").
     #[arg(short = 't', long = "tag", value_name = "NAME:TAG")]
     pub tag: Option<String>,
-    /// A base image (docker-archive, plain or compressed).
-    #[arg(long, value_name = "FILE")]
-    pub from_image: Option<PathBuf>,
+    #[command(flatten)]
+    pub base: BaseImageArg,
     /// Files to place at / (the customisation layer): sorted, with --mtime and numeric owners 0:0.
     #[arg(long, value_name = "DIR", conflicts_with = "contents_link")]
     pub contents: Option<PathBuf>,

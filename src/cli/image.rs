@@ -45,7 +45,7 @@ pub(super) fn image(a: &ImageArgs) -> anyhow::Result<()> {
         "mtime": a.mtime.as_deref().unwrap_or(&a.created),
         "uid": a.owner.uid, "gid": a.owner.gid, "uname": a.owner.uname, "gname": a.owner.gname,
         "store_dir": a.store_dir,
-        "from_image": a.from_image,
+        "from_image": a.base.from_image,
         "repo_tag": tag,
         "customisation_layer": "(contents)",
         "config": config,

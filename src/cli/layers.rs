@@ -1,20 +1,23 @@
 //! The `layers` and `plan` commands: the planned layers as JSON (nixpkgs'
 //! list of lists, or with sizes), or as a table of paths, bytes and largest
 //! paths per layer; with `--previous`, each layer against the previous
-//! release (reused or new, pulled or not) and what a release would push.
+//! release (reused or new, pulled or not) and what a release would push;
+//! with `--from-image`, where the base image's layers sit below them.
 
 use std::collections::HashMap;
 use std::io::{self, Write};
+use std::path::Path;
 
 use super::args::{LayersArgs, PlanArgs};
-use super::planning::{joint_plans, load_closure, plan_with};
+use super::planning::{joint_plans, load_closure, plan_with, Joint};
 use crate::input::closure::ClosureGraph;
 use crate::planner::compare;
 
 pub(super) fn layers(a: &LayersArgs) -> anyhow::Result<()> {
     let mut out = io::stdout().lock();
     if a.layering.joint {
-        let plans: Vec<Vec<Vec<String>>> = joint_plans(&a.closure, &a.layering)?.into_iter().map(|(_, l)| l).collect();
+        let plans: Vec<Vec<Vec<String>>> =
+            joint_plans(&a.closure, &a.layering)?.plans.into_iter().map(|(_, l)| l).collect();
         serde_json::to_writer_pretty(&mut out, &plans)?;
         writeln!(out)?;
         return Ok(());
@@ -33,7 +36,8 @@ pub(super) fn layers(a: &LayersArgs) -> anyhow::Result<()> {
 
 pub(super) fn plan(a: &PlanArgs) -> anyhow::Result<()> {
     if a.layering.joint {
-        let plans = joint_plans(&a.closure, &a.layering)?;
+        let Joint { plans, budget } = joint_plans(&a.closure, &a.layering)?;
+        let base = Base::of(a, budget.base_layers);
         let mut out = io::stdout().lock();
         let shared = plans
             .iter()
@@ -43,21 +47,26 @@ pub(super) fn plan(a: &PlanArgs) -> anyhow::Result<()> {
             .min()
             .unwrap_or(0);
         if a.json {
-            let v: Vec<serde_json::Value> =
-                plans.iter().map(|(g, l)| serde_json::json!({"layers": plan_json(g, l), "shared": shared})).collect();
+            let v: Vec<serde_json::Value> = plans
+                .iter()
+                .map(|(g, l)| {
+                    serde_json::json!({"layers": plan_json(g, l), "shared": shared, "base_layers": budget.base_layers})
+                })
+                .collect();
             serde_json::to_writer_pretty(&mut out, &v)?;
             writeln!(out)?;
             return Ok(());
         }
         for ((g, l), input) in plans.iter().zip(&a.closure.input) {
             writeln!(out, "{input}: the bottom {shared} layers are shared by all {} images", plans.len())?;
-            plan_table(&mut out, g, l)?;
+            plan_table(&mut out, g, l, base.as_ref())?;
             writeln!(out)?;
         }
         return Ok(());
     }
     let (closure, exclude) = load_closure(&a.closure)?;
     let chosen = plan_with(&closure, &exclude, &a.layering)?;
+    let base = Base::of(a, chosen.base_layers);
     let layers = &chosen.planned.layers;
     let mut out = io::stdout().lock();
     if let Some(prev) = &chosen.previous {
@@ -70,20 +79,47 @@ pub(super) fn plan(a: &PlanArgs) -> anyhow::Result<()> {
                     .collect::<Vec<_>>(),
                 "pushed": c.pushed, "pulled": c.pulled, "changed": c.changed, "total": c.total,
                 "ratio": c.ratio(), "kept": chosen.planned.kept, "previous_layers": prev.layers.len(),
+                "base_layers": chosen.base_layers,
             });
             serde_json::to_writer_pretty(&mut out, &v)?;
             writeln!(out)?;
         } else {
-            compare_table(&mut out, &closure, layers, &c)?;
+            compare_table(&mut out, &closure, layers, &c, base.as_ref())?;
         }
         return Ok(());
     }
     if a.json {
-        serde_json::to_writer_pretty(&mut out, &plan_json(&closure, layers))?;
+        // Without a base, nixpkgs-like: the list alone; with one, an
+        // object, so the base's layers can be said.
+        let layers = plan_json(&closure, layers);
+        let v = match base {
+            None => serde_json::json!(layers),
+            Some(b) => serde_json::json!({"layers": layers, "base_layers": b.layers}),
+        };
+        serde_json::to_writer_pretty(&mut out, &v)?;
         writeln!(out)?;
         return Ok(());
     }
-    plan_table(&mut out, &closure, layers)
+    plan_table(&mut out, &closure, layers, base.as_ref())
+}
+
+/// The `--from-image` base a plan sits on, for the tables.
+struct Base<'a> {
+    path: &'a Path,
+    /// Its layers, below the plan's.
+    layers: usize,
+}
+
+impl<'a> Base<'a> {
+    fn of(a: &'a PlanArgs, layers: usize) -> Option<Base<'a>> {
+        a.layering.base.from_image.as_deref().map(|path| Base { path, layers })
+    }
+
+    /// "the base image's 5 layers (base.tar)".
+    fn describe(&self) -> String {
+        let s = if self.layers == 1 { "" } else { "s" };
+        format!("the base image's {} layer{s} ({})", self.layers, self.path.display())
+    }
 }
 
 fn plan_json(closure: &ClosureGraph, layers: &[Vec<String>]) -> Vec<serde_json::Value> {
@@ -106,7 +142,15 @@ fn largest(size: &HashMap<&str, u64>, l: &[String]) -> String {
     format!("{}{more}", names.join(", "))
 }
 
-fn plan_table(out: &mut impl Write, closure: &ClosureGraph, layers: &[Vec<String>]) -> anyhow::Result<()> {
+fn plan_table(
+    out: &mut impl Write,
+    closure: &ClosureGraph,
+    layers: &[Vec<String>],
+    base: Option<&Base>,
+) -> anyhow::Result<()> {
+    if let Some(b) = base {
+        writeln!(out, "{} come first: store layer 1 is the image's layer {}", b.describe(), b.layers + 1)?;
+    }
     let size: HashMap<&str, u64> = closure.nodes.iter().map(|n| (n.path.as_str(), n.nar_size)).collect();
     let bytes = |l: &[String]| l.iter().map(|p| size.get(p.as_str()).copied().unwrap_or(0)).sum::<u64>();
     writeln!(out, "{:>5} {:>6} {:>10}  largest paths", "layer", "paths", "bytes")?;
@@ -122,9 +166,17 @@ fn plan_table(out: &mut impl Write, closure: &ClosureGraph, layers: &[Vec<String
     }
     let total: u64 = layers.iter().map(|l| bytes(l)).sum();
     let paths: usize = layers.iter().map(Vec::len).sum();
+    let in_all = match base {
+        Some(b) => format!(
+            "; {} in the image with the base image's {} and the customisation layer",
+            b.layers + layers.len() + 1,
+            b.layers
+        ),
+        None => String::new(),
+    };
     writeln!(
         out,
-        "{:>5} {:>6} {:>10}  {} layers",
+        "{:>5} {:>6} {:>10}  {} layers{in_all}",
         "total",
         paths,
         crate::output::progress::human(total),
@@ -140,6 +192,7 @@ fn compare_table(
     closure: &ClosureGraph,
     layers: &[Vec<String>],
     c: &compare::Comparison,
+    base: Option<&Base>,
 ) -> anyhow::Result<()> {
     const WIDTH: u64 = 30;
     let size: HashMap<&str, u64> = closure.nodes.iter().map(|n| (n.path.as_str(), n.nar_size)).collect();
@@ -170,6 +223,9 @@ fn compare_table(
             largest(&size, l),
             pad = WIDTH as usize - n,
         )?;
+    }
+    if let Some(b) = base {
+        writeln!(out, "{:>5}  {}, below layer 1", "base", b.describe())?;
     }
     let reused = c.layers.iter().filter(|l| l.reused).count();
     writeln!(

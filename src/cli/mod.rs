@@ -29,9 +29,9 @@ mod push;
 mod registry;
 
 pub use args::{
-    Cli, ClosureArgs, Command, CompletionsArgs, ConfArgs, DigestArgs, Format, ImageArgs, LayerCompression,
-    LayerDigestArgs, LayeringChoice, LayersArgs, ManArgs, ManifestFormat, OutputArgs, OwnerArgs, PlanArgs, PushArgs,
-    RegistryAccess, RegistryArgs, RunArgs, StreamArgs, VerifyArgs,
+    BaseImageArg, Cli, ClosureArgs, Command, CompletionsArgs, ConfArgs, DigestArgs, Format, ImageArgs,
+    LayerCompression, LayerDigestArgs, LayeringChoice, LayersArgs, ManArgs, ManifestFormat, OutputArgs, OwnerArgs,
+    PlanArgs, PushArgs, RegistryAccess, RegistryArgs, RunArgs, StreamArgs, VerifyArgs,
 };
 pub use emit::MAX_DOCKER_LAYERS;
 

@@ -44,6 +44,8 @@ pub(super) fn load_closure(c: &ClosureArgs) -> anyhow::Result<(ClosureGraph, Has
 pub(super) struct Chosen {
     pub(super) planned: crate::planner::stable::Planned,
     pub(super) previous: Option<Previous>,
+    /// The `--from-image` base's layers, below the plan's.
+    pub(super) base_layers: usize,
 }
 
 /// Reads `--previous`, checked against the closure's store directory; says
@@ -106,13 +108,42 @@ fn note(planned: &crate::planner::stable::Planned) {
     }
 }
 
-/// Store layers left by `max_layers` once the customisation layer has one.
-fn store_budget(max_layers: usize) -> anyhow::Result<usize> {
-    anyhow::ensure!(
-        max_layers >= 2,
-        "--max-layers {max_layers} leaves no layer for the store paths: the customisation layer takes one"
-    );
-    Ok(max_layers - 1)
+/// What the store layers of an image may take: nixpkgs' budget,
+/// `--max-layers` less one for the customisation layer and less the base
+/// image's layers.  `image`, `layers` and `plan` all count it here, so that
+/// `layers --from-image BASE` plans what `image --from-image BASE` builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Budget {
+    /// The base image's layers, below the store layers (0 without one).
+    pub(super) base_layers: usize,
+    /// The store layers' budget.
+    pub(super) store: usize,
+}
+
+/// The layers of the base image `from_image` (none without one).
+fn base_layer_count(from_image: Option<&Path>) -> anyhow::Result<usize> {
+    Ok(match from_image {
+        Some(f) => crate::read::baseimage::BaseImage::open(f)?.layers.len(),
+        None => 0,
+    })
+}
+
+/// The budget `max_layers` leaves on the base image `from_image` (opened
+/// to count its layers), or an error saying what took the layers.
+pub(super) fn budget(max_layers: usize, from_image: Option<&Path>) -> anyhow::Result<Budget> {
+    let base_layers = base_layer_count(from_image)?;
+    let used = 1 + base_layers;
+    if used >= max_layers {
+        let why = match from_image {
+            None => "the customisation layer takes one".to_string(),
+            Some(_) => format!(
+                "the base image has {base_layers} layer{} and the customisation layer takes one",
+                if base_layers == 1 { "" } else { "s" }
+            ),
+        };
+        anyhow::bail!("--max-layers {max_layers} leaves no layer for the store paths: {why}");
+    }
+    Ok(Budget { base_layers, store: max_layers - used })
 }
 
 /// The planner the options name.
@@ -166,33 +197,52 @@ fn choose(
 }
 
 /// The layers of `layers` and `plan`: the planner `l` names, else the
-/// stable planner within `--max-layers`, as `image` plans.
+/// stable planner within `--max-layers` (less `--from-image`'s layers), as
+/// `image` plans.
 pub(super) fn plan_with(
     closure: &ClosureGraph,
     exclude: &HashSet<String>,
     l: &LayeringChoice,
 ) -> anyhow::Result<Chosen> {
-    let registry = PreviousRegistry { args: &l.access, push: None, architecture: None };
-    let previous = load_previous(l.previous.as_deref(), closure, &registry)?;
+    let from_image = l.base.from_image.as_deref();
     let how = match (&l.auto_layer, &l.pipeline) {
         (Some(n), _) => How::AutoLayer(*n),
         (None, Some(text)) => How::Pipeline(text),
         (None, None) if l.popularity => How::Popularity,
         (None, None) => How::Stable,
     };
-    let budget = match how {
-        How::AutoLayer(_) | How::Pipeline(_) => 0,
-        _ => store_budget(l.max_layers)?,
+    let budget = match (&how, from_image) {
+        // `--auto-layer N` is a count of its own: a base would not change
+        // it, and `image` has no such form to match.
+        (How::AutoLayer(n), Some(_)) => {
+            let k = base_layer_count(from_image)?;
+            anyhow::bail!(
+                "--auto-layer {n} is a layer count of its own, which --from-image does not lower: leave out --from-image (what `image --auto-layer --max-layers M --from-image` plans is --auto-layer M-{}: the base image's {k} layer{} and the customisation layer come off)",
+                k + 1,
+                if k == 1 { "" } else { "s" }
+            )
+        }
+        // A pipeline's limit is its own, as for `image --pipeline`: the
+        // base changes nothing but the count `image` checks.
+        (How::AutoLayer(_), None) | (How::Pipeline(_), None) => Budget { base_layers: 0, store: 0 },
+        _ => budget(l.max_layers, from_image)?,
     };
-    let planned = choose(closure, exclude, how, budget, previous.as_ref(), &None)?;
-    Ok(Chosen { planned, previous })
+    let registry = PreviousRegistry { args: &l.access, push: None, architecture: None };
+    let previous = load_previous(l.previous.as_deref(), closure, &registry)?;
+    let planned = choose(closure, exclude, how, budget.store, previous.as_ref(), &None)?;
+    Ok(Chosen { planned, previous, base_layers: budget.base_layers })
 }
 
-/// `--joint`: one closure per input, planned together.
-pub(super) fn joint_plans(
-    c: &ClosureArgs,
-    l: &LayeringChoice,
-) -> anyhow::Result<Vec<(ClosureGraph, Vec<Vec<String>>)>> {
+/// Joint plans, one per input in order, and the budget they share.
+pub(super) struct Joint {
+    pub(super) plans: Vec<(ClosureGraph, Vec<Vec<String>>)>,
+    pub(super) budget: Budget,
+}
+
+/// `--joint`: one closure per input, planned together, each image on the
+/// same `--from-image` base when given.
+pub(super) fn joint_plans(c: &ClosureArgs, l: &LayeringChoice) -> anyhow::Result<Joint> {
+    let budget = budget(l.max_layers, l.base.from_image.as_deref())?;
     let mut graphs = Vec::new();
     let mut exclude = HashSet::new();
     for input in &c.input {
@@ -201,8 +251,8 @@ pub(super) fn joint_plans(
         graphs.push(g);
         exclude = ex;
     }
-    let plans = stable::plan_joint(&graphs, &exclude, store_budget(l.max_layers)?)?;
-    Ok(graphs.into_iter().zip(plans).map(|(g, p)| (g, p.layers)).collect())
+    let plans = stable::plan_joint(&graphs, &exclude, budget.store)?;
+    Ok(Joint { plans: graphs.into_iter().zip(plans).map(|(g, p)| (g, p.layers)).collect(), budget })
 }
 
 /// The store layers of `image`: the planner its options name, within
@@ -212,18 +262,7 @@ pub(super) fn image_layers(
     closure: &ClosureGraph,
     exclude: &HashSet<String>,
 ) -> anyhow::Result<Vec<Vec<String>>> {
-    // nixpkgs' budget: maxLayers, less the customisation layer and the base image's layers.
-    let base_layers = match &a.from_image {
-        Some(f) => crate::read::baseimage::BaseImage::open(f)?.layers.len(),
-        None => 0,
-    };
-    let used = 1 + base_layers;
-    anyhow::ensure!(
-        used < a.max_layers,
-        "--max-layers {} leaves no layer for the store paths: the base image has {base_layers} layers and the customisation layer takes one",
-        a.max_layers
-    );
-    let budget = a.max_layers - used;
+    let budget = budget(a.max_layers, a.base.from_image.as_deref())?.store;
     let how = if let Some(p) = &a.pipeline {
         How::Pipeline(p)
     } else if a.popularity {
