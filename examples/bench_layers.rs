@@ -139,7 +139,7 @@ fn main() {
         let auto: Vec<_> = gs.iter().map(|g| auto_layer(g, &HashSet::new(), budget)).collect();
         let alone: Vec<_> = gs.iter().map(|g| stable::plan(g, &HashSet::new(), budget, None).unwrap().layers).collect();
         let joint: Vec<_> =
-            stable::plan_joint(&gs, &HashSet::new(), budget).unwrap().into_iter().map(|p| p.layers).collect();
+            stable::plan_joint(&gs, &HashSet::new(), budget, None).unwrap().into_iter().map(|p| p.layers).collect();
         println!(
             "\njoint: {} images, common closure {} paths, {} MiB; share of its bytes in identical layers of every image:",
             gs.len(),

@@ -188,7 +188,7 @@ fn choose(
                 let one = ClosureArgs { input: vec![other.clone()], exclude_paths: exclude_paths.clone() };
                 graphs.push(load_closure(&one)?.0);
             }
-            stable::plan_joint(&graphs, exclude, budget)?.swap_remove(0)
+            stable::plan_joint(&graphs, exclude, budget, None)?.swap_remove(0)
         }
         How::Stable => stable::plan(closure, exclude, budget, previous.map(|p| p.layers.as_slice()))?,
     };
@@ -251,7 +251,7 @@ pub(super) fn joint_plans(c: &ClosureArgs, l: &LayeringChoice) -> anyhow::Result
         graphs.push(g);
         exclude = ex;
     }
-    let plans = stable::plan_joint(&graphs, &exclude, budget.store)?;
+    let plans = stable::plan_joint(&graphs, &exclude, budget.store, None)?;
     Ok(Joint { plans: graphs.into_iter().zip(plans).map(|(g, p)| (g, p.layers)).collect(), budget })
 }
 

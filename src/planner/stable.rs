@@ -62,6 +62,10 @@ pub enum StableError {
         "a layer budget of {0} is too small to plan jointly: the shared paths and each image's own need a layer each"
     )]
     JointNeedsBudget(usize),
+    #[error(
+        "joint planning of {images} images was given {plans} previous plans: give one per image, in the same order"
+    )]
+    JointPrevious { images: usize, plans: usize },
     #[error("image {image} gives {path} other references than image {first} does (two different stores?)")]
     JointMismatch { image: usize, first: usize, path: String },
 }
@@ -656,12 +660,21 @@ pub fn plan(
 }
 
 /// Plans several images so that the paths all of them hold are the same
-/// bottom layers of each; every image stays within `budget` layers.
+/// bottom layers of each; every image stays within `budget` layers.  With
+/// `previous` (each image's previous plan, in the same order), the layers
+/// every previous plan has are the shared part's previous layers, and each
+/// image's other previous layers its own part's.
 pub fn plan_joint(
     graphs: &[ClosureGraph],
     exclude: &HashSet<String>,
     budget: usize,
+    previous: Option<&[Vec<Vec<String>>]>,
 ) -> Result<Vec<Planned>, StableError> {
+    if let Some(prev) = previous {
+        if prev.len() != graphs.len() {
+            return Err(StableError::JointPrevious { images: graphs.len(), plans: prev.len() });
+        }
+    }
     if graphs.len() < 2 {
         return Err(StableError::JointNeedsTwo(graphs.len()));
     }
@@ -705,13 +718,15 @@ pub fn plan_joint(
         .map(|gr| gr.nodes.iter().filter(|n| !exclude.contains(&n.path)).map(|n| n.nar_size).sum::<u64>())
         .max()
         .unwrap_or(0);
-    // Each image's own paths keep two layers (its top apart from the rest)
-    // when they are that many; the shared part gets its share of the rest
-    // by bytes.
+    // Each image's own paths (its application, what releases change) keep
+    // a quarter of the budget, and at least two layers (its top apart from
+    // the rest), when they are that many; the shared part gets its share of
+    // the rest by bytes.
     let own_min = graphs
         .iter()
         .map(|gr| {
-            gr.nodes.iter().filter(|n| !shared.contains(n.path.as_str()) && !exclude.contains(&n.path)).count().min(2)
+            let own = gr.nodes.iter().filter(|n| !shared.contains(n.path.as_str()) && !exclude.contains(&n.path));
+            own.count().min((budget / 4).max(2))
         })
         .max()
         .unwrap_or(0);
@@ -723,17 +738,34 @@ pub fn plan_joint(
     };
     let mut not_shared: HashSet<String> = exclude.clone();
     not_shared.extend(union.nodes.iter().filter(|n| !shared.contains(n.path.as_str())).map(|n| n.path.clone()));
-    let bottom = if shared.is_empty() { Planned::default() } else { plan(&union, &not_shared, shared_slots, None)? };
+    // Previous layers every image had are the shared part's; the others
+    // are each image's own.
+    let in_all: Vec<Vec<String>> = match previous {
+        Some(prev) => prev[0].iter().filter(|l| prev[1..].iter().all(|p| p.contains(l))).cloned().collect(),
+        None => Vec::new(),
+    };
+    let bottom = if shared.is_empty() {
+        Planned::default()
+    } else {
+        plan(&union, &not_shared, shared_slots, previous.map(|_| in_all.as_slice()))?
+    };
     let mut out = Vec::with_capacity(graphs.len());
-    for graph in graphs {
+    for (i, graph) in graphs.iter().enumerate() {
         let mut skip: HashSet<String> = exclude.clone();
         skip.extend(shared.iter().map(|p| p.to_string()));
         let own_slots = budget - bottom.layers.len();
         let has_own = graph.nodes.iter().any(|n| !skip.contains(&n.path));
-        let top = if has_own { plan(graph, &skip, own_slots, None)?.layers } else { Vec::new() };
+        let own_prev: Option<Vec<Vec<String>>> =
+            previous.map(|prev| prev[i].iter().filter(|l| !in_all.contains(l)).cloned().collect());
+        let top = if has_own { plan(graph, &skip, own_slots, own_prev.as_deref())? } else { Planned::default() };
         let mut layers = bottom.layers.clone();
-        layers.extend(top);
-        out.push(Planned { layers, kept: 0, notes: Vec::new() });
+        layers.extend(top.layers);
+        // Kept layers count from the bottom: the image's own only when every
+        // shared layer was kept too.
+        let kept = bottom.kept + if bottom.kept == bottom.layers.len() { top.kept } else { 0 };
+        let mut notes: Vec<String> = bottom.notes.iter().map(|n| format!("shared layers: {n}")).collect();
+        notes.extend(top.notes.iter().map(|n| format!("image {}: {n}", i + 1)));
+        out.push(Planned { layers, kept, notes });
     }
     Ok(out)
 }
@@ -1018,7 +1050,7 @@ mod tests {
         let mut b = sample();
         b.nodes[0] = node("a2-other", &["c1-runtime"], 300);
         b.nodes.remove(1);
-        let plans = plan_joint(&[a.clone(), b.clone()], &HashSet::new(), 4).unwrap();
+        let plans = plan_joint(&[a.clone(), b.clone()], &HashSet::new(), 4, None).unwrap();
         every_path_once(&a, &plans[0].layers);
         every_path_once(&b, &plans[1].layers);
         assert!(plans.iter().all(|p| p.layers.len() <= 4));
@@ -1026,6 +1058,44 @@ mod tests {
             plans[0].layers.iter().zip(&plans[1].layers).take_while(|(x, y)| x == y).map(|(x, _)| x).collect();
         let shared_paths: HashSet<&String> = shared.iter().copied().flatten().collect();
         assert_eq!(shared_paths.len(), 4, "libc, runtime and the tiny ones: {plans:?}");
-        assert!(matches!(plan_joint(&[a], &HashSet::new(), 4), Err(StableError::JointNeedsTwo(1))));
+        assert!(matches!(plan_joint(&[a], &HashSet::new(), 4, None), Err(StableError::JointNeedsTwo(1))));
+    }
+
+    #[test]
+    fn joint_plans_build_on_each_images_previous_plan() {
+        // Two services on one runtime; then the first one's app and
+        // private dependency change.
+        let a = service(0);
+        let mut b = service(0);
+        b.nodes.retain(|n| !n.path.contains("-priv") && !n.path.contains("-app"));
+        b.nodes.push(node("b0-other", &["p39-pkg39", "p12-pkg12"], 90_000));
+        let budget = 40;
+        let first = plan_joint(&[a.clone(), b.clone()], &HashSet::new(), budget, None).unwrap();
+        let previous: Vec<Vec<Vec<String>>> = first.iter().map(|p| p.layers.clone()).collect();
+        let mut a2 = a.clone();
+        for n in &mut a2.nodes {
+            for p in std::iter::once(&mut n.path).chain(n.references.iter_mut()) {
+                if p == "/s/a0-app" || p == "/s/q7-priv7" {
+                    *p = p.replace("/s/", "/s/z");
+                }
+            }
+        }
+        let next = plan_joint(&[a2.clone(), b.clone()], &HashSet::new(), budget, Some(&previous)).unwrap();
+        every_path_once(&a2, &next[0].layers);
+        every_path_once(&b, &next[1].layers);
+        assert!(next.iter().all(|p| p.layers.len() <= budget));
+        // The second image is unchanged: its plan is its previous one.
+        assert_eq!(next[1].layers, previous[1], "{:?}", next[1].notes);
+        assert_eq!(next[1].kept, previous[1].len());
+        // The shared layers are those of before, at the bottom of both.
+        let shared = previous[0].iter().zip(&previous[1]).take_while(|(x, y)| x == y).count();
+        assert!(shared > 0);
+        assert_eq!(next[0].layers[..shared], previous[0][..shared]);
+        assert!(next[0].kept >= shared);
+        // Above them, the first image keeps what it can of its own layers.
+        let own_kept = next[0].layers[shared..].iter().filter(|l| previous[0][shared..].contains(l)).count();
+        assert!(own_kept > 0, "{:?} → {:?}", &previous[0][shared..], &next[0].layers[shared..]);
+        let err = plan_joint(&[a2, b], &HashSet::new(), budget, Some(&previous[..1])).unwrap_err();
+        assert_eq!(err, StableError::JointPrevious { images: 2, plans: 1 });
     }
 }
