@@ -214,6 +214,75 @@ fn image_joint_with_builds_identical_shared_layers() {
     assert_eq!(same, shared, "the shared layers are byte-identical, and only those");
 }
 
+/// Two services released together, release after release: the next joint
+/// plan builds on the last (a JSON list of plans, or each image's previous
+/// image in any order). The unchanged service keeps its plan, the shared
+/// layers stay identical at the bottom of both, and `image --joint-with`
+/// builds the same layers.
+#[test]
+#[ignore = "needs nix: run scripts/test"]
+fn joint_plans_build_on_the_previous_release() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, _) = release("app", &[]);
+    let (b, gb) = release("other", &[]);
+    let (a2, ga2) = release("app", &[("app", "2"), ("extra", "true")]);
+    let max = MAX_LAYERS.to_string();
+    let out = run(bin().args(["layers", "--joint", "--max-layers", &max, &a, &b]));
+    let first: Vec<Vec<Vec<String>>> = serde_json::from_slice(&out.stdout).unwrap();
+    let plans_file = tmp.path().join("plans.json");
+    std::fs::write(&plans_file, &out.stdout).unwrap();
+    let joint_next = |previous: &[&Path]| -> Vec<Vec<Vec<String>>> {
+        let mut c = bin();
+        c.args(["layers", "--joint", "--max-layers", &max, &a2, &b]);
+        for p in previous {
+            c.arg("--previous").arg(p);
+        }
+        serde_json::from_slice(&run(&mut c).stdout).unwrap()
+    };
+    let next = joint_next(&[&plans_file]);
+    check_plan(&ga2, &next[0], BUDGET);
+    check_plan(&gb, &next[1], BUDGET);
+    assert_eq!(next[1], first[1], "the unchanged service keeps its plan");
+    let shared = first[0].iter().zip(&first[1]).take_while(|(x, y)| x == y).count();
+    assert!(shared > 0);
+    assert_eq!(next[0][..shared], first[0][..shared], "the shared layers stay, at the bottom of both");
+    assert_eq!(next[1][..shared], first[0][..shared]);
+    // The changed service keeps more of its own layers than a plan made
+    // afresh does.
+    let kept = |plan: &[Vec<String>]| plan.iter().filter(|l| first[0].contains(l)).count();
+    let fresh = joint_next(&[]);
+    assert!(kept(&next[0]) > kept(&fresh[0]), "{} kept, {} afresh", kept(&next[0]), kept(&fresh[0]));
+    // Each image's previous plan given apart, in the other order: the same.
+    let (pa, pb) = (tmp.path().join("a.json"), tmp.path().join("b.json"));
+    std::fs::write(&pa, serde_json::to_vec(&first[0]).unwrap()).unwrap();
+    std::fs::write(&pb, serde_json::to_vec(&first[1]).unwrap()).unwrap();
+    assert_eq!(joint_next(&[&pb, &pa]), next);
+    // `image --joint-with` builds the first plan of the two; from images.
+    let old_b = tmp.path().join("b.tar");
+    run(bin()
+        .args(["image", "-q", "--max-layers", &max, &b, "--joint-with", &a])
+        .stdout(std::fs::File::create(&old_b).unwrap()));
+    let built = run(bin()
+        .args(["image", "-q", "--max-layers", &max, &a2, "--joint-with", &b, "--previous"])
+        .arg(&old_b)
+        .arg("--previous")
+        .arg(&pa));
+    let archive = common::validate(&built.stdout);
+    let diff_ids = archive.config["rootfs"]["diff_ids"].as_array().unwrap().len();
+    assert_eq!(diff_ids, next[0].len() + 1, "the store layers of the joint plan, and the customisation layer");
+    // `plan --joint --previous`: each image against its previous plan.
+    let out =
+        run(bin().args(["plan", "--joint", "--json", "--max-layers", &max, &a2, &b, "--previous"]).arg(&plans_file));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[1]["pushed"], 0, "nothing of the unchanged service goes up again: {}", v[1]);
+    assert!(v[0]["pushed"].as_u64().unwrap() > 0);
+    assert_eq!(v[0]["shared"], shared);
+    // One image builds on one previous plan.
+    let err = bin().args(["layers", "--max-layers", &max, &a2, "--previous"]).arg(&plans_file).output().unwrap();
+    assert_eq!(err.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&err.stderr).contains("--previous names 2 plans"), "{err:?}");
+}
+
 /// `image` writes the history the next release reads back, from a
 /// docker-archive, from the oci-archive skopeo makes of it, and from an OCI
 /// layout.

@@ -219,11 +219,11 @@ pub struct LayeringChoice {
     pub max_layers: usize,
     #[command(flatten)]
     pub base: BaseImageArg,
-    /// The previous release's layers: a JSON list of lists (as `layers` prints) or an image (docker-archive or oci-archive file, or docker://REGISTRY/REPO:TAG: see the registry options). The stable planner keeps what it can of them; `plan` compares with them.
-    #[arg(long, value_name = "PLAN|IMAGE")]
-    pub previous: Option<PathBuf>,
+    /// The previous release's layers: a JSON list of lists (as `layers` prints) or an image (docker-archive or oci-archive file, or docker://REGISTRY/REPO:TAG: see the registry options). The stable planner keeps what it can of them; `plan` compares with them. With --joint, once per image in any order (each goes to the image it shares most paths with), or the list of plans `layers --joint` prints.
+    #[arg(long, value_name = "PLAN|IMAGE", action = clap::ArgAction::Append)]
+    pub previous: Vec<PathBuf>,
     /// Plan every input as its own image, at once, so the paths all of them hold are the same bottom layers of each (stable planner).
-    #[arg(long, conflicts_with_all = ["previous", "pipeline", "auto_layer", "popularity"])]
+    #[arg(long, conflicts_with_all = ["pipeline", "auto_layer", "popularity"])]
     pub joint: bool,
     #[command(flatten, next_help_heading = "Registry options (with --previous docker://...)")]
     pub access: RegistryAccess,
@@ -267,11 +267,11 @@ pub struct ImageArgs {
     /// Plan with the stable planner, the default: layers that survive releases, built on --previous when given.
     #[arg(long, group = "image_layering")]
     pub stable: bool,
-    /// The previous release's layers (a JSON plan as `layers` prints, an image archive, or docker://REGISTRY/REPO:TAG): the stable planner keeps every one still whole, at the bottom.
-    #[arg(long, value_name = "PLAN|IMAGE", conflicts_with_all = ["auto_layer", "popularity", "pipeline"])]
-    pub previous: Option<PathBuf>,
+    /// The previous release's layers (a JSON plan as `layers` prints, an image archive, or docker://REGISTRY/REPO:TAG): the stable planner keeps every one still whole, at the bottom. With --joint-with, once per image in any order (each goes to the image it shares most paths with), or the list of plans `layers --joint` prints.
+    #[arg(long, value_name = "PLAN|IMAGE", action = clap::ArgAction::Append, conflicts_with_all = ["auto_layer", "popularity", "pipeline"])]
+    pub previous: Vec<PathBuf>,
     /// Plan this image together with another image's closure (a closure graph or store path; repeatable), as `layers --joint` does: the store paths all of them hold become the same bottom layers of each, byte for byte, when each image is built with the same --max-layers and ownership options.
-    #[arg(long = "joint-with", value_name = "GRAPH|STORE_PATH", conflicts_with_all = ["auto_layer", "popularity", "pipeline", "previous"])]
+    #[arg(long = "joint-with", value_name = "GRAPH|STORE_PATH", conflicts_with_all = ["auto_layer", "popularity", "pipeline"])]
     pub joint_with: Vec<String>,
     /// The image config (Cmd, Env, ...) as a JSON object, or @FILE.
     #[arg(long, value_name = "JSON|@FILE")]

@@ -24,7 +24,7 @@ pub(super) fn layers(a: &LayersArgs) -> anyhow::Result<()> {
     }
     let l = &a.layering;
     anyhow::ensure!(
-        l.previous.is_none() || (l.auto_layer.is_none() && l.pipeline.is_none() && !l.popularity),
+        l.previous.is_empty() || (l.auto_layer.is_none() && l.pipeline.is_none() && !l.popularity),
         "`layers --previous` plans with the stable planner, which builds on it: drop --auto-layer, --pipeline or --popularity (or compare with `nixstream plan`)"
     );
     let (closure, exclude) = load_closure(&a.closure)?;
@@ -36,7 +36,7 @@ pub(super) fn layers(a: &LayersArgs) -> anyhow::Result<()> {
 
 pub(super) fn plan(a: &PlanArgs) -> anyhow::Result<()> {
     if a.layering.joint {
-        let Joint { plans, budget } = joint_plans(&a.closure, &a.layering)?;
+        let Joint { plans, budget, previous } = joint_plans(&a.closure, &a.layering)?;
         let base = Base::of(a, budget.base_layers);
         let mut out = io::stdout().lock();
         let shared = plans
@@ -46,20 +46,42 @@ pub(super) fn plan(a: &PlanArgs) -> anyhow::Result<()> {
             .map(|l| l.iter().zip(&plans[0].1).take_while(|(x, y)| x == y).count())
             .min()
             .unwrap_or(0);
+        // With --previous, each image against its own previous plan.
+        let compared: Vec<Option<compare::Comparison>> = plans
+            .iter()
+            .enumerate()
+            .map(|(i, (g, l))| {
+                let prev = previous.as_ref()?;
+                let size: HashMap<&str, u64> = g.nodes.iter().map(|n| (n.path.as_str(), n.nar_size)).collect();
+                Some(compare::compare(l, &prev[i], &size))
+            })
+            .collect();
         if a.json {
             let v: Vec<serde_json::Value> = plans
                 .iter()
-                .map(|(g, l)| {
-                    serde_json::json!({"layers": plan_json(g, l), "shared": shared, "base_layers": budget.base_layers})
+                .zip(&compared)
+                .map(|((g, l), c)| match c {
+                    None => {
+                        serde_json::json!({"layers": plan_json(g, l), "shared": shared, "base_layers": budget.base_layers})
+                    }
+                    Some(c) => {
+                        let mut v = compared_json(g, l, c);
+                        v["shared"] = shared.into();
+                        v["base_layers"] = budget.base_layers.into();
+                        v
+                    }
                 })
                 .collect();
             serde_json::to_writer_pretty(&mut out, &v)?;
             writeln!(out)?;
             return Ok(());
         }
-        for ((g, l), input) in plans.iter().zip(&a.closure.input) {
+        for (((g, l), input), c) in plans.iter().zip(&a.closure.input).zip(&compared) {
             writeln!(out, "{input}: the bottom {shared} layers are shared by all {} images", plans.len())?;
-            plan_table(&mut out, g, l, base.as_ref())?;
+            match c {
+                None => plan_table(&mut out, g, l, base.as_ref())?,
+                Some(c) => compare_table(&mut out, g, l, c, base.as_ref())?,
+            }
             writeln!(out)?;
         }
         return Ok(());
@@ -73,14 +95,10 @@ pub(super) fn plan(a: &PlanArgs) -> anyhow::Result<()> {
         let size: HashMap<&str, u64> = closure.nodes.iter().map(|n| (n.path.as_str(), n.nar_size)).collect();
         let c = compare::compare(layers, &prev.layers, &size);
         if a.json {
-            let v = serde_json::json!({
-                "layers": plan_json(&closure, layers).into_iter().zip(&c.layers)
-                    .map(|(mut v, lc)| { v["reused"] = lc.reused.into(); v["pulled"] = lc.pulled.into(); v })
-                    .collect::<Vec<_>>(),
-                "pushed": c.pushed, "pulled": c.pulled, "changed": c.changed, "total": c.total,
-                "ratio": c.ratio(), "kept": chosen.planned.kept, "previous_layers": prev.layers.len(),
-                "base_layers": chosen.base_layers,
-            });
+            let mut v = compared_json(&closure, layers, &c);
+            v["kept"] = chosen.planned.kept.into();
+            v["previous_layers"] = prev.layers.len().into();
+            v["base_layers"] = chosen.base_layers.into();
             serde_json::to_writer_pretty(&mut out, &v)?;
             writeln!(out)?;
         } else {
@@ -101,6 +119,16 @@ pub(super) fn plan(a: &PlanArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     plan_table(&mut out, &closure, layers, base.as_ref())
+}
+
+/// A plan against its previous one, as `plan --json` prints it.
+fn compared_json(closure: &ClosureGraph, layers: &[Vec<String>], c: &compare::Comparison) -> serde_json::Value {
+    serde_json::json!({
+        "layers": plan_json(closure, layers).into_iter().zip(&c.layers)
+            .map(|(mut v, lc)| { v["reused"] = lc.reused.into(); v["pulled"] = lc.pulled.into(); v })
+            .collect::<Vec<_>>(),
+        "pushed": c.pushed, "pulled": c.pulled, "changed": c.changed, "total": c.total, "ratio": c.ratio(),
+    })
 }
 
 /// The `--from-image` base a plan sits on, for the tables.

@@ -48,25 +48,62 @@ pub(super) struct Chosen {
     pub(super) base_layers: usize,
 }
 
-/// Reads `--previous`, checked against the closure's store directory; says
-/// on stderr when nothing in it can be reused.
+/// Reads every `--previous` (a JSON list of plans gives several), checked
+/// against the closure's store directory; says on stderr when nothing in
+/// one can be reused.
 fn load_previous(
-    file: Option<&Path>,
+    files: &[PathBuf],
     closure: &ClosureGraph,
     registry: &PreviousRegistry,
-) -> anyhow::Result<Option<Previous>> {
-    let Some(file) = file else { return Ok(None) };
-    let prev = match file.to_str().filter(|f| f.starts_with("docker://")) {
-        Some(reference) => previous_from_registry(reference, registry)?,
-        None => crate::planner::previous::load(file)?,
-    };
-    if let Some(store) = crate::planner::previous::store_dir_of(closure.nodes.iter().map(|n| n.path.as_str())) {
-        prev.check_store(&store)?;
+) -> anyhow::Result<Vec<Previous>> {
+    let store = crate::planner::previous::store_dir_of(closure.nodes.iter().map(|n| n.path.as_str()));
+    let mut out = Vec::new();
+    for file in files {
+        let prevs = match file.to_str().filter(|f| f.starts_with("docker://")) {
+            Some(reference) => vec![previous_from_registry(reference, registry)?],
+            None => crate::planner::previous::load(file)?,
+        };
+        for prev in prevs {
+            if let Some(store) = &store {
+                prev.check_store(store)?;
+            }
+            if let Some(note) = prev.note() {
+                let _ = writeln!(io::stderr(), "nixstream: {note}");
+            }
+            out.push(prev);
+        }
     }
-    if let Some(note) = prev.note() {
-        let _ = writeln!(io::stderr(), "nixstream: {note}");
+    Ok(out)
+}
+
+/// The one previous plan of a single image.
+fn single(mut previous: Vec<Previous>) -> anyhow::Result<Option<Previous>> {
+    anyhow::ensure!(
+        previous.len() <= 1,
+        "--previous names {} plans: one image builds on one (several are for --joint or --joint-with)",
+        previous.len()
+    );
+    Ok(previous.pop())
+}
+
+/// Each image's previous plan, in the order of the images.
+type Assigned = Vec<Vec<Vec<String>>>;
+
+/// Plans `graphs` jointly, each on the previous plan (of `previous`) it
+/// shares the most paths with; and that plan, per image.
+fn joint(
+    graphs: &[ClosureGraph],
+    exclude: &HashSet<String>,
+    budget: usize,
+    previous: &[Previous],
+) -> anyhow::Result<(Vec<stable::Planned>, Option<Assigned>)> {
+    if previous.is_empty() {
+        return Ok((stable::plan_joint(graphs, exclude, budget, None)?, None));
     }
-    Ok(Some(prev))
+    let paths: Vec<HashSet<&str>> = graphs.iter().map(|g| g.nodes.iter().map(|n| n.path.as_str()).collect()).collect();
+    let plans: Vec<Vec<Vec<String>>> = previous.iter().map(|p| p.layers.clone()).collect();
+    let assigned = crate::planner::previous::assign(&paths, &plans);
+    Ok((stable::plan_joint(graphs, exclude, budget, Some(&assigned))?, Some(assigned)))
 }
 
 /// `--previous docker://...`: the image's config, read from the registry
@@ -152,8 +189,9 @@ enum How<'a> {
     AutoLayer(usize),
     Pipeline(&'a str),
     Popularity,
-    /// Planned jointly with these other closures (`image --joint-with`).
-    JointWith(&'a [String]),
+    /// Planned jointly with these other closures (`image --joint-with`),
+    /// on the previous plans given.
+    JointWith(&'a [String], &'a [Previous]),
     /// The stable planner, the default, on `--previous` when given.
     Stable,
 }
@@ -182,13 +220,13 @@ fn choose(
             let steps = pipeline::parse(&serde_json::json!([["popularity_contest"], ["limit_layers", budget]]))?;
             plain(pipeline::plan_layers(closure, &steps, exclude)?)
         }
-        How::JointWith(others) => {
+        How::JointWith(others, previous) => {
             let mut graphs = vec![closure.clone()];
             for other in others {
                 let one = ClosureArgs { input: vec![other.clone()], exclude_paths: exclude_paths.clone() };
                 graphs.push(load_closure(&one)?.0);
             }
-            stable::plan_joint(&graphs, exclude, budget, None)?.swap_remove(0)
+            joint(&graphs, exclude, budget, previous)?.0.swap_remove(0)
         }
         How::Stable => stable::plan(closure, exclude, budget, previous.map(|p| p.layers.as_slice()))?,
     };
@@ -228,7 +266,7 @@ pub(super) fn plan_with(
         _ => budget(l.max_layers, from_image)?,
     };
     let registry = PreviousRegistry { args: &l.access, push: None, architecture: None };
-    let previous = load_previous(l.previous.as_deref(), closure, &registry)?;
+    let previous = single(load_previous(&l.previous, closure, &registry)?)?;
     let planned = choose(closure, exclude, how, budget.store, previous.as_ref(), &None)?;
     Ok(Chosen { planned, previous, base_layers: budget.base_layers })
 }
@@ -237,6 +275,8 @@ pub(super) fn plan_with(
 pub(super) struct Joint {
     pub(super) plans: Vec<(ClosureGraph, Vec<Vec<String>>)>,
     pub(super) budget: Budget,
+    /// With `--previous`, each image's previous plan.
+    pub(super) previous: Option<Assigned>,
 }
 
 /// `--joint`: one closure per input, planned together, each image on the
@@ -251,8 +291,16 @@ pub(super) fn joint_plans(c: &ClosureArgs, l: &LayeringChoice) -> anyhow::Result
         graphs.push(g);
         exclude = ex;
     }
-    let plans = stable::plan_joint(&graphs, &exclude, budget.store, None)?;
-    Ok(Joint { plans: graphs.into_iter().zip(plans).map(|(g, p)| (g, p.layers)).collect(), budget })
+    let registry = PreviousRegistry { args: &l.access, push: None, architecture: None };
+    let previous = match graphs.first() {
+        Some(g) => load_previous(&l.previous, g, &registry)?,
+        None => Vec::new(),
+    };
+    let (plans, previous) = joint(&graphs, &exclude, budget.store, &previous)?;
+    for p in &plans {
+        note(p);
+    }
+    Ok(Joint { plans: graphs.into_iter().zip(plans).map(|(g, p)| (g, p.layers)).collect(), budget, previous })
 }
 
 /// The store layers of `image`: the planner its options name, within
@@ -263,28 +311,27 @@ pub(super) fn image_layers(
     exclude: &HashSet<String>,
 ) -> anyhow::Result<Vec<Vec<String>>> {
     let budget = budget(a.max_layers, a.base.from_image.as_deref())?.store;
-    let how = if let Some(p) = &a.pipeline {
-        How::Pipeline(p)
-    } else if a.popularity {
-        How::Popularity
-    } else if a.auto_layer {
-        How::AutoLayer(budget)
-    } else if !a.joint_with.is_empty() {
-        How::JointWith(&a.joint_with)
+    let previous = if a.previous.is_empty() {
+        Vec::new()
     } else {
-        How::Stable
+        let push = match &a.push {
+            Some(p) => Some(crate::dest::registry::Reference::parse(p)?.registry),
+            None => None,
+        };
+        let registry = PreviousRegistry { args: &a.registry.access, push, architecture: a.architecture.as_deref() };
+        load_previous(&a.previous, closure, &registry)?
     };
-    let previous = match &a.previous {
-        Some(file) => {
-            let push = match &a.push {
-                Some(p) => Some(crate::dest::registry::Reference::parse(p)?.registry),
-                None => None,
-            };
-            let registry = PreviousRegistry { args: &a.registry.access, push, architecture: a.architecture.as_deref() };
-            load_previous(Some(file), closure, &registry)?
-        }
-        None => None,
+    let (how, single_previous) = if let Some(p) = &a.pipeline {
+        (How::Pipeline(p), None)
+    } else if a.popularity {
+        (How::Popularity, None)
+    } else if a.auto_layer {
+        (How::AutoLayer(budget), None)
+    } else if !a.joint_with.is_empty() {
+        (How::JointWith(&a.joint_with, &previous), None)
+    } else {
+        (How::Stable, single(previous.clone())?)
     };
-    let layers = choose(closure, exclude, how, budget, previous.as_ref(), &a.closure.exclude_paths)?.layers;
+    let layers = choose(closure, exclude, how, budget, single_previous.as_ref(), &a.closure.exclude_paths)?.layers;
     Ok(layers.into_iter().filter(|l| !l.is_empty()).collect())
 }

@@ -86,11 +86,12 @@ pub fn store_dir_of<'a>(mut paths: impl Iterator<Item = &'a str>) -> Option<Stri
     paths.next().and_then(|p| Path::new(p).parent()).map(|d| d.display().to_string())
 }
 
-/// Reads a previous plan or image.
-pub fn load(path: &Path) -> Result<Previous, PreviousError> {
+/// Reads a previous plan or image: one, or several from a JSON list of
+/// plans (what `layers --joint` prints).
+pub fn load(path: &Path) -> Result<Vec<Previous>, PreviousError> {
     let io_err = |source| PreviousError::Io { path: path.to_path_buf(), source };
     if path.is_dir() {
-        return from_layout(path);
+        return Ok(vec![from_layout(path)?]);
     }
     let f = std::fs::File::open(path).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => PreviousError::Plan {
@@ -118,10 +119,46 @@ pub fn load(path: &Path) -> Result<Previous, PreviousError> {
             path: path.to_path_buf(),
             what: format!("not valid JSON ({e}); expected a list of lists of store paths, or an image archive"),
         })?;
-        let layers = plan_from_json(&v).map_err(|what| PreviousError::Plan { path: path.to_path_buf(), what })?;
-        return Ok(Previous { source: path.to_path_buf(), layers, other_layers: 0, from_image: false });
+        let plan = |v: &Value, source: PathBuf| {
+            let layers = plan_from_json(v).map_err(|what| PreviousError::Plan { path: source.clone(), what })?;
+            Ok(Previous { source, layers, other_layers: 0, from_image: false })
+        };
+        // A list of plans: its first item's first item is a list.
+        let joint = v.as_array().and_then(|l| l.first()).and_then(Value::as_array).and_then(|l| l.first());
+        if joint.is_some_and(Value::is_array) {
+            let plans = v.as_array().into_iter().flatten().enumerate();
+            return plans.map(|(i, p)| plan(p, PathBuf::from(format!("{}#{}", path.display(), i + 1)))).collect();
+        }
+        return Ok(vec![plan(&v, path.to_path_buf())?]);
     }
-    from_archive(r, path)
+    Ok(vec![from_archive(r, path)?])
+}
+
+/// Gives each image (its set of store paths) the previous plan it shares
+/// the most paths with, each plan to one image at most (an image none fits
+/// gets an empty plan): so `--previous` may name each image's previous
+/// plan in any order.
+pub fn assign(images: &[HashSet<&str>], plans: &[Vec<Vec<String>>]) -> Vec<Vec<Vec<String>>> {
+    let mut pairs: Vec<(usize, usize, usize)> = Vec::new();
+    for (i, paths) in images.iter().enumerate() {
+        for (j, plan) in plans.iter().enumerate() {
+            let overlap = plan.iter().flatten().filter(|p| paths.contains(p.as_str())).count();
+            if overlap > 0 {
+                pairs.push((overlap, i, j));
+            }
+        }
+    }
+    // Most shared paths first; ties to the earlier image, then plan.
+    pairs.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    let mut out: Vec<Option<Vec<Vec<String>>>> = vec![None; images.len()];
+    let mut used = vec![false; plans.len()];
+    for (_, i, j) in pairs {
+        if out[i].is_none() && !used[j] {
+            out[i] = Some(plans[j].clone());
+            used[j] = true;
+        }
+    }
+    out.into_iter().map(Option::unwrap_or_default).collect()
 }
 
 /// A 512-byte tar header has "ustar" at offset 257.
@@ -360,6 +397,36 @@ mod tests {
         assert!(e.contains("layer 1: 3 is not a string"), "{e}");
         let e = plan_from_json(&json!([["rel"]])).unwrap_err();
         assert!(e.contains("not an absolute store path"), "{e}");
+    }
+
+    #[test]
+    fn a_list_of_plans_gives_one_previous_plan_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("plans.json");
+        std::fs::write(&f, r#"[[["/s/a"], ["/s/b"]], [["/s/a"], ["/s/c"]]]"#).unwrap();
+        let plans = load(&f).unwrap();
+        assert_eq!(plans.len(), 2);
+        assert_eq!(plans[1].layers, [vec!["/s/a".to_string()], vec!["/s/c".to_string()]]);
+        assert!(plans[1].source.display().to_string().ends_with("plans.json#2"));
+        std::fs::write(&f, r#"[[["/s/a"]], [["/s/a"], "x"]]"#).unwrap();
+        let e = load(&f).unwrap_err().to_string();
+        assert!(e.contains("plans.json#2: layer 2: expected a list of store paths"), "{e}");
+        std::fs::write(&f, r#"[["/s/a"], ["/s/b"]]"#).unwrap();
+        assert_eq!(load(&f).unwrap().len(), 1, "one plan");
+    }
+
+    #[test]
+    fn each_image_gets_the_previous_plan_it_shares_most_with() {
+        let image = |ps: &[&'static str]| ps.iter().copied().collect::<HashSet<&str>>();
+        let plan = |ps: &[&str]| vec![ps.iter().map(|p| p.to_string()).collect::<Vec<_>>()];
+        let images = [image(&["/s/lib", "/s/a", "/s/a-dep"]), image(&["/s/lib", "/s/b"]), image(&["/s/new"])];
+        // Given in the other order; the third image has none.
+        let plans = [plan(&["/s/lib", "/s/b"]), plan(&["/s/lib", "/s/a", "/s/a-dep"])];
+        let got = assign(&images, &plans);
+        assert_eq!(got, [plans[1].clone(), plans[0].clone(), Vec::new()]);
+        // One plan goes to one image only: the one it shares most with.
+        let got = assign(&images[..2], &plans[1..]);
+        assert_eq!(got, [plans[1].clone(), Vec::new()]);
     }
 
     #[test]
