@@ -102,7 +102,22 @@ fn joint(
     }
     let paths: Vec<HashSet<&str>> = graphs.iter().map(|g| g.nodes.iter().map(|n| n.path.as_str()).collect()).collect();
     let plans: Vec<Vec<Vec<String>>> = previous.iter().map(|p| p.layers.clone()).collect();
-    let assigned = crate::planner::previous::assign(&paths, &plans);
+    let to = crate::planner::previous::assign(&paths, &plans);
+    for (_, p) in previous.iter().enumerate().filter(|(j, _)| !to.contains(&Some(*j))) {
+        let _ = writeln!(
+            io::stderr(),
+            "nixstream: previous plan {} left out: it shares no paths with an image that has no plan yet (given twice, or one too many?)",
+            p.source.display()
+        );
+    }
+    for (i, _) in to.iter().enumerate().filter(|(_, j)| j.is_none()) {
+        let _ = writeln!(
+            io::stderr(),
+            "nixstream: image {} has no previous plan: its own layers are planned afresh",
+            i + 1
+        );
+    }
+    let assigned: Assigned = to.iter().map(|j| j.map(|j| plans[j].clone()).unwrap_or_default()).collect();
     Ok((stable::plan_joint(graphs, exclude, budget, Some(&assigned))?, Some(assigned)))
 }
 

@@ -89,9 +89,12 @@ pub fn store_dir_of<'a>(mut paths: impl Iterator<Item = &'a str>) -> Option<Stri
 /// Reads a previous plan or image: one, or several from a JSON list of
 /// plans (what `layers --joint` prints).
 pub fn load(path: &Path) -> Result<Vec<Previous>, PreviousError> {
+    // `PATH:NAME` picks one image of an archive or layout holding several.
+    let (path, name) = split_name(path);
+    let path = path.as_path();
     let io_err = |source| PreviousError::Io { path: path.to_path_buf(), source };
     if path.is_dir() {
-        return Ok(vec![from_layout(path)?]);
+        return Ok(vec![from_layout(path, name.as_deref())?]);
     }
     let f = std::fs::File::open(path).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => PreviousError::Plan {
@@ -106,6 +109,10 @@ pub fn load(path: &Path) -> Result<Vec<Previous>, PreviousError> {
     let head = r.fill_buf().map_err(io_err)?;
     let first = head.iter().find(|b| !b.is_ascii_whitespace()).copied();
     if matches!(first, Some(b'[') | Some(b'{')) && !looks_like_tar(head) {
+        if let Some(name) = name {
+            let what = format!("a JSON plan holds no images to pick {name:?} from");
+            return Err(PreviousError::Plan { path: path.to_path_buf(), what });
+        }
         let limit = crate::input::limited::MAX_GRAPH;
         let mut text = Vec::new();
         r.take(limit + 1).read_to_end(&mut text).map_err(io_err)?;
@@ -123,22 +130,69 @@ pub fn load(path: &Path) -> Result<Vec<Previous>, PreviousError> {
             let layers = plan_from_json(v).map_err(|what| PreviousError::Plan { path: source.clone(), what })?;
             Ok(Previous { source, layers, other_layers: 0, from_image: false })
         };
-        // A list of plans: its first item's first item is a list.
-        let joint = v.as_array().and_then(|l| l.first()).and_then(Value::as_array).and_then(|l| l.first());
-        if joint.is_some_and(Value::is_array) {
+        // A list of plans: an item holds a list (an image's plan may be
+        // empty, when --exclude-paths left it nothing).
+        let items = v.as_array().into_iter().flatten();
+        let joint = items.filter_map(Value::as_array).flatten().any(Value::is_array);
+        if joint {
             let plans = v.as_array().into_iter().flatten().enumerate();
             return plans.map(|(i, p)| plan(p, PathBuf::from(format!("{}#{}", path.display(), i + 1)))).collect();
         }
         return Ok(vec![plan(&v, path.to_path_buf())?]);
     }
-    Ok(vec![from_archive(r, path)?])
+    Ok(vec![from_archive(r, path, name.as_deref())?])
+}
+
+/// `PATH:NAME` when `PATH` exists and the whole does not; else the path.
+fn split_name(path: &Path) -> (PathBuf, Option<String>) {
+    if path.exists() {
+        return (path.to_path_buf(), None);
+    }
+    let text = path.to_string_lossy();
+    for (at, _) in text.match_indices(':') {
+        let (file, name) = (&text[..at], &text[at + 1..]);
+        if !file.is_empty() && !name.is_empty() && Path::new(file).exists() {
+            return (PathBuf::from(file), Some(name.to_string()));
+        }
+    }
+    (path.to_path_buf(), None)
+}
+
+/// Which of an archive's or layout's images to read: `names[i]` are the
+/// names image `i` goes by (RepoTags, or the ref.name annotation).  One
+/// image needs no name; several do (the newest is not knowable from the
+/// archive), and `name` matches a name whole or its tag.
+fn pick(path: &Path, names: &[Vec<String>], name: Option<&str>) -> Result<usize, PreviousError> {
+    let bad = |what: String| PreviousError::Image { path: path.to_path_buf(), what };
+    let listed = || {
+        let all: Vec<String> = names.iter().map(|n| n.first().cloned().unwrap_or_else(|| "(unnamed)".into())).collect();
+        all.join(", ")
+    };
+    match name {
+        None if names.len() == 1 => Ok(0),
+        None if names.is_empty() => Err(bad("it lists no image".into())),
+        None => Err(bad(format!(
+            "it holds {} images ({}): name the previous one as {}:NAME",
+            names.len(),
+            listed(),
+            path.display()
+        ))),
+        Some(want) => {
+            let tag_of = |n: &str| n.rsplit_once(':').filter(|(_, t)| !t.contains('/')).map(|(_, t)| t.to_string());
+            let hit = |n: &String| n == want || tag_of(n).as_deref() == Some(want);
+            names
+                .iter()
+                .position(|ns| ns.iter().any(hit))
+                .ok_or_else(|| bad(format!("it has no image named {want:?} (it has: {})", listed())))
+        }
+    }
 }
 
 /// Gives each image (its set of store paths) the previous plan it shares
 /// the most paths with, each plan to one image at most (an image none fits
-/// gets an empty plan): so `--previous` may name each image's previous
-/// plan in any order.
-pub fn assign(images: &[HashSet<&str>], plans: &[Vec<Vec<String>>]) -> Vec<Vec<Vec<String>>> {
+/// gets none): so `--previous` may name each image's previous plan in any
+/// order.  Returns, per image, the index of its plan.
+pub fn assign(images: &[HashSet<&str>], plans: &[Vec<Vec<String>>]) -> Vec<Option<usize>> {
     let mut pairs: Vec<(usize, usize, usize)> = Vec::new();
     for (i, paths) in images.iter().enumerate() {
         for (j, plan) in plans.iter().enumerate() {
@@ -150,15 +204,15 @@ pub fn assign(images: &[HashSet<&str>], plans: &[Vec<Vec<String>>]) -> Vec<Vec<V
     }
     // Most shared paths first; ties to the earlier image, then plan.
     pairs.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-    let mut out: Vec<Option<Vec<Vec<String>>>> = vec![None; images.len()];
+    let mut out: Vec<Option<usize>> = vec![None; images.len()];
     let mut used = vec![false; plans.len()];
     for (_, i, j) in pairs {
         if out[i].is_none() && !used[j] {
-            out[i] = Some(plans[j].clone());
+            out[i] = Some(j);
             used[j] = true;
         }
     }
-    out.into_iter().map(Option::unwrap_or_default).collect()
+    out
 }
 
 /// A 512-byte tar header has "ustar" at offset 257.
@@ -189,7 +243,7 @@ pub fn plan_from_json(v: &Value) -> Result<Vec<Vec<String>>, String> {
     Ok(layers)
 }
 
-fn from_archive(r: impl Read, path: &Path) -> Result<Previous, PreviousError> {
+fn from_archive(r: impl Read, path: &Path, name: Option<&str>) -> Result<Previous, PreviousError> {
     let bad = |what: String| PreviousError::Image { path: path.to_path_buf(), what };
     let tar_err = |e: TarError| match e {
         TarError::Io(source) => PreviousError::Io { path: path.to_path_buf(), source },
@@ -221,18 +275,20 @@ fn from_archive(r: impl Read, path: &Path) -> Result<Previous, PreviousError> {
     let blob = |digest: &str| -> String { format!("blobs/{}", digest.replacen(':', "/", 1)) };
     let config = if json.contains_key("manifest.json") {
         let m = parse("manifest.json")?;
-        let name = m
-            .get(0)
-            .and_then(|e| e.get("Config"))
+        let entries = m.as_array().cloned().unwrap_or_default();
+        let names: Vec<Vec<String>> = entries.iter().map(|e| strings(e.get("RepoTags"))).collect();
+        let at = pick(path, &names, name)?;
+        let config = entries[at]
+            .get("Config")
             .and_then(Value::as_str)
             .ok_or_else(|| bad("manifest.json names no Config".into()))?;
-        parse(name)?
+        parse(config)?
     } else if json.contains_key("index.json") {
         let index = parse("index.json")?;
-        let digest = index
-            .get("manifests")
-            .and_then(|m| m.get(0))
-            .and_then(|m| m.get("digest"))
+        let entries = index.get("manifests").and_then(Value::as_array).cloned().unwrap_or_default();
+        let at = pick(path, &ref_names(&entries), name)?;
+        let digest = entries[at]
+            .get("digest")
             .and_then(Value::as_str)
             .ok_or_else(|| bad("index.json lists no manifest".into()))?;
         let manifest = parse(&blob(digest))?;
@@ -248,9 +304,22 @@ fn from_archive(r: impl Read, path: &Path) -> Result<Previous, PreviousError> {
     Ok(from_history(&config, path))
 }
 
-/// An OCI layout directory (`image --oci-layout DIR`): its index's first
-/// manifest's config.
-fn from_layout(dir: &Path) -> Result<Previous, PreviousError> {
+/// The strings of a JSON list (none for anything else).
+fn strings(v: Option<&Value>) -> Vec<String> {
+    v.and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).map(str::to_string).collect()
+}
+
+/// Each index entry's ref.name annotation, as its names.
+fn ref_names(entries: &[Value]) -> Vec<Vec<String>> {
+    let name = |m: &Value| -> Option<String> {
+        m.pointer("/annotations/org.opencontainers.image.ref.name").and_then(Value::as_str).map(str::to_string)
+    };
+    entries.iter().map(|m| name(m).into_iter().collect()).collect()
+}
+
+/// An OCI layout directory (`image --oci-layout DIR`): the config of its
+/// one image, or of the one `name` picks.
+fn from_layout(dir: &Path, name: Option<&str>) -> Result<Previous, PreviousError> {
     use crate::input::limited::read_capped;
     let bad = |what: String| PreviousError::Image { path: dir.to_path_buf(), what };
     let read = |name: &str| -> Result<Value, PreviousError> {
@@ -266,9 +335,9 @@ fn from_layout(dir: &Path) -> Result<Previous, PreviousError> {
         return Err(bad("a directory without index.json (not an OCI layout)".into()));
     }
     let index = read("index.json")?;
-    let first =
-        index.get("manifests").and_then(|m| m.get(0)).ok_or_else(|| bad("index.json lists no manifest".into()))?;
-    let manifest = read(&blob(first, "index.json's manifest")?)?;
+    let entries = index.get("manifests").and_then(Value::as_array).cloned().unwrap_or_default();
+    let at = pick(dir, &ref_names(&entries), name)?;
+    let manifest = read(&blob(&entries[at], "index.json's manifest")?)?;
     let config = manifest.get("config").ok_or_else(|| bad("its manifest names no config".into()))?;
     Ok(from_history(&read(&blob(config, "the manifest's config")?)?, dir))
 }
@@ -413,6 +482,32 @@ mod tests {
         assert!(e.contains("plans.json#2: layer 2: expected a list of store paths"), "{e}");
         std::fs::write(&f, r#"[["/s/a"], ["/s/b"]]"#).unwrap();
         assert_eq!(load(&f).unwrap().len(), 1, "one plan");
+        std::fs::write(&f, r#"[[], [["/s/a"]]]"#).unwrap();
+        assert_eq!(load(&f).unwrap().len(), 2, "a list of plans whose first is empty");
+    }
+
+    #[test]
+    fn one_image_of_several_is_named() {
+        let names = vec![vec!["app:1".to_string()], vec!["app:2".to_string()], Vec::new()];
+        let p = Path::new("rel");
+        assert_eq!(pick(p, &names[..1], None).unwrap(), 0);
+        assert_eq!(pick(p, &names, Some("app:2")).unwrap(), 1);
+        assert_eq!(pick(p, &names, Some("2")).unwrap(), 1, "the tag alone");
+        let e = pick(p, &names, None).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "previous image rel: it holds 3 images (app:1, app:2, (unnamed)): name the previous one as rel:NAME"
+        );
+        let e = pick(p, &names, Some("3")).unwrap_err().to_string();
+        assert!(e.contains("it has no image named \"3\""), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("old.tar");
+        std::fs::write(&f, b"x").unwrap();
+        let named = PathBuf::from(format!("{}:app:2", f.display()));
+        assert_eq!(split_name(&named), (f.clone(), Some("app:2".to_string())));
+        assert_eq!(split_name(&f), (f.clone(), None));
+        let nothing = dir.path().join("none:x");
+        assert_eq!(split_name(&nothing), (nothing.clone(), None));
     }
 
     #[test]
@@ -422,11 +517,9 @@ mod tests {
         let images = [image(&["/s/lib", "/s/a", "/s/a-dep"]), image(&["/s/lib", "/s/b"]), image(&["/s/new"])];
         // Given in the other order; the third image has none.
         let plans = [plan(&["/s/lib", "/s/b"]), plan(&["/s/lib", "/s/a", "/s/a-dep"])];
-        let got = assign(&images, &plans);
-        assert_eq!(got, [plans[1].clone(), plans[0].clone(), Vec::new()]);
+        assert_eq!(assign(&images, &plans), [Some(1), Some(0), None]);
         // One plan goes to one image only: the one it shares most with.
-        let got = assign(&images[..2], &plans[1..]);
-        assert_eq!(got, [plans[1].clone(), Vec::new()]);
+        assert_eq!(assign(&images[..2], &plans[1..]), [Some(0), None]);
     }
 
     #[test]

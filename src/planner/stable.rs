@@ -20,9 +20,12 @@
 //! a time where the merge adds the least expected re-sent bytes:
 //! `size(A∪B)·v(A∪B) − size(A)·v(A) − size(B)·v(B)`.  The application thus
 //! stays apart from its private dependencies, and small paths that change
-//! with the same things share a layer.  The layers are then stacked in
-//! order of their odds of changing per byte, which keeps the bytes a host
-//! pulls again (everything above the lowest changed layer) least.  Closures and users are
+//! with the same things share a layer.  The large paths' layers keep
+//! auto-layer's order at the bottom (a small change leaves it as it is);
+//! above them, the application's part (and what only the application uses)
+//! is stacked in order of odds of changing per byte, which keeps the bytes
+//! a host pulls again (everything above the lowest changed layer) least;
+//! the application on top.  Closures and users are
 //! k-minimum-values sketches over the paths' names (exact up to [`K`] paths,
 //! an estimate above, and unmoved by a release that only rebuilds a path), so
 //! planning stays linear in the graph.
@@ -63,7 +66,7 @@ pub enum StableError {
     )]
     JointNeedsBudget(usize),
     #[error(
-        "joint planning of {images} images was given {plans} previous plans: give one per image, in the same order"
+        "joint planning of {images} images was given {plans} previous plans: give one per image (an empty one for an image that has none)"
     )]
     JointPrevious { images: usize, plans: usize },
     #[error("image {image} gives {path} other references than image {first} does (two different stores?)")]
@@ -247,8 +250,8 @@ impl<'g> Graph<'g> {
         }
         // A path much of the closure builds on changes rarely (changing it
         // rebuilds all of that); a path little or nothing uses is what
-        // releases change: its own change likelihood is 1 / (1 + the
-        // number of paths that use it).
+        // releases change: its own change likelihood is the inverse square
+        // of 1 + the number of paths that use it.
         let weight = (0..n).map(|v| (hash[v], weight_of(estimate(&up[comp[v] as usize])))).collect();
         Graph {
             paths: graph.nodes.iter().map(|n| n.path.as_str()).collect(),
@@ -456,10 +459,9 @@ fn indices(index: &HashMap<&str, u32>, layer: &[String]) -> Vec<u32> {
 /// paths, which a small change of the closure leaves alone, so it is
 /// planned with half the budget; the layer it leaves for what no large
 /// path claims (the application and what it builds on alone: where
-/// releases change) is then split with the other half, by [`split_top`].
-/// (A third for that top measured more robust planned afresh, but it
-/// grouped a service's private dependencies so that `--previous` then sent
-/// 2-3.5 times the changed bytes: docs/layering.md.)
+/// releases change) is then split with the other half, by [`split_top`]:
+/// a smaller share groups a service's private dependencies so that a
+/// change of one sends others again (docs/layering.md has the figures).
 /// Grouping everything by volatility instead regroups much of the image
 /// when a path is added or removed (docs/layering.md has the figures).
 fn fresh(
@@ -477,9 +479,25 @@ fn fresh(
     // which a small change leaves as it is; a host pulls every layer above
     // the first one that moved.  Ordering them by odds of changing per
     // byte too made a host pull 2.4-48 times more after a random path was
-    // added or removed (docs/layering.md).
-    let mut out: Vec<Group> = skeleton.iter().map(|l| group_of(g, indices(index, l))).collect();
-    out.extend(stack(g, split_top(graph, g, index, &indices(index, &top), slots, budget)));
+    // added or removed (docs/layering.md).  Only the layers of what the
+    // application alone uses (what releases change) go above the others.
+    let mut users: Vec<Vec<u32>> = vec![Vec::new(); graph.nodes.len()];
+    for (v, node) in graph.nodes.iter().enumerate() {
+        for r in &node.references {
+            let r = index[r.as_str()];
+            if r as usize != v {
+                users[r as usize].push(v as u32);
+            }
+        }
+    }
+    let groups: Vec<Group> = skeleton.iter().map(|l| group_of(g, indices(index, l))).collect();
+    let apps = |gr: &Group| {
+        let members: HashSet<u32> = gr.members.iter().copied().collect();
+        gr.members.iter().all(|&m| users[m as usize].iter().all(|&u| g.root[u as usize] || members.contains(&u)))
+    };
+    let (mut mine, mut out): (Vec<Group>, Vec<Group>) = groups.into_iter().partition(|gr| apps(gr));
+    mine.extend(split_top(graph, g, index, &indices(index, &top), slots, budget));
+    out.extend(stack(g, mine));
     out
 }
 
@@ -581,8 +599,13 @@ pub fn plan(
     let mut kept_at: Vec<usize> = Vec::new();
     let mut first_break = usize::MAX;
     if let Some(prev) = previous {
+        // A path in two previous layers (a plan not made here) keeps the
+        // first only.
+        let mut seen: HashSet<&str> = HashSet::new();
         for (i, layer) in prev.iter().enumerate() {
-            if !layer.is_empty() && layer.iter().all(|p| wanted(p)) {
+            let whole = layer.iter().all(|p| wanted(p) && !seen.contains(p.as_str()));
+            seen.extend(layer.iter().map(String::as_str));
+            if !layer.is_empty() && whole {
                 let members: Vec<u32> = layer.iter().map(|p| index[p.as_str()]).collect();
                 let mut sketch = Vec::new();
                 for &m in &members {
@@ -738,10 +761,17 @@ pub fn plan_joint(
     };
     let mut not_shared: HashSet<String> = exclude.clone();
     not_shared.extend(union.nodes.iter().filter(|n| !shared.contains(n.path.as_str())).map(|n| n.path.clone()));
-    // Previous layers every image had are the shared part's; the others
-    // are each image's own.
+    // Previous layers every image that has a previous plan had are the
+    // shared part's (an image new to the group has none); the others are
+    // each image's own.
     let in_all: Vec<Vec<String>> = match previous {
-        Some(prev) => prev[0].iter().filter(|l| prev[1..].iter().all(|p| p.contains(l))).cloned().collect(),
+        Some(prev) => {
+            let given: Vec<&Vec<Vec<String>>> = prev.iter().filter(|p| !p.is_empty()).collect();
+            match given.split_first() {
+                Some((first, rest)) => first.iter().filter(|l| rest.iter().all(|p| p.contains(l))).cloned().collect(),
+                None => Vec::new(),
+            }
+        }
         None => Vec::new(),
     };
     let bottom = if shared.is_empty() {
@@ -1062,6 +1092,30 @@ mod tests {
     }
 
     #[test]
+    fn with_more_layers_than_paths_the_apps_own_paths_sit_on_top() {
+        // Every path a layer of its own: a changed private dependency (and
+        // so the app) makes a host pull little more than those two.
+        let one = service(0);
+        let budget = 150;
+        let first = plan(&one, &HashSet::new(), budget, None).unwrap().layers;
+        assert_eq!(first.len(), one.nodes.len(), "a layer per path");
+        let mut two = one.clone();
+        for n in &mut two.nodes {
+            for p in std::iter::once(&mut n.path).chain(n.references.iter_mut()) {
+                if p == "/s/a0-app" || p == "/s/q24-priv24" {
+                    *p = p.replace("/s/", "/s/z");
+                }
+            }
+        }
+        let next = plan(&two, &HashSet::new(), budget, Some(&first)).unwrap().layers;
+        let size: HashMap<&str, u64> = two.nodes.iter().map(|n| (n.path.as_str(), n.nar_size)).collect();
+        let c = crate::planner::compare::compare(&next, &first, &size);
+        let changed = size["/s/za0-app"] + size["/s/zq24-priv24"];
+        assert_eq!(c.pushed, changed);
+        assert!(c.pulled <= 4 * changed, "pulled {} for {changed} changed: {first:?}", c.pulled);
+    }
+
+    #[test]
     fn joint_plans_build_on_each_images_previous_plan() {
         // Two services on one runtime; then the first one's app and
         // private dependency change.
@@ -1095,6 +1149,16 @@ mod tests {
         // Above them, the first image keeps what it can of its own layers.
         let own_kept = next[0].layers[shared..].iter().filter(|l| previous[0][shared..].contains(l)).count();
         assert!(own_kept > 0, "{:?} → {:?}", &previous[0][shared..], &next[0].layers[shared..]);
+        // A third image joins (it has no previous plan): the shared layers
+        // of the two that have one stay.
+        let mut c = b.clone();
+        c.nodes.retain(|n| !n.path.contains("-other"));
+        c.nodes.push(node("c0-third", &["p20-pkg20"], 70_000));
+        let three = [a2.clone(), b.clone(), c];
+        let with_third = [previous[0].clone(), previous[1].clone(), Vec::new()];
+        let next3 = plan_joint(&three, &HashSet::new(), budget, Some(&with_third)).unwrap();
+        let kept_shared = next3[1].layers.iter().filter(|l| previous[1][..shared].contains(l)).count();
+        assert!(kept_shared * 2 > shared, "{kept_shared} of {shared} shared layers kept: {:?}", next3[1].notes);
         let err = plan_joint(&[a2, b], &HashSet::new(), budget, Some(&previous[..1])).unwrap_err();
         assert_eq!(err, StableError::JointPrevious { images: 2, plans: 1 });
     }
