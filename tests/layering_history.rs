@@ -283,6 +283,41 @@ fn joint_plans_build_on_the_previous_release() {
     assert!(String::from_utf8_lossy(&err.stderr).contains("--previous names 2 plans"), "{err:?}");
 }
 
+/// Weekly releases into one OCI layout (and a docker-archive of two
+/// images): which image is the previous one must be said, as `PATH:NAME`;
+/// without it the planner refuses rather than read the first.
+#[test]
+#[ignore = "needs nix: run scripts/test"]
+fn previous_names_one_image_of_several() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (one, _) = release("app", &[]);
+    let (two, _) = release("app", &[("app", "2"), ("extra", "true")]);
+    let (three, _) = release("app", &[("app", "3"), ("extra", "true")]);
+    let max = MAX_LAYERS.to_string();
+    let layout = tmp.path().join("rel");
+    run(bin().args(["image", "-q", "--max-layers", &max, &one, "-t", "app:1", "--oci-layout"]).arg(&layout));
+    run(bin().args(["image", "-q", "--max-layers", &max, &two, "-t", "app:2", "--oci-layout"]).arg(&layout));
+    let plan_of = |previous: &str| -> Vec<Vec<String>> {
+        serde_json::from_slice(
+            &run(bin().args(["layers", "--max-layers", &max, &three, "--previous", previous])).stdout,
+        )
+        .unwrap()
+    };
+    let err = bin().args(["layers", "--max-layers", &max, &three, "--previous"]).arg(&layout).output().unwrap();
+    assert_eq!(err.status.code(), Some(1));
+    let msg = String::from_utf8_lossy(&err.stderr);
+    assert!(msg.contains("it holds 2 images (app:1, app:2): name the previous one as"), "{msg}");
+    let json = tmp.path().join("two.json");
+    // app:2 was planned afresh: its plan, as `layers` prints it.
+    std::fs::write(&json, run(bin().args(["layers", "--max-layers", &max, &two])).stdout).unwrap();
+    let by_name = plan_of(&format!("{}:app:2", layout.display()));
+    assert_eq!(by_name, plan_of(json.to_str().unwrap()), "app:2 of the layout is the plan app:2 was built with");
+    assert_eq!(plan_of(&format!("{}:2", layout.display())), by_name, "the tag alone names it too");
+    assert_ne!(plan_of(&format!("{}:app:1", layout.display())), by_name);
+    let err = bin().args(["layers", &three, "--previous"]).arg(format!("{}:app:9", layout.display())).output().unwrap();
+    assert!(String::from_utf8_lossy(&err.stderr).contains("it has no image named \"app:9\""), "{err:?}");
+}
+
 /// `image` writes the history the next release reads back, from a
 /// docker-archive, from the oci-archive skopeo makes of it, and from an OCI
 /// layout.

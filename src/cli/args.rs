@@ -66,9 +66,9 @@ const EXAMPLES_LAYERS: &str = "Examples:
   nixstream layers /nix/store/...-app-2 --previous release-1.json
   nixstream layers graph.json --pipeline '[[\"popularity_contest\"], [\"limit_layers\", 99]]'";
 const EXAMPLES_PLAN: &str = "Examples:
-  nixstream plan /nix/store/...-app --auto-layer 99
-  nixstream plan graph.json --pipeline @pipeline.json --json
-  nixstream plan /nix/store/...-app --from-image base.tar --max-layers 60";
+  nixstream plan /nix/store/...-app-2 --previous app-1.tar
+  nixstream plan /nix/store/...-svc-a /nix/store/...-svc-b --joint --previous plans-1.json
+  nixstream plan /nix/store/...-app --from-image base.tar --max-layers 60 --json";
 const EXAMPLES_IMAGE: &str = "Examples:
   nixstream image /nix/store/...-app --config '{\"Cmd\": [\"/nix/store/...-app/bin/app\"]}' | docker load
   nixstream image /nix/store/...-app --contents-link /nix/store/...-app -t app:1 -o app.tar
@@ -214,12 +214,12 @@ pub struct LayeringChoice {
     /// The stable planner, the default: layers that survive releases, built on --previous when given.
     #[arg(long, group = "layering")]
     pub stable: bool,
-    /// The layer budget when no --auto-layer N is given, as `image --max-layers`: at most N layers in all, one of them the customisation layer, and the --from-image base's layers count too.
+    /// The layer budget when no --auto-layer N is given, as `image --max-layers`: at most N layers in all, one of them the customisation layer, and the --from-image base's layers count too The stable planner may use fewer (half of them are kept for the application's part of the closure).
     #[arg(long, default_value_t = 100, value_name = "N")]
     pub max_layers: usize,
     #[command(flatten)]
     pub base: BaseImageArg,
-    /// The previous release's layers: a JSON list of lists (as `layers` prints) or an image (docker-archive or oci-archive file, or docker://REGISTRY/REPO:TAG: see the registry options). The stable planner keeps what it can of them; `plan` compares with them. With --joint, once per image in any order (each goes to the image it shares most paths with), or the list of plans `layers --joint` prints.
+    /// The previous release's layers: a JSON list of lists (as `layers` prints) or an image (docker-archive or oci-archive file, OCI layout directory, PATH:NAME for one of several images in it, or docker://REGISTRY/REPO:TAG: see the registry options). The stable planner keeps what it can of them; `plan` compares with them. With --joint, once per image in any order (each goes to the image it shares most paths with), or the list of plans `layers --joint` prints.
     #[arg(long, value_name = "PLAN|IMAGE", action = clap::ArgAction::Append)]
     pub previous: Vec<PathBuf>,
     /// Plan every input as its own image, at once, so the paths all of them hold are the same bottom layers of each (stable planner).
@@ -241,18 +241,18 @@ pub struct LayersArgs {
 pub struct PlanArgs {
     #[command(flatten)]
     pub closure: ClosureArgs,
-    #[command(flatten)]
-    pub layering: LayeringChoice,
-    /// Print the plan as JSON: [{"layer", "paths", "bytes"}], or with --from-image {"layers": [...], "base_layers"}; with --previous, {"layers": [{..., "reused", "pulled"}], "pushed", "pulled", "changed", "total", "ratio", "kept", "previous_layers", "base_layers"}; with --joint, [{"layers", "shared", "base_layers"}], one per input in order. "layer" counts store layers from 1, above the base's "base_layers".
+    /// Print the plan as JSON: [{"layer", "paths", "bytes"}], or with --from-image {"layers": [...], "base_layers"}; with --previous, {"layers": [{..., "reused", "pulled"}], "pushed", "pulled", "changed", "total", "ratio", "kept", "previous_layers", "base_layers"}; with --joint, [{"layers", "shared", "base_layers"}] (and with --previous each image's comparison), one per input in order. "layer" counts store layers from 1, above the base's "base_layers".
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub layering: LayeringChoice,
 }
 
 #[derive(clap::Args, Debug)]
 pub struct ImageArgs {
     #[command(flatten)]
     pub closure: ClosureArgs,
-    /// At most this many layers in all, as nixpkgs' maxLayers: one goes to the customisation layer, and the base image's layers count too.
+    /// At most this many layers in all, as nixpkgs' maxLayers: one goes to the customisation layer, and the base image's layers count too The stable planner may use fewer (half of them are kept for the application's part of the closure).
     #[arg(long, default_value_t = 100, value_name = "N")]
     pub max_layers: usize,
     /// Plan with nixpkgs' size-based auto-layer (what current nixpkgs' streamLayeredImage does without a layeringPipeline).
@@ -267,7 +267,7 @@ pub struct ImageArgs {
     /// Plan with the stable planner, the default: layers that survive releases, built on --previous when given.
     #[arg(long, group = "image_layering")]
     pub stable: bool,
-    /// The previous release's layers (a JSON plan as `layers` prints, an image archive, or docker://REGISTRY/REPO:TAG): the stable planner keeps every one still whole, at the bottom. With --joint-with, once per image in any order (each goes to the image it shares most paths with), or the list of plans `layers --joint` prints.
+    /// The previous release's layers (a JSON plan as `layers` prints, an image archive or OCI layout directory, PATH:NAME for one of several images in it, or docker://REGISTRY/REPO:TAG): the stable planner keeps every one still whole, at the bottom. With --joint-with, once per image in any order (each goes to the image it shares most paths with), or the list of plans `layers --joint` prints.
     #[arg(long, value_name = "PLAN|IMAGE", action = clap::ArgAction::Append, conflicts_with_all = ["auto_layer", "popularity", "pipeline"])]
     pub previous: Vec<PathBuf>,
     /// Plan this image together with another image's closure (a closure graph or store path; repeatable), as `layers --joint` does: the store paths all of them hold become the same bottom layers of each, byte for byte, when each image is built with the same --max-layers and ownership options.

@@ -663,10 +663,16 @@ pub fn plan(
             for &i in go.iter().rev() {
                 released.push(kept.remove(i));
             }
-            let why = if pool.is_empty() {
-                format!("to fit within {budget} layers")
+            let layers = |n: usize| if n == 1 { "1 layer".to_string() } else { format!("{n} layers") };
+            let why = if pool.is_empty() || must >= go.len() {
+                format!("to fit within a budget of {}", layers(budget))
             } else {
-                format!("to make room for {} new or moved paths within {budget} layers", pool.len())
+                format!(
+                    "to make room for {} new or moved paths ({} left for them, {} wanted)",
+                    pool.len(),
+                    layers(free),
+                    want
+                )
             };
             notes.push(format!("let go of {} of the previous layers ({bytes} bytes of paths) {why}", go.len()));
         }
@@ -1024,7 +1030,7 @@ mod tests {
         every_path_once(&g, &p.layers);
         assert_eq!(p.layers.len(), 3, "{:?}", p.layers);
         assert_eq!(p.kept, 2);
-        assert!(p.notes[0].contains("to fit within 3 layers"), "{:?}", p.notes);
+        assert!(p.notes[0].contains("to fit within a budget of 3 layers"), "{:?}", p.notes);
     }
 
     #[test]
