@@ -211,6 +211,25 @@ enum How<'a> {
     Stable,
 }
 
+impl<'a> How<'a> {
+    /// The planner the options name, for `image`, `layers` and `plan`
+    /// alike (clap refuses two at once).
+    fn of(
+        pipeline: Option<&'a str>,
+        popularity: bool,
+        auto_layer: Option<usize>,
+        joint_with: Option<(&'a [String], &'a [Previous])>,
+    ) -> How<'a> {
+        match (pipeline, auto_layer, joint_with) {
+            (Some(text), _, _) => How::Pipeline(text),
+            _ if popularity => How::Popularity,
+            (None, Some(n), _) => How::AutoLayer(n),
+            (None, None, Some((others, previous))) => How::JointWith(others, previous),
+            (None, None, None) => How::Stable,
+        }
+    }
+}
+
 /// Plans `closure` with `how` within `budget` store layers (the budget of
 /// every planner but `--auto-layer N` and `--pipeline`).
 fn choose(
@@ -258,12 +277,7 @@ pub(super) fn plan_with(
     l: &LayeringChoice,
 ) -> anyhow::Result<Chosen> {
     let from_image = l.base.from_image.as_deref();
-    let how = match (&l.auto_layer, &l.pipeline) {
-        (Some(n), _) => How::AutoLayer(*n),
-        (None, Some(text)) => How::Pipeline(text),
-        (None, None) if l.popularity => How::Popularity,
-        (None, None) => How::Stable,
-    };
+    let how = How::of(l.pipeline.as_deref(), l.popularity, l.auto_layer, None);
     let budget = match (&how, from_image) {
         // `--auto-layer N` is a count of its own: a base would not change
         // it, and `image` has no such form to match.
@@ -336,17 +350,9 @@ pub(super) fn image_layers(
         let registry = PreviousRegistry { args: &a.registry.access, push, architecture: a.architecture.as_deref() };
         load_previous(&a.previous, closure, &registry)?
     };
-    let (how, single_previous) = if let Some(p) = &a.pipeline {
-        (How::Pipeline(p), None)
-    } else if a.popularity {
-        (How::Popularity, None)
-    } else if a.auto_layer {
-        (How::AutoLayer(budget), None)
-    } else if !a.joint_with.is_empty() {
-        (How::JointWith(&a.joint_with, &previous), None)
-    } else {
-        (How::Stable, single(previous.clone())?)
-    };
+    let joint_with = Some(&a.joint_with[..]).filter(|j| !j.is_empty()).map(|j| (j, &previous[..]));
+    let how = How::of(a.pipeline.as_deref(), a.popularity, a.auto_layer.then_some(budget), joint_with);
+    let single_previous = if matches!(how, How::Stable) { single(previous.clone())? } else { None };
     let layers = choose(closure, exclude, how, budget, single_previous.as_ref(), &a.closure.exclude_paths)?.layers;
     Ok(layers.into_iter().filter(|l| !l.is_empty()).collect())
 }

@@ -443,12 +443,26 @@ fn layer_paths(g: &Graph, group: &Group) -> Vec<String> {
 }
 
 /// Layers a group of graph indices, with its closures' sketch.
-fn group_of(g: &Graph, members: Vec<u32>) -> Group {
+fn group_of(g: &Graph, members: Vec<u32>, previous: bool) -> Group {
     let mut sketch = Vec::new();
     for &m in &members {
         sketch = merge_sketch(&sketch, &g.sketch[m as usize]);
     }
-    Group::new(g, members, sketch, false)
+    Group::new(g, members, sketch, previous)
+}
+
+/// Whether the paths no other path uses (`roots`: what is being released,
+/// which changes every time) each get a layer of their own on top, with
+/// nothing riding with them: when they are few (a quarter of the budget at
+/// most) and leave a layer for the `rest` paths.
+fn apart(roots: &[u32], rest: usize, slots: usize, budget: usize) -> bool {
+    !roots.is_empty() && roots.len() * 4 <= budget && roots.len() + usize::from(rest > 0) <= slots
+}
+
+/// The layers of `roots`, one each, in name order.
+fn root_layers(g: &Graph, mut roots: Vec<u32>) -> Vec<Group> {
+    roots.sort_by(|&a, &b| path_key(g.paths[a as usize]).cmp(&path_key(g.paths[b as usize])));
+    roots.into_iter().map(|v| singleton(g, v)).collect()
 }
 
 fn indices(index: &HashMap<&str, u32>, layer: &[String]) -> Vec<u32> {
@@ -490,7 +504,7 @@ fn fresh(
             }
         }
     }
-    let groups: Vec<Group> = skeleton.iter().map(|l| group_of(g, indices(index, l))).collect();
+    let groups: Vec<Group> = skeleton.iter().map(|l| group_of(g, indices(index, l), false)).collect();
     let apps = |gr: &Group| {
         let members: HashSet<u32> = gr.members.iter().copied().collect();
         gr.members.iter().all(|&m| users[m as usize].iter().all(|&u| g.root[u as usize] || members.contains(&u)))
@@ -516,7 +530,7 @@ fn split_top(
     budget: usize,
 ) -> Vec<Group> {
     let roots: Vec<u32> = top.iter().copied().filter(|&v| g.root[v as usize]).collect();
-    let apart = !roots.is_empty() && roots.len() * 4 <= budget && roots.len() < slots && roots.len() < top.len();
+    let apart = apart(&roots, top.len() - roots.len(), slots, budget);
     let set: HashSet<u32> = top.iter().copied().collect();
     let nodes = top
         .iter()
@@ -531,14 +545,12 @@ fn split_top(
     let mut inner = auto_layer(&ClosureGraph { nodes }, &HashSet::new(), limit - limit / 2);
     let unclaimed = if limit / 2 > 0 { inner.pop() } else { None };
     let free = limit - inner.len();
-    let mut out: Vec<Group> = inner.iter().map(|l| group_of(g, indices(index, l))).collect();
+    let mut out: Vec<Group> = inner.iter().map(|l| group_of(g, indices(index, l), false)).collect();
     if let Some(rest) = unclaimed {
         out.extend(merge_down(g, indices(index, &rest).into_iter().map(|v| singleton(g, v)).collect(), free));
     }
     if apart {
-        let mut roots = roots;
-        roots.sort_by(|&a, &b| path_key(g.paths[a as usize]).cmp(&path_key(g.paths[b as usize])));
-        out.extend(roots.into_iter().map(|v| singleton(g, v)));
+        out.extend(root_layers(g, roots));
     }
     out
 }
@@ -554,24 +566,18 @@ fn stack(g: &Graph, groups: Vec<Group>) -> Vec<Group> {
     rest
 }
 
-/// Plans `pool` and `released` layers into `slots` layers.  What no other
-/// path uses is what is being released: it changes every time, so each
-/// such path gets a layer of its own on top, and nothing rides with it,
-/// when they are few (a quarter of the budget at most) and leave a layer
-/// for the rest.
+/// Plans `pool` and `released` layers into `slots` layers, what no other
+/// path uses [`apart`] on top.
 fn plan_top(g: &Graph, pool: &[u32], released: Vec<Group>, slots: usize, budget: usize) -> Vec<Group> {
     let roots: Vec<u32> = pool.iter().copied().filter(|&v| g.root[v as usize]).collect();
-    let rest = pool.len() - roots.len() + released.len();
-    let apart = !roots.is_empty() && roots.len() * 4 <= budget && roots.len() + usize::from(rest > 0) <= slots;
+    let apart = apart(&roots, pool.len() - roots.len() + released.len(), slots, budget);
     let mut groups: Vec<Group> =
         pool.iter().filter(|&&v| !apart || !g.root[v as usize]).map(|&v| singleton(g, v)).collect();
     groups.extend(released);
     let mut top =
         if groups.is_empty() { Vec::new() } else { merge_down(g, groups, slots - if apart { roots.len() } else { 0 }) };
     if apart {
-        let mut roots = roots;
-        roots.sort_by(|&a, &b| path_key(g.paths[a as usize]).cmp(&path_key(g.paths[b as usize])));
-        top.extend(roots.into_iter().map(|v| singleton(g, v)));
+        top.extend(root_layers(g, roots));
     }
     top
 }
@@ -606,12 +612,7 @@ pub fn plan(
             let whole = layer.iter().all(|p| wanted(p) && !seen.contains(p.as_str()));
             seen.extend(layer.iter().map(String::as_str));
             if !layer.is_empty() && whole {
-                let members: Vec<u32> = layer.iter().map(|p| index[p.as_str()]).collect();
-                let mut sketch = Vec::new();
-                for &m in &members {
-                    sketch = merge_sketch(&sketch, &g.sketch[m as usize]);
-                }
-                kept.push(Group::new(&g, members, sketch, true));
+                kept.push(group_of(&g, indices(&index, layer), true));
                 kept_at.push(i);
             } else if !layer.is_empty() {
                 first_break = first_break.min(i);
