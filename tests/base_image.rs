@@ -164,6 +164,19 @@ fn a_base_that_is_not_a_tar() {
     fails_with_base(b"", &["not a tar archive", "empty"]);
 }
 
+#[test]
+fn a_base_that_is_a_directory_says_what_a_base_is() {
+    golden_tree();
+    let d = tempfile::tempdir().unwrap();
+    let base = d.path().join("layout");
+    std::fs::create_dir(&base).unwrap();
+    let out = bin().args(["stream", "-q"]).arg(conf_with_base(d.path(), &base)).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("layout: a directory: a base image is a docker-archive file"), "{err}");
+}
+
 /// Writes a tar of `n` empty regular members into `w`: the first half
 /// named like configs (`j/N.json`), the rest plain; headers made by
 /// patching one template (its checksum adjusted by the name's bytes).

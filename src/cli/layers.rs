@@ -77,7 +77,8 @@ pub(super) fn plan(a: &PlanArgs) -> anyhow::Result<()> {
             return Ok(());
         }
         for (((g, l), input), c) in plans.iter().zip(&a.closure.input).zip(&compared) {
-            writeln!(out, "{input}: the bottom {shared} layers are shared by all {} images", plans.len())?;
+            let all = if plans.len() == 2 { "both images".to_string() } else { format!("all {} images", plans.len()) };
+            writeln!(out, "{input}: the bottom {shared} layers are shared by {all}")?;
             match c {
                 None => plan_table(&mut out, g, l, base.as_ref())?,
                 Some(c) => compare_table(&mut out, g, l, c, base.as_ref())?,

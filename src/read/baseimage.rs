@@ -186,6 +186,10 @@ fn read_json(path: &Path, compression: Compression, member: &Member) -> Result<V
 impl BaseImage {
     /// Indexes and validates the base image.
     pub fn open(path: &Path) -> Result<BaseImage, BaseError> {
+        if path.is_dir() {
+            let what = "a directory: a base image is a docker-archive file, plain or compressed (from an OCI layout, `skopeo copy oci:DIR docker-archive:FILE` makes one)";
+            return Err(BaseError::Invalid { path: path.to_path_buf(), what: what.into() });
+        }
         let compression = detect(path)?;
         let first = scan(path, compression, &|n| usual_name(n), MAX_CANDIDATES)?;
         let invalid = |what: String| BaseError::Invalid { path: path.to_path_buf(), what };
