@@ -473,11 +473,11 @@ fn indices(index: &HashMap<&str, u32>, layer: &[String]) -> Vec<u32> {
 /// paths, which a small change of the closure leaves alone, so it is
 /// planned with half the budget; the layer it leaves for what no large
 /// path claims (the application and what it builds on alone: where
-/// releases change) is then split with the other half, by [`split_top`]:
-/// a smaller share groups a service's private dependencies so that a
-/// change of one sends others again (docs/layering.md has the figures).
-/// Grouping everything by volatility instead regroups much of the image
-/// when a path is added or removed (docs/layering.md has the figures).
+/// releases change) is then split with the other half, by [`split_top`].
+/// A smaller share grouped a service's private dependencies so that a
+/// change of one sent others again; grouping everything by volatility
+/// regrouped much of the image when a path was added or removed
+/// (docs/layering.md has the figures of both).
 fn fresh(
     graph: &ClosureGraph,
     g: &Graph,
