@@ -630,16 +630,19 @@ pub fn plan(
         (0..g.paths.len() as u32).filter(|&v| wanted(g.paths[v as usize]) && !in_kept.contains(&v)).collect();
 
     // Room for what is not kept.  It deserves its share of the budget by
-    // bytes, and at least two layers (a new top apart from the rest): kept
-    // layers above the first broken one are let go for that (a host pulls
-    // them anyway), smallest first, then the topmost kept layers (the
-    // least pulled again).  And it needs one layer at the very least.
+    // bytes, and at least two layers when a new top can stand apart from
+    // the rest (see [`apart`]): kept layers above the first broken one are
+    // let go for that (a host pulls them anyway), smallest first, then the
+    // topmost kept layers (the least pulled again).  And it needs one layer
+    // at the very least.
     let mut released: Vec<Group> = Vec::new();
     if !kept.is_empty() {
         let pool_bytes: u64 = pool.iter().map(|&v| g.size[v as usize]).sum();
         let total = pool_bytes + kept.iter().map(|k| k.size).sum::<u64>();
         let share = (budget as f64 * pool_bytes as f64 / total.max(1) as f64).round() as usize;
-        let want = pool.len().min(share.max(2)).min(budget);
+        let roots = pool.iter().filter(|&&v| g.root[v as usize]).count();
+        let least = if roots > 0 && roots * 4 <= budget { 2 } else { 1 };
+        let want = pool.len().min(share.max(least)).min(budget);
         let free = budget.saturating_sub(kept.len());
         // Layers let go need a layer too, so more kept layers than the
         // budget leaves room for (a smaller --max-layers) go as well.
@@ -1096,6 +1099,26 @@ mod tests {
         let shared_paths: HashSet<&String> = shared.iter().copied().flatten().collect();
         assert_eq!(shared_paths.len(), 4, "libc, runtime and the tiny ones: {plans:?}");
         assert!(matches!(plan_joint(&[a], &HashSet::new(), 4, None), Err(StableError::JointNeedsTwo(1))));
+    }
+
+    #[test]
+    fn with_too_few_layers_for_the_app_apart_nothing_whole_is_let_go() {
+        // Three layers: the app cannot stand apart (a quarter of the
+        // budget), so a changed app breaks its layer and nothing else.
+        let one = service(0);
+        let first = plan(&one, &HashSet::new(), 3, None).unwrap().layers;
+        let mut two = one.clone();
+        for n in &mut two.nodes {
+            for p in std::iter::once(&mut n.path).chain(n.references.iter_mut()) {
+                if p == "/s/a0-app" {
+                    *p = "/s/z0-app".into();
+                }
+            }
+        }
+        let next = plan(&two, &HashSet::new(), 3, Some(&first)).unwrap();
+        let whole = first.iter().filter(|l| !l.contains(&"/s/a0-app".to_string())).count();
+        assert_eq!(next.kept, whole, "{:?}", next.notes);
+        assert!(next.notes.is_empty(), "{:?}", next.notes);
     }
 
     #[test]
