@@ -182,8 +182,9 @@ fn plan_table(
     }
     let size: HashMap<&str, u64> = closure.nodes.iter().map(|n| (n.path.as_str(), n.nar_size)).collect();
     let bytes = |l: &[String]| l.iter().map(|p| size.get(p.as_str()).copied().unwrap_or(0)).sum::<u64>();
+    // Top first, as a stack, like the comparison with --previous.
     writeln!(out, "{:>5} {:>6} {:>10}  largest paths", "layer", "paths", "bytes")?;
-    for (i, l) in layers.iter().enumerate() {
+    for (i, l) in layers.iter().enumerate().rev() {
         writeln!(
             out,
             "{:>5} {:>6} {:>10}  {}",
