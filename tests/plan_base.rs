@@ -156,6 +156,10 @@ fn plan_from_image_says_the_base_comes_first() {
     // Without a base, the JSON is nixpkgs-like as before: a list.
     let out = run(bin().args(["plan", "--json", "--max-layers", "10"]).arg(&s.app));
     assert!(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap().is_array());
+    // A budget the plan leaves partly unused is said.
+    let out = run(bin().args(["plan"]).arg(&s.app));
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.lines().last().unwrap().ends_with("layers; the budget allows 99"), "{table}");
 }
 
 /// One line, exit status 1, nothing on stdout.

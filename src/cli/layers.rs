@@ -80,7 +80,7 @@ pub(super) fn plan(a: &PlanArgs) -> anyhow::Result<()> {
             let all = if plans.len() == 2 { "both images".to_string() } else { format!("all {} images", plans.len()) };
             writeln!(out, "{input}: the bottom {shared} layers are shared by {all}")?;
             match c {
-                None => plan_table(&mut out, g, l, base.as_ref())?,
+                None => plan_table(&mut out, g, l, base.as_ref(), Some(budget.store))?,
                 Some(c) => compare_table(&mut out, g, l, c, base.as_ref())?,
             }
             writeln!(out)?;
@@ -119,7 +119,7 @@ pub(super) fn plan(a: &PlanArgs) -> anyhow::Result<()> {
         writeln!(out)?;
         return Ok(());
     }
-    plan_table(&mut out, &closure, layers, base.as_ref())
+    plan_table(&mut out, &closure, layers, base.as_ref(), chosen.allowed)
 }
 
 /// A plan against its previous one, as `plan --json` prints it.
@@ -176,6 +176,7 @@ fn plan_table(
     closure: &ClosureGraph,
     layers: &[Vec<String>],
     base: Option<&Base>,
+    allowed: Option<usize>,
 ) -> anyhow::Result<()> {
     if let Some(b) = base {
         writeln!(out, "{} come first: store layer 1 is the image's layer {}", b.describe(), b.layers + 1)?;
@@ -204,9 +205,14 @@ fn plan_table(
         ),
         None => String::new(),
     };
+    // The stable planner may leave some of the budget unused.
+    let of = match allowed {
+        Some(n) if n > layers.len() => format!("; the budget allows {n}"),
+        _ => String::new(),
+    };
     writeln!(
         out,
-        "{:>5} {:>6} {:>10}  {} layers{in_all}",
+        "{:>5} {:>6} {:>10}  {} layers{in_all}{of}",
         "total",
         paths,
         crate::output::progress::human(total),

@@ -46,6 +46,9 @@ pub(super) struct Chosen {
     pub(super) previous: Option<Previous>,
     /// The `--from-image` base's layers, below the plan's.
     pub(super) base_layers: usize,
+    /// The store layers the budget allows (`None` for `--auto-layer N` and
+    /// `--pipeline`, which bring their own).
+    pub(super) allowed: Option<usize>,
 }
 
 /// Reads every `--previous` (a JSON list of plans gives several), checked
@@ -296,8 +299,9 @@ pub(super) fn plan_with(
     };
     let registry = PreviousRegistry { args: &l.access, push: None, architecture: None };
     let previous = single(load_previous(&l.previous, closure, &registry)?)?;
+    let allowed = Some(budget.store).filter(|_| !matches!(how, How::AutoLayer(_) | How::Pipeline(_)));
     let planned = choose(closure, exclude, how, budget.store, previous.as_ref(), &None)?;
-    Ok(Chosen { planned, previous, base_layers: budget.base_layers })
+    Ok(Chosen { planned, previous, base_layers: budget.base_layers, allowed })
 }
 
 /// Joint plans, one per input in order, and the budget they share.
