@@ -343,8 +343,15 @@ fn previous_image_history_is_read_back() {
     let layout = tmp.path().join("old-layout");
     run(bin().args(["image", "-q", "--stable", "--max-layers", &max, &old, "--oci-layout"]).arg(&layout));
     let mut got = Vec::new();
-    for previous in [&json_plan, &archive, &oci, &layout] {
-        let out = run(bin().args(["plan", "--json", "--max-layers", &max, &new, "--previous"]).arg(previous));
+    // `-` last: the docker-archive on standard input, as `docker save` gives it.
+    let stdin = PathBuf::from("-");
+    for previous in [&json_plan, &archive, &oci, &layout, &stdin] {
+        let mut cmd = bin();
+        cmd.args(["plan", "--json", "--max-layers", &max, &new, "--previous"]).arg(previous);
+        if previous == &stdin {
+            cmd.stdin(std::fs::File::open(&archive).unwrap());
+        }
+        let out = run(&mut cmd);
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(v["previous_layers"], old_plan.layers.len(), "{}: {v}", previous.display());
         assert_eq!(v["kept"], old_plan.layers.len() - 1, "{}: all but the app's layer", previous.display());
@@ -357,7 +364,7 @@ fn previous_image_history_is_read_back() {
         check_plan(&g_new, &layers, BUDGET);
         got.push(layers);
     }
-    assert!(got.windows(2).all(|w| w[0] == w[1]), "a JSON plan and the three images give the same plan");
+    assert!(got.windows(2).all(|w| w[0] == w[1]), "a JSON plan and the four images give the same plan");
 
     // The next image, built on the previous one: its kept layers are the
     // very same layers (same diff_ids, in the same places).
@@ -429,6 +436,11 @@ fn a_malformed_plan_is_named() {
     std::fs::write(&prev, r#"[["/nix/store/bbb-lib"]]"#).unwrap();
     let err = fails_with(&["layers", "--auto-layer", "2"], &prev, &graph);
     assert!(err.contains("drop --auto-layer"), "{err}");
+    // Standard input holds one thing: `-` twice, or with --password-stdin.
+    let err = fails_with(&["plan", "--previous", "-"], Path::new("-"), &graph);
+    assert!(err.contains("--previous - is given 2 times"), "{err}");
+    let err = fails_with(&["plan", "--creds", "u", "--password-stdin"], Path::new("-"), &graph);
+    assert!(err.contains("both read standard input"), "{err}");
 }
 
 /// An image from another tool (no `store paths:` history): a clear

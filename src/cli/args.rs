@@ -219,7 +219,7 @@ pub struct LayeringChoice {
     pub max_layers: usize,
     #[command(flatten)]
     pub base: BaseImageArg,
-    /// The previous release's layers: a JSON list of lists (as `layers` prints) or an image (docker-archive or oci-archive file, OCI layout directory, PATH:NAME for one of several images in it, or docker://REGISTRY/REPO:TAG: see the registry options). The stable planner keeps what it can of them; `plan` compares with them. With --joint, once per image in any order (each goes to the image it shares most paths with), or the list of plans `layers --joint` prints.
+    /// The previous release's layers: a JSON list of lists (as `layers` prints) or an image (docker-archive or oci-archive file, OCI layout directory, PATH:NAME for one of several images in it, or docker://REGISTRY/REPO:TAG: see the registry options); - reads either from stdin. The stable planner keeps what it can of them; `plan` compares with them. With --joint, once per image in any order (each goes to the image it shares most paths with), or the list of plans `layers --joint` prints.
     #[arg(long, value_name = "PLAN|IMAGE", action = clap::ArgAction::Append)]
     pub previous: Vec<PathBuf>,
     /// Plan every input as its own image, at once, so the paths all of them hold are the same bottom layers of each (stable planner).
@@ -267,7 +267,7 @@ pub struct ImageArgs {
     /// Plan with the stable planner, the default: layers that survive releases, built on --previous when given.
     #[arg(long, group = "image_layering")]
     pub stable: bool,
-    /// The previous release's layers (a JSON plan as `layers` prints, an image archive or OCI layout directory, PATH:NAME for one of several images in it, or docker://REGISTRY/REPO:TAG): the stable planner keeps every one still whole, at the bottom. With --joint-with, once per image in any order (each goes to the image it shares most paths with), or the list of plans `layers --joint` prints.
+    /// The previous release's layers (a JSON plan as `layers` prints, an image archive or OCI layout directory, PATH:NAME for one of several images in it, or docker://REGISTRY/REPO:TAG; - reads either from stdin): the stable planner keeps every one still whole, at the bottom. With --joint-with, once per image in any order (each goes to the image it shares most paths with), or the list of plans `layers --joint` prints.
     #[arg(long, value_name = "PLAN|IMAGE", action = clap::ArgAction::Append, conflicts_with_all = ["auto_layer", "popularity", "pipeline"])]
     pub previous: Vec<PathBuf>,
     /// Plan this image together with another image's closure (a closure graph or store path; repeatable), as `layers --joint` does: the store paths all of them hold become the same bottom layers of each, byte for byte, when each image is built with the same --max-layers and ownership options.

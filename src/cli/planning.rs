@@ -59,6 +59,16 @@ fn load_previous(
     closure: &ClosureGraph,
     registry: &PreviousRegistry,
 ) -> anyhow::Result<Vec<Previous>> {
+    use crate::planner::previous::is_stdin;
+    let from_stdin = files.iter().filter(|f| is_stdin(f)).count();
+    anyhow::ensure!(
+        from_stdin <= 1,
+        "--previous - is given {from_stdin} times: standard input holds one plan or image"
+    );
+    anyhow::ensure!(
+        from_stdin == 0 || !registry.args.password_stdin,
+        "--previous - and --password-stdin both read standard input: give the previous plan or image as a file"
+    );
     let store = crate::planner::previous::store_dir_of(closure.nodes.iter().map(|n| n.path.as_str()));
     let mut out = Vec::new();
     for file in files {

@@ -93,16 +93,20 @@ pub fn load(path: &Path) -> Result<Vec<Previous>, PreviousError> {
     let (path, name) = split_name(path);
     let path = path.as_path();
     let io_err = |source| PreviousError::Io { path: path.to_path_buf(), source };
-    if path.is_dir() {
+    let f: Box<dyn Read> = if is_stdin(path) {
+        Box::new(io::stdin().lock())
+    } else if path.is_dir() {
         return Ok(vec![from_layout(path, name.as_deref())?]);
-    }
-    let f = std::fs::File::open(path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => PreviousError::Plan {
-            path: path.to_path_buf(),
-            what: "no such file (a registry image is docker://HOST/REPO:TAG; an OCI layout is its directory)".into(),
-        },
-        _ => io_err(e),
-    })?;
+    } else {
+        Box::new(std::fs::File::open(path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => PreviousError::Plan {
+                path: path.to_path_buf(),
+                what:
+                    "no such file (a registry image is docker://HOST/REPO:TAG; an OCI layout is its directory)".into(),
+            },
+            _ => io_err(e),
+        })?)
+    };
     let mut outer = BufReader::with_capacity(1 << 20, f);
     let compression = Compression::sniff(outer.fill_buf().map_err(io_err)?);
     let mut r = BufReader::new(compression.decoder(outer).map_err(io_err)?);
@@ -143,15 +147,21 @@ pub fn load(path: &Path) -> Result<Vec<Previous>, PreviousError> {
     Ok(vec![from_archive(r, path, name.as_deref())?])
 }
 
-/// `PATH:NAME` when `PATH` exists and the whole does not; else the path.
+/// `-`: the plan or image comes on standard input.
+pub fn is_stdin(path: &Path) -> bool {
+    path == Path::new("-")
+}
+
+/// `PATH:NAME` when `PATH` exists (or is `-`) and the whole does not; else
+/// the path.
 fn split_name(path: &Path) -> (PathBuf, Option<String>) {
-    if path.exists() {
+    if path.exists() || is_stdin(path) {
         return (path.to_path_buf(), None);
     }
     let text = path.to_string_lossy();
     for (at, _) in text.match_indices(':') {
         let (file, name) = (&text[..at], &text[at + 1..]);
-        if !file.is_empty() && !name.is_empty() && Path::new(file).exists() {
+        if !file.is_empty() && !name.is_empty() && (Path::new(file).exists() || file == "-") {
             return (PathBuf::from(file), Some(name.to_string()));
         }
     }
