@@ -443,6 +443,20 @@ fn a_malformed_plan_is_named() {
     assert!(err.contains("both read standard input"), "{err}");
 }
 
+#[test]
+fn an_image_planned_jointly_with_itself_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let graph = graph_file(tmp.path(), "/nix/store");
+    let copy = tmp.path().join("copy.json");
+    std::fs::copy(&graph, &copy).unwrap();
+    for cmd in ["layers", "plan"] {
+        let out = bin().args([cmd, "--joint"]).arg(&graph).arg(&copy).output().unwrap();
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("copy.json are the same closure") && err.lines().count() == 1, "{err}");
+    }
+}
+
 /// An image from another tool (no `store paths:` history): a clear
 /// statement, and the plan made afresh.
 #[test]

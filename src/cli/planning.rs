@@ -99,6 +99,24 @@ fn single(mut previous: Vec<Previous>) -> anyhow::Result<Option<Previous>> {
     Ok(previous.pop())
 }
 
+/// Errs when two of the closures planned jointly are the same closure (an
+/// input named twice, or two names of one store path): an image planned
+/// jointly with itself is a mistake, not a plan.  `names[i]` names
+/// `graphs[i]`.
+fn distinct(graphs: &[ClosureGraph], names: &[String]) -> anyhow::Result<()> {
+    let sets: Vec<HashSet<&str>> = graphs.iter().map(|g| g.nodes.iter().map(|n| n.path.as_str()).collect()).collect();
+    for (i, a) in sets.iter().enumerate() {
+        if let Some(j) = sets[i + 1..].iter().position(|b| b == a) {
+            anyhow::bail!(
+                "{} and {} are the same closure: name each image once to plan them jointly",
+                names[i],
+                names[i + 1 + j]
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Each image's previous plan, in the order of the images.
 type Assigned = Vec<Vec<Vec<String>>>;
 
@@ -273,6 +291,10 @@ fn choose(
                 let one = ClosureArgs { input: vec![other.clone()], exclude_paths: exclude_paths.clone() };
                 graphs.push(load_closure(&one)?.0);
             }
+            let names: Vec<String> = std::iter::once("the image".to_string())
+                .chain(others.iter().map(|o| format!("--joint-with {o}")))
+                .collect();
+            distinct(&graphs, &names)?;
             joint(&graphs, exclude, budget, previous)?.0.swap_remove(0)
         }
         How::Stable => stable::plan(closure, exclude, budget, previous.map(|p| p.layers.as_slice()))?,
@@ -334,6 +356,7 @@ pub(super) fn joint_plans(c: &ClosureArgs, l: &LayeringChoice) -> anyhow::Result
         graphs.push(g);
         exclude = ex;
     }
+    distinct(&graphs, &c.input)?;
     let registry = PreviousRegistry { args: &l.access, push: None, architecture: None };
     let previous = match graphs.first() {
         Some(g) => load_previous(&l.previous, g, &registry)?,
