@@ -431,8 +431,10 @@ fn a_malformed_plan_is_named() {
     // the forms that are), and `layers` with a planner that would ignore it.
     let err = fails_with(&["plan"], tmp.path(), &graph);
     assert!(err.contains("without index.json"), "{err}");
-    let err = fails_with(&["plan"], Path::new("oci-archive:old.tar"), &graph);
+    let err = fails_with(&["plan"], Path::new("old.tar"), &graph);
     assert!(err.contains("no such file") && err.contains("docker://"), "{err}");
+    let err = fails_with(&["plan"], Path::new("oci-archive:old.tar"), &graph);
+    assert!(err.contains("no such file: give the path without skopeo's oci-archive: prefix (old.tar)"), "{err}");
     std::fs::write(&prev, r#"[["/nix/store/bbb-lib"]]"#).unwrap();
     let err = fails_with(&["layers", "--auto-layer", "2"], &prev, &graph);
     assert!(err.contains("drop --auto-layer"), "{err}");
@@ -441,6 +443,32 @@ fn a_malformed_plan_is_named() {
     assert!(err.contains("--previous - is given 2 times"), "{err}");
     let err = fails_with(&["plan", "--creds", "u", "--password-stdin"], Path::new("-"), &graph);
     assert!(err.contains("both read standard input"), "{err}");
+}
+
+#[test]
+fn the_same_previous_plan_twice_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let graph = graph_file(tmp.path(), "/nix/store");
+    let other = tmp.path().join("other.json");
+    let svc = serde_json::json!({"graph": [
+        {"path": "/nix/store/ccc-svc", "references": ["/nix/store/bbb-lib"], "narSize": 10},
+        {"path": "/nix/store/bbb-lib", "references": [], "narSize": 100}]});
+    std::fs::write(&other, serde_json::to_vec(&svc).unwrap()).unwrap();
+    let prev = tmp.path().join("prev.json");
+    std::fs::write(&prev, r#"[["/nix/store/bbb-lib"], ["/nix/store/aaa-app"]]"#).unwrap();
+    let out = bin()
+        .args(["plan", "--joint"])
+        .arg(&graph)
+        .arg(&other)
+        .arg("--previous")
+        .arg(&prev)
+        .arg("--previous")
+        .arg(&prev)
+        .output()
+        .unwrap();
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("prev.json are the same plan") && err.lines().count() == 1, "{err}");
 }
 
 #[test]

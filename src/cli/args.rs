@@ -214,7 +214,7 @@ pub struct LayeringChoice {
     /// The stable planner, the default: layers that survive releases, built on --previous when given.
     #[arg(long, group = "layering")]
     pub stable: bool,
-    /// The layer budget when no --auto-layer N is given, as `image --max-layers`: at most N layers in all, one of them the customisation layer, and the --from-image base's layers count too The stable planner may use fewer (half of them are kept for the application's part of the closure).
+    /// The layer budget when no --auto-layer N is given, as `image --max-layers`: at most N layers in all, one of them the customisation layer, and the --from-image base's layers count too. The stable planner may use fewer (half of them are kept for the application's part of the closure).
     #[arg(long, default_value_t = 100, value_name = "N")]
     pub max_layers: usize,
     #[command(flatten)]
@@ -252,7 +252,7 @@ pub struct PlanArgs {
 pub struct ImageArgs {
     #[command(flatten)]
     pub closure: ClosureArgs,
-    /// At most this many layers in all, as nixpkgs' maxLayers: one goes to the customisation layer, and the base image's layers count too The stable planner may use fewer (half of them are kept for the application's part of the closure).
+    /// At most this many layers in all, as nixpkgs' maxLayers: one goes to the customisation layer, and the base image's layers count too. The stable planner may use fewer (half of them are kept for the application's part of the closure).
     #[arg(long, default_value_t = 100, value_name = "N")]
     pub max_layers: usize,
     /// Plan with nixpkgs' size-based auto-layer (what current nixpkgs' streamLayeredImage does without a layeringPipeline).

@@ -212,11 +212,12 @@ fn plan_table(
     };
     writeln!(
         out,
-        "{:>5} {:>6} {:>10}  {} layers{in_all}{of}",
+        "{:>5} {:>6} {:>10}  {} layer{}{in_all}{of}",
         "total",
         paths,
         crate::output::progress::human(total),
-        layers.len()
+        layers.len(),
+        if layers.len() == 1 { "" } else { "s" }
     )?;
     Ok(())
 }
@@ -266,8 +267,9 @@ fn compare_table(
     let reused = c.layers.iter().filter(|l| l.reused).count();
     writeln!(
         out,
-        "{reused} of {} layers reused (░ reused, █ new; ↓ pulled by a host holding the previous image)",
-        c.layers.len()
+        "{reused} of {} layer{} reused (░ reused, █ new; ↓ pulled by a host holding the previous image)",
+        c.layers.len(),
+        if c.layers.len() == 1 { "" } else { "s" }
     )?;
     let new = c.layers.len() - reused;
     writeln!(

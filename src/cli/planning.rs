@@ -131,6 +131,15 @@ fn joint(
     if previous.is_empty() {
         return Ok((stable::plan_joint(graphs, exclude, budget, None)?, None));
     }
+    for (i, a) in previous.iter().enumerate().filter(|(_, p)| !p.layers.is_empty()) {
+        if let Some(b) = previous[i + 1..].iter().find(|b| b.layers == a.layers) {
+            anyhow::bail!(
+                "--previous {} and {} are the same plan: give each image's previous plan once",
+                a.source.display(),
+                b.source.display()
+            );
+        }
+    }
     let paths: Vec<HashSet<&str>> = graphs.iter().map(|g| g.nodes.iter().map(|n| n.path.as_str()).collect()).collect();
     let plans: Vec<Vec<Vec<String>>> = previous.iter().map(|p| p.layers.clone()).collect();
     let to = crate::planner::previous::assign(&paths, &plans);

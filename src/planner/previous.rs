@@ -66,17 +66,32 @@ impl Previous {
         }
     }
 
-    /// Errs when the plan is for another store: it has paths, and none lies
-    /// directly under `store_dir`.
+    /// Errs when the plan is for another store (it has paths, and none lies
+    /// directly under `store_dir`), or when a JSON plan names something that
+    /// is not a store path (a file inside one, the store directory itself).
     pub fn check_store(&self, store_dir: &str) -> Result<(), PreviousError> {
-        let under = |p: &str| p.strip_prefix(store_dir).is_some_and(|r| r.starts_with('/') && !r[1..].contains('/'));
+        let under = |p: &str| {
+            p.strip_prefix(store_dir)
+                .and_then(|r| r.strip_prefix('/'))
+                .is_some_and(|name| !name.is_empty() && !name.contains('/'))
+        };
         let mut paths = self.layers.iter().flatten();
         let Some(first) = paths.clone().next() else { return Ok(()) };
-        if paths.any(|p| under(p)) {
-            return Ok(());
+        let any_under = self.layers.iter().flatten().any(|p| under(p));
+        match paths.find(|p| !under(p)) {
+            None => Ok(()),
+            // An image's customisation layer may name a directory outside
+            // the store (`stream` of a conf whose customisation layer is).
+            Some(_) if self.from_image && any_under => Ok(()),
+            Some(bad) if bad.starts_with(store_dir) || any_under => Err(PreviousError::Plan {
+                path: self.source.clone(),
+                what: format!("{bad} is not a store path (a name right under {store_dir})"),
+            }),
+            Some(_) => {
+                let found = Path::new(first).parent().map(|d| d.display().to_string()).unwrap_or_else(|| first.clone());
+                Err(PreviousError::OtherStore { path: self.source.clone(), found, store: store_dir.to_string() })
+            }
         }
-        let found = Path::new(first).parent().map(|d| d.display().to_string()).unwrap_or_else(|| first.clone());
-        Err(PreviousError::OtherStore { path: self.source.clone(), found, store: store_dir.to_string() })
     }
 }
 
@@ -99,11 +114,7 @@ pub fn load(path: &Path) -> Result<Vec<Previous>, PreviousError> {
         return Ok(vec![from_layout(path, name.as_deref())?]);
     } else {
         Box::new(std::fs::File::open(path).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => PreviousError::Plan {
-                path: path.to_path_buf(),
-                what:
-                    "no such file (a registry image is docker://HOST/REPO:TAG; an OCI layout is its directory)".into(),
-            },
+            io::ErrorKind::NotFound => PreviousError::Plan { path: path.to_path_buf(), what: not_found(path) },
             _ => io_err(e),
         })?)
     };
@@ -111,8 +122,11 @@ pub fn load(path: &Path) -> Result<Vec<Previous>, PreviousError> {
     let compression = Compression::sniff(outer.fill_buf().map_err(io_err)?);
     let mut r = BufReader::new(compression.decoder(outer).map_err(io_err)?);
     let head = r.fill_buf().map_err(io_err)?;
+    // JSON of any kind (or nothing at all) is taken for a plan, so that its
+    // error is about the plan; a tar archive starts with a member's name.
     let first = head.iter().find(|b| !b.is_ascii_whitespace()).copied();
-    if matches!(first, Some(b'[') | Some(b'{')) && !looks_like_tar(head) {
+    let json = first.is_none_or(|b| b"[{\"-0123456789tfn".contains(&b));
+    if json && !looks_like_tar(head) {
         if let Some(name) = name {
             let what = format!("a JSON plan holds no images to pick {name:?} from");
             return Err(PreviousError::Plan { path: path.to_path_buf(), what });
@@ -145,6 +159,17 @@ pub fn load(path: &Path) -> Result<Vec<Previous>, PreviousError> {
         return Ok(vec![plan(&v, path.to_path_buf())?]);
     }
     Ok(vec![from_archive(r, path, name.as_deref())?])
+}
+
+/// What to say of a `--previous` that names no file: skopeo's transports
+/// (`oci-archive:FILE`) are not needed here.
+fn not_found(path: &Path) -> String {
+    let text = path.to_string_lossy();
+    let transports = ["docker-archive:", "oci-archive:", "oci:", "dir:"];
+    match transports.iter().find_map(|t| text.strip_prefix(t).map(|rest| (t, rest))) {
+        Some((t, rest)) => format!("no such file: give the path without skopeo's {t} prefix ({rest})"),
+        None => "no such file (a registry image is docker://HOST/REPO:TAG; an OCI layout is its directory)".into(),
+    }
 }
 
 /// `-`: the plan or image comes on standard input.
@@ -188,12 +213,30 @@ fn pick(path: &Path, names: &[Vec<String>], name: Option<&str>) -> Result<usize,
             path.display()
         ))),
         Some(want) => {
-            let tag_of = |n: &str| n.rsplit_once(':').filter(|(_, t)| !t.contains('/')).map(|(_, t)| t.to_string());
-            let hit = |n: &String| n == want || tag_of(n).as_deref() == Some(want);
-            names
-                .iter()
-                .position(|ns| ns.iter().any(hit))
-                .ok_or_else(|| bad(format!("it has no image named {want:?} (it has: {})", listed())))
+            // `repo:tag` splits at its last colon unless that one is a
+            // registry's port (`host:5000/repo`).
+            fn split(n: &str) -> Option<(&str, &str)> {
+                n.rsplit_once(':').filter(|(_, t)| !t.contains('/'))
+            }
+            let matching = |hit: &dyn Fn(&str) -> bool| -> Vec<usize> {
+                (0..names.len()).filter(|&i| names[i].iter().any(|n| hit(n))).collect()
+            };
+            // The whole name, else the tag, else the repository alone.
+            let whole = matching(&|n| n == want);
+            let tag = matching(&|n| split(n).is_some_and(|(_, t)| t == want));
+            let repo = matching(&|n| split(n).is_some_and(|(r, _)| r == want));
+            match [whole, tag, repo].into_iter().find(|m| !m.is_empty()) {
+                Some(m) if m.len() == 1 => Ok(m[0]),
+                Some(m) => {
+                    let these: Vec<String> = m.iter().map(|&i| names[i].join(" ")).collect();
+                    Err(bad(format!(
+                        "{want:?} names {} of its images ({}): give the whole name",
+                        m.len(),
+                        these.join(", ")
+                    )))
+                }
+                None => Err(bad(format!("it has no image named {want:?} (it has: {})", listed()))),
+            }
         }
     }
 }
@@ -243,6 +286,8 @@ pub fn plan_from_json(v: &Value) -> Result<Vec<Vec<String>>, String> {
             if !p.starts_with('/') {
                 return Err(format!("layer {}: {p:?} is not an absolute store path", i + 1));
             }
+            // `/nix/store/...-app/`, as a shell completes it, is the store path.
+            let p = if p.len() > 1 { p.trim_end_matches('/') } else { p };
             if !seen.insert(p.to_string()) {
                 return Err(format!("layer {}: {p} is already in an earlier layer", i + 1));
             }
@@ -494,6 +539,21 @@ mod tests {
         assert_eq!(load(&f).unwrap().len(), 1, "one plan");
         std::fs::write(&f, r#"[[], [["/s/a"]]]"#).unwrap();
         assert_eq!(load(&f).unwrap().len(), 2, "a list of plans whose first is empty");
+        // JSON that is no list is a plan's error, not an archive's.
+        for text in ["null", "42", "\"x\"", "  ", ""] {
+            std::fs::write(&f, text).unwrap();
+            let e = load(&f).unwrap_err().to_string();
+            assert!(e.contains("expected a list of") && !e.contains("archive:"), "{text:?}: {e}");
+        }
+        // A trailing slash is the store path's; the store directory itself
+        // or a file inside a store path is no store path.
+        std::fs::write(&f, r#"[["/s/a/"]]"#).unwrap();
+        assert_eq!(load(&f).unwrap()[0].layers, vec![vec!["/s/a".to_string()]]);
+        for text in [r#"[["/s/a", "/s/"]]"#, r#"[["/s/a/bin"]]"#] {
+            std::fs::write(&f, text).unwrap();
+            let e = load(&f).unwrap()[0].check_store("/s").unwrap_err().to_string();
+            assert!(e.contains("is not a store path (a name right under /s)"), "{text}: {e}");
+        }
     }
 
     #[test]
@@ -510,6 +570,13 @@ mod tests {
         );
         let e = pick(p, &names, Some("3")).unwrap_err().to_string();
         assert!(e.contains("it has no image named \"3\""), "{e}");
+        // The repository alone, when one image has it; a registry's port is
+        // no tag.
+        let more = vec![vec!["app:1".to_string()], vec!["localhost:5000/web:1".to_string()]];
+        assert_eq!(pick(p, &more, Some("app")).unwrap(), 0);
+        assert_eq!(pick(p, &more, Some("localhost:5000/web")).unwrap(), 1);
+        let e = pick(p, &names, Some("app")).unwrap_err().to_string();
+        assert!(e.contains("\"app\" names 2 of its images (app:1, app:2): give the whole name"), "{e}");
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("old.tar");
         std::fs::write(&f, b"x").unwrap();
