@@ -277,6 +277,12 @@ fn joint_plans_build_on_the_previous_release() {
     assert_eq!(v[1]["pushed"], 0, "nothing of the unchanged service goes up again: {}", v[1]);
     assert!(v[0]["pushed"].as_u64().unwrap() > 0);
     assert_eq!(v[0]["shared"], shared);
+    assert_eq!(v[1]["kept"], first[1].len(), "{}", v[1]);
+    assert_eq!(
+        (v[0]["previous_layers"].clone(), v[1]["previous_layers"].clone()),
+        (first[0].len().into(), first[1].len().into())
+    );
+    assert!(v[0]["kept"].as_u64().unwrap() >= shared as u64, "{}", v[0]);
     // One image builds on one previous plan.
     let err = bin().args(["layers", "--max-layers", &max, &a2, "--previous"]).arg(&plans_file).output().unwrap();
     assert_eq!(err.status.code(), Some(1));

@@ -17,7 +17,7 @@ pub(super) fn layers(a: &LayersArgs) -> anyhow::Result<()> {
     let mut out = io::stdout().lock();
     if a.layering.joint {
         let plans: Vec<Vec<Vec<String>>> =
-            joint_plans(&a.closure, &a.layering)?.plans.into_iter().map(|(_, l)| l).collect();
+            joint_plans(&a.closure, &a.layering)?.plans.into_iter().map(|(_, p)| p.layers).collect();
         serde_json::to_writer_pretty(&mut out, &plans)?;
         writeln!(out)?;
         return Ok(());
@@ -41,42 +41,44 @@ pub(super) fn plan(a: &PlanArgs) -> anyhow::Result<()> {
         let mut out = io::stdout().lock();
         let shared = plans
             .iter()
-            .map(|(_, l)| l)
+            .map(|(_, p)| &p.layers)
             .skip(1)
-            .map(|l| l.iter().zip(&plans[0].1).take_while(|(x, y)| x == y).count())
+            .map(|l| l.iter().zip(&plans[0].1.layers).take_while(|(x, y)| x == y).count())
             .min()
             .unwrap_or(0);
         // With --previous, each image against its own previous plan.
         let compared: Vec<Option<compare::Comparison>> = plans
             .iter()
             .enumerate()
-            .map(|(i, (g, l))| {
+            .map(|(i, (g, p))| {
                 let prev = previous.as_ref()?;
                 let size: HashMap<&str, u64> = g.nodes.iter().map(|n| (n.path.as_str(), n.nar_size)).collect();
-                Some(compare::compare(l, &prev[i], &size))
+                Some(compare::compare(&p.layers, &prev[i], &size))
             })
             .collect();
         if a.json {
             let v: Vec<serde_json::Value> = plans
                 .iter()
                 .zip(&compared)
-                .map(|((g, l), c)| match c {
-                    None => {
-                        serde_json::json!({"layers": plan_json(g, l), "shared": shared, "base_layers": budget.base_layers})
-                    }
-                    Some(c) => {
-                        let mut v = compared_json(g, l, c);
+                .enumerate()
+                .map(|(i, ((g, p), c))| match (c, &previous) {
+                    (Some(c), Some(prev)) => {
+                        let mut v = compared_json(g, &p.layers, c);
+                        v["kept"] = p.kept.into();
+                        v["previous_layers"] = prev[i].len().into();
                         v["shared"] = shared.into();
                         v["base_layers"] = budget.base_layers.into();
                         v
                     }
+                    _ => serde_json::json!({"layers": plan_json(g, &p.layers), "shared": shared, "base_layers": budget.base_layers}),
                 })
                 .collect();
             serde_json::to_writer_pretty(&mut out, &v)?;
             writeln!(out)?;
             return Ok(());
         }
-        for (((g, l), input), c) in plans.iter().zip(&a.closure.input).zip(&compared) {
+        for (((g, p), input), c) in plans.iter().zip(&a.closure.input).zip(&compared) {
+            let l = &p.layers;
             let all = if plans.len() == 2 { "both images".to_string() } else { format!("all {} images", plans.len()) };
             writeln!(out, "{input}: the bottom {shared} layers are shared by {all}")?;
             match c {

@@ -347,7 +347,7 @@ pub(super) fn plan_with(
 
 /// Joint plans, one per input in order, and the budget they share.
 pub(super) struct Joint {
-    pub(super) plans: Vec<(ClosureGraph, Vec<Vec<String>>)>,
+    pub(super) plans: Vec<(ClosureGraph, stable::Planned)>,
     pub(super) budget: Budget,
     /// With `--previous`, each image's previous plan.
     pub(super) previous: Option<Assigned>,
@@ -375,7 +375,7 @@ pub(super) fn joint_plans(c: &ClosureArgs, l: &LayeringChoice) -> anyhow::Result
     for p in &plans {
         note(p);
     }
-    Ok(Joint { plans: graphs.into_iter().zip(plans).map(|(g, p)| (g, p.layers)).collect(), budget, previous })
+    Ok(Joint { plans: graphs.into_iter().zip(plans).collect(), budget, previous })
 }
 
 /// The store layers of `image`: the planner its options name, within
