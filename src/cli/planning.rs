@@ -70,11 +70,12 @@ fn load_previous(
         "--previous - and --password-stdin both read standard input: give the previous plan or image as a file"
     );
     let store = crate::planner::previous::store_dir_of(closure.nodes.iter().map(|n| n.path.as_str()));
+    let arch = registry.architecture.unwrap_or(crate::dest::manifest::host_architecture());
     let mut out = Vec::new();
     for file in files {
         let prevs = match file.to_str().filter(|f| f.starts_with("docker://")) {
-            Some(reference) => vec![previous_from_registry(reference, registry)?],
-            None => crate::planner::previous::load(file)?,
+            Some(reference) => vec![previous_from_registry(reference, registry, arch)?],
+            None => crate::planner::previous::load(file, arch)?,
         };
         for prev in prevs {
             if let Some(store) = &store {
@@ -167,11 +168,10 @@ fn joint(
 /// named), else the credentials docker and podman keep.  A tag that is not
 /// there yet (a first release) is said, and is an empty previous plan:
 /// everything is new.  Anything else missing is an error.
-fn previous_from_registry(reference: &str, registry: &PreviousRegistry) -> anyhow::Result<Previous> {
+fn previous_from_registry(reference: &str, registry: &PreviousRegistry, arch: &str) -> anyhow::Result<Previous> {
     use crate::dest::registry::{pull, Reference, RegistryError};
     let from = Reference::parse(reference)?;
     let opts = registry.args.client_options(&from, registry.push.as_deref(), &|_| {})?;
-    let arch = registry.architecture.unwrap_or(crate::dest::manifest::host_architecture());
     match pull::fetch_image(&from, &opts, "--previous", arch) {
         Ok(image) => Ok(crate::planner::previous::from_config(reference, &image.config)?),
         Err(RegistryError::NoSuchImage { .. }) => {
@@ -190,7 +190,7 @@ struct PreviousRegistry<'a> {
     args: &'a RegistryAccess,
     /// The `--push` destination's registry.
     push: Option<String>,
-    /// The image's `--architecture`, to pick from an index.
+    /// The image's `--architecture`, to pick from an image index.
     architecture: Option<&'a str>,
 }
 

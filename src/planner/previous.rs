@@ -103,7 +103,7 @@ pub fn store_dir_of<'a>(mut paths: impl Iterator<Item = &'a str>) -> Option<Stri
 
 /// Reads a previous plan or image: one, or several from a JSON list of
 /// plans (what `layers --joint` prints).
-pub fn load(path: &Path) -> Result<Vec<Previous>, PreviousError> {
+pub fn load(path: &Path, arch: &str) -> Result<Vec<Previous>, PreviousError> {
     // `PATH:NAME` picks one image of an archive or layout holding several.
     let (path, name) = split_name(path);
     let path = path.as_path();
@@ -111,7 +111,7 @@ pub fn load(path: &Path) -> Result<Vec<Previous>, PreviousError> {
     let f: Box<dyn Read> = if is_stdin(path) {
         Box::new(io::stdin().lock())
     } else if path.is_dir() {
-        return Ok(vec![from_layout(path, name.as_deref())?]);
+        return Ok(vec![from_layout(path, name.as_deref(), arch)?]);
     } else {
         Box::new(std::fs::File::open(path).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => PreviousError::Plan { path: path.to_path_buf(), what: not_found(path) },
@@ -158,7 +158,7 @@ pub fn load(path: &Path) -> Result<Vec<Previous>, PreviousError> {
         }
         return Ok(vec![plan(&v, path.to_path_buf())?]);
     }
-    Ok(vec![from_archive(r, path, name.as_deref())?])
+    Ok(vec![from_archive(r, path, name.as_deref(), arch)?])
 }
 
 /// What to say of a `--previous` that names no file: skopeo's transports
@@ -298,7 +298,30 @@ pub fn plan_from_json(v: &Value) -> Result<Vec<Vec<String>>, String> {
     Ok(layers)
 }
 
-fn from_archive(r: impl Read, path: &Path, name: Option<&str>) -> Result<Previous, PreviousError> {
+/// An image index (a multi-platform image) resolves to its entry for
+/// linux/`arch`, as `docker pull --platform` picks; an image manifest is
+/// itself.  `read` reads the blob a descriptor names.
+fn for_platform(
+    manifest: Value,
+    arch: &str,
+    read: impl Fn(&Value) -> Result<Value, PreviousError>,
+    bad: impl Fn(String) -> PreviousError,
+) -> Result<Value, PreviousError> {
+    let Some(entries) = manifest.get("manifests").and_then(Value::as_array) else { return Ok(manifest) };
+    let platform =
+        |e: &&Value, key: &str| e.pointer(&format!("/platform/{key}")).and_then(Value::as_str).map(str::to_string);
+    let entry = entries
+        .iter()
+        .find(|e| platform(e, "os").as_deref() == Some("linux") && platform(e, "architecture").as_deref() == Some(arch))
+        .ok_or_else(|| bad(format!("its image index has no linux/{arch} image (--architecture picks another)")))?;
+    let inner = read(entry)?;
+    if inner.get("manifests").is_some() {
+        return Err(bad("its image index names another index: give the platform's image itself".into()));
+    }
+    Ok(inner)
+}
+
+fn from_archive(r: impl Read, path: &Path, name: Option<&str>, arch: &str) -> Result<Previous, PreviousError> {
     let bad = |what: String| PreviousError::Image { path: path.to_path_buf(), what };
     let tar_err = |e: TarError| match e {
         TarError::Io(source) => PreviousError::Io { path: path.to_path_buf(), source },
@@ -346,7 +369,11 @@ fn from_archive(r: impl Read, path: &Path, name: Option<&str>) -> Result<Previou
             .get("digest")
             .and_then(Value::as_str)
             .ok_or_else(|| bad("index.json lists no manifest".into()))?;
-        let manifest = parse(&blob(digest))?;
+        let read = |d: &Value| match d.get("digest").and_then(Value::as_str) {
+            Some(digest) => parse(&blob(digest)),
+            None => Err(bad("its image index lists a manifest without a digest".into())),
+        };
+        let manifest = for_platform(parse(&blob(digest))?, arch, read, bad)?;
         let config = manifest
             .get("config")
             .and_then(|c| c.get("digest"))
@@ -374,7 +401,7 @@ fn ref_names(entries: &[Value]) -> Vec<Vec<String>> {
 
 /// An OCI layout directory (`image --oci-layout DIR`): the config of its
 /// one image, or of the one `name` picks.
-fn from_layout(dir: &Path, name: Option<&str>) -> Result<Previous, PreviousError> {
+fn from_layout(dir: &Path, name: Option<&str>, arch: &str) -> Result<Previous, PreviousError> {
     use crate::input::limited::read_capped;
     let bad = |what: String| PreviousError::Image { path: dir.to_path_buf(), what };
     let read = |name: &str| -> Result<Value, PreviousError> {
@@ -393,6 +420,7 @@ fn from_layout(dir: &Path, name: Option<&str>) -> Result<Previous, PreviousError
     let entries = index.get("manifests").and_then(Value::as_array).cloned().unwrap_or_default();
     let at = pick(dir, &ref_names(&entries), name)?;
     let manifest = read(&blob(&entries[at], "index.json's manifest")?)?;
+    let manifest = for_platform(manifest, arch, |d| read(&blob(d, "the image index's manifest")?), bad)?;
     let config = manifest.get("config").ok_or_else(|| bad("its manifest names no config".into()))?;
     Ok(from_history(&read(&blob(config, "the manifest's config")?)?, dir))
 }
@@ -528,32 +556,61 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("plans.json");
         std::fs::write(&f, r#"[[["/s/a"], ["/s/b"]], [["/s/a"], ["/s/c"]]]"#).unwrap();
-        let plans = load(&f).unwrap();
+        let plans = load(&f, "amd64").unwrap();
         assert_eq!(plans.len(), 2);
         assert_eq!(plans[1].layers, [vec!["/s/a".to_string()], vec!["/s/c".to_string()]]);
         assert!(plans[1].source.display().to_string().ends_with("plans.json#2"));
         std::fs::write(&f, r#"[[["/s/a"]], [["/s/a"], "x"]]"#).unwrap();
-        let e = load(&f).unwrap_err().to_string();
+        let e = load(&f, "amd64").unwrap_err().to_string();
         assert!(e.contains("plans.json#2: layer 2: expected a list of store paths"), "{e}");
         std::fs::write(&f, r#"[["/s/a"], ["/s/b"]]"#).unwrap();
-        assert_eq!(load(&f).unwrap().len(), 1, "one plan");
+        assert_eq!(load(&f, "amd64").unwrap().len(), 1, "one plan");
         std::fs::write(&f, r#"[[], [["/s/a"]]]"#).unwrap();
-        assert_eq!(load(&f).unwrap().len(), 2, "a list of plans whose first is empty");
+        assert_eq!(load(&f, "amd64").unwrap().len(), 2, "a list of plans whose first is empty");
         // JSON that is no list is a plan's error, not an archive's.
         for text in ["null", "42", "\"x\"", "  ", ""] {
             std::fs::write(&f, text).unwrap();
-            let e = load(&f).unwrap_err().to_string();
+            let e = load(&f, "amd64").unwrap_err().to_string();
             assert!(e.contains("expected a list of") && !e.contains("archive:"), "{text:?}: {e}");
         }
         // A trailing slash is the store path's; the store directory itself
         // or a file inside a store path is no store path.
         std::fs::write(&f, r#"[["/s/a/"]]"#).unwrap();
-        assert_eq!(load(&f).unwrap()[0].layers, vec![vec!["/s/a".to_string()]]);
+        assert_eq!(load(&f, "amd64").unwrap()[0].layers, vec![vec!["/s/a".to_string()]]);
         for text in [r#"[["/s/a", "/s/"]]"#, r#"[["/s/a/bin"]]"#] {
             std::fs::write(&f, text).unwrap();
-            let e = load(&f).unwrap()[0].check_store("/s").unwrap_err().to_string();
+            let e = load(&f, "amd64").unwrap()[0].check_store("/s").unwrap_err().to_string();
             assert!(e.contains("is not a store path (a name right under /s)"), "{text}: {e}");
         }
+    }
+
+    /// A multi-platform image in an OCI layout: index.json names an image
+    /// index, whose linux/`arch` entry is the image.
+    #[test]
+    fn an_image_index_resolves_to_the_platform() {
+        use sha2::{Digest, Sha256};
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("blobs/sha256")).unwrap();
+        let put = |bytes: &[u8]| -> String {
+            let hex = crate::engine::digest::hex(&Sha256::digest(bytes));
+            std::fs::write(dir.path().join("blobs/sha256").join(&hex), bytes).unwrap();
+            format!("sha256:{hex}")
+        };
+        let config =
+            |p: &str| put(json!({"history": [{"comment": format!("store paths: ['{p}']")}]}).to_string().as_bytes());
+        let image = |p: &str| {
+            put(json!({"schemaVersion": 2, "config": {"digest": config(p)}, "layers": []}).to_string().as_bytes())
+        };
+        let entry =
+            |arch: &str, digest: String| json!({"digest": digest, "platform": {"os": "linux", "architecture": arch}});
+        let index = json!({"manifests": [entry("arm64", image("/s/arm")), entry("amd64", image("/s/amd"))]});
+        let index = put(index.to_string().as_bytes());
+        std::fs::write(dir.path().join("index.json"), json!({"manifests": [{"digest": index}]}).to_string()).unwrap();
+        let layers = |arch: &str| load(dir.path(), arch).map(|p| p[0].layers.clone()).map_err(|e| e.to_string());
+        assert_eq!(layers("amd64"), Ok(vec![vec!["/s/amd".to_string()]]));
+        assert_eq!(layers("arm64"), Ok(vec![vec!["/s/arm".to_string()]]));
+        let e = layers("s390x").unwrap_err();
+        assert!(e.contains("its image index has no linux/s390x image"), "{e}");
     }
 
     #[test]
