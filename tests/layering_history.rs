@@ -451,6 +451,30 @@ fn a_malformed_plan_is_named() {
     assert!(err.contains("both read standard input"), "{err}");
 }
 
+/// `-` is a closure graph on standard input (`nix path-info --json
+/// --recursive ... | nixstream layers -`).
+#[test]
+fn a_closure_graph_on_stdin() {
+    let tmp = tempfile::tempdir().unwrap();
+    let graph = graph_file(tmp.path(), "/nix/store");
+    let from_file = run(bin().arg("layers").arg(&graph));
+    let from_stdin = run(bin().args(["layers", "-"]).stdin(std::fs::File::open(&graph).unwrap()));
+    assert_eq!(from_stdin.stdout, from_file.stdout);
+}
+
+#[test]
+#[ignore = "needs nix: run scripts/test"]
+fn a_directory_outside_the_store_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = bin().arg("layers").arg(tmp.path()).output().unwrap();
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("{} is not in the Nix store", tmp.path().display())) && err.lines().count() == 1,
+        "{err}"
+    );
+}
+
 #[test]
 fn the_same_previous_plan_twice_is_refused() {
     let tmp = tempfile::tempdir().unwrap();

@@ -33,7 +33,7 @@ pub(super) fn load_closure(c: &ClosureArgs) -> anyhow::Result<(ClosureGraph, Has
     if let [one] = c.input.as_slice() {
         let p = Path::new(one);
         let in_store = p.parent().and_then(Path::file_name).is_some_and(|d| d == "store");
-        if p.is_file() && !in_store {
+        if (p.is_file() && !in_store) || one == "-" {
             return Ok((ClosureGraph::load(p)?, exclude));
         }
     }

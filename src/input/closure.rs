@@ -24,6 +24,8 @@ pub enum ClosureError {
     Invalid { path: PathBuf, what: String },
     #[error("asking Nix for the closure of {paths} failed: {what}")]
     Nix { paths: String, what: String },
+    #[error("{path} is not in the Nix store ({store}): give a store path, a result link, or a closure graph file (`nix path-info --json --recursive` or exportReferencesGraph; - reads one from stdin)")]
+    NotInStore { path: String, store: String },
 }
 
 /// One store path of the closure.
@@ -44,10 +46,16 @@ pub struct ClosureGraph {
 }
 
 impl ClosureGraph {
-    /// Reads a closure graph file in any of the accepted forms.
+    /// Reads a closure graph file in any of the accepted forms (`-`:
+    /// standard input).
     pub fn load(path: &Path) -> Result<ClosureGraph, ClosureError> {
-        use crate::input::limited::{read_capped, MAX_GRAPH};
-        let bytes = read_capped(path, "closure graph", MAX_GRAPH)?;
+        use crate::input::limited::{read_capped, read_capped_from, MAX_GRAPH};
+        let bytes = match path == Path::new("-") {
+            true => {
+                read_capped_from(std::io::stdin().lock(), Path::new("(standard input)"), "closure graph", MAX_GRAPH)?
+            }
+            false => read_capped(path, "closure graph", MAX_GRAPH)?,
+        };
         let v: Value =
             serde_json::from_slice(&bytes).map_err(|source| ClosureError::Json { path: path.to_path_buf(), source })?;
         ClosureGraph::from_value(&v).map_err(|what| ClosureError::Invalid { path: path.to_path_buf(), what })
@@ -142,6 +150,15 @@ impl ClosureGraph {
             .output()
             .map_err(|e| nix_err(format!("cannot run nix: {e} (is Nix installed?)")))?;
         if !out.status.success() {
+            // Nix reads a path outside the store as a flake: say what it is.
+            let store = std::env::var("NIX_STORE_DIR").unwrap_or_else(|_| "/nix/store".into());
+            let outside = paths.iter().find(|p| {
+                let p = Path::new(p);
+                p.exists() && std::fs::canonicalize(p).is_ok_and(|c| !c.starts_with(&store))
+            });
+            if let Some(p) = outside {
+                return Err(ClosureError::NotInStore { path: p.clone(), store });
+            }
             let err = String::from_utf8_lossy(&out.stderr);
             return Err(nix_err(err.lines().last().unwrap_or("nix path-info failed").to_string()));
         }

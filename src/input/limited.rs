@@ -32,10 +32,15 @@ pub enum LimitedError {
 
 /// The whole of `path` (what it is: `what`), at most `limit` bytes.
 pub fn read_capped(path: &Path, what: &'static str, limit: u64) -> Result<Vec<u8>, LimitedError> {
+    let f = File::open(path).map_err(|source| LimitedError::Read { what, path: path.to_path_buf(), source })?;
+    read_capped_from(f, path, what, limit)
+}
+
+/// The whole of `r` (read from `path`, for messages), at most `limit` bytes.
+pub fn read_capped_from(r: impl Read, path: &Path, what: &'static str, limit: u64) -> Result<Vec<u8>, LimitedError> {
     let err = |source| LimitedError::Read { what, path: path.to_path_buf(), source };
-    let f = File::open(path).map_err(err)?;
     let mut data = Vec::new();
-    f.take(limit + 1).read_to_end(&mut data).map_err(err)?;
+    r.take(limit + 1).read_to_end(&mut data).map_err(err)?;
     if data.len() as u64 > limit {
         return Err(LimitedError::TooLarge { what, path: path.to_path_buf(), limit });
     }
