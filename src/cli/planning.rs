@@ -17,27 +17,32 @@ use crate::planner::{pipeline, stable};
 /// The closure the inputs name (a graph file, or store paths asked of the
 /// local Nix), and the paths `--exclude-paths` leaves out.
 pub(super) fn load_closure(c: &ClosureArgs) -> anyhow::Result<(ClosureGraph, HashSet<String>)> {
+    Ok((load_graph(&c.input)?, load_exclude(c.exclude_paths.as_deref())?))
+}
+
+/// The paths an `--exclude-paths` file names: a JSON list, or a path a line.
+fn load_exclude(file: Option<&Path>) -> anyhow::Result<HashSet<String>> {
     use crate::input::limited::{read_capped_text, MAX_EXCLUDE};
-    let exclude: HashSet<String> = match &c.exclude_paths {
-        None => HashSet::new(),
-        Some(f) => {
-            let text = read_capped_text(f, "--exclude-paths file", MAX_EXCLUDE)?;
-            match serde_json::from_str::<Vec<String>>(&text) {
-                Ok(list) => list.into_iter().collect(),
-                Err(_) => text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect(),
-            }
-        }
-    };
-    // One regular file is a graph, unless it is itself a store path (a
-    // file right in a store directory); anything else names store paths.
-    if let [one] = c.input.as_slice() {
+    let Some(f) = file else { return Ok(HashSet::new()) };
+    let text = read_capped_text(f, "--exclude-paths file", MAX_EXCLUDE)?;
+    Ok(match serde_json::from_str::<Vec<String>>(&text) {
+        Ok(list) => list.into_iter().collect(),
+        Err(_) => text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect(),
+    })
+}
+
+/// The closure `inputs` name.  One regular file (or `-`) is a graph,
+/// unless it is itself a store path (a file right in a store directory);
+/// anything else names store paths.
+fn load_graph(inputs: &[String]) -> anyhow::Result<ClosureGraph> {
+    if let [one] = inputs {
         let p = Path::new(one);
         let in_store = p.parent().and_then(Path::file_name).is_some_and(|d| d == "store");
         if (p.is_file() && !in_store) || one == "-" {
-            return Ok((ClosureGraph::load(p)?, exclude));
+            return Ok(ClosureGraph::load(p)?);
         }
     }
-    Ok((ClosureGraph::from_store(&c.input)?, exclude))
+    Ok(ClosureGraph::from_store(inputs)?)
 }
 
 /// A plan, with what the previous release (if given) let it keep.
@@ -129,6 +134,11 @@ fn joint(
     budget: usize,
     previous: &[Previous],
 ) -> anyhow::Result<(Vec<stable::Planned>, Option<Assigned>)> {
+    anyhow::ensure!(
+        budget >= 2,
+        "--max-layers leaves {budget} layer for the store paths, and planning jointly needs two (the shared paths' and each image's own): raise --max-layers by {}",
+        2 - budget
+    );
     if previous.is_empty() {
         return Ok((stable::plan_joint(graphs, exclude, budget, None)?, None));
     }
@@ -278,7 +288,6 @@ fn choose(
     how: How,
     budget: usize,
     previous: Option<&Previous>,
-    exclude_paths: &Option<PathBuf>,
 ) -> anyhow::Result<stable::Planned> {
     let plain = |layers: Vec<Vec<String>>| stable::Planned { layers, ..Default::default() };
     let planned = match how {
@@ -297,8 +306,7 @@ fn choose(
         How::JointWith(others, previous) => {
             let mut graphs = vec![closure.clone()];
             for other in others {
-                let one = ClosureArgs { input: vec![other.clone()], exclude_paths: exclude_paths.clone() };
-                graphs.push(load_closure(&one)?.0);
+                graphs.push(load_graph(std::slice::from_ref(other))?);
             }
             let names: Vec<String> = std::iter::once("the image".to_string())
                 .chain(others.iter().map(|o| format!("--joint-with {o}")))
@@ -341,7 +349,7 @@ pub(super) fn plan_with(
     let registry = PreviousRegistry { args: &l.access, push: None, architecture: None };
     let previous = single(load_previous(&l.previous, closure, &registry)?)?;
     let allowed = Some(budget.store).filter(|_| !matches!(how, How::AutoLayer(_) | How::Pipeline(_)));
-    let planned = choose(closure, exclude, how, budget.store, previous.as_ref(), &None)?;
+    let planned = choose(closure, exclude, how, budget.store, previous.as_ref())?;
     Ok(Chosen { planned, previous, base_layers: budget.base_layers, allowed })
 }
 
@@ -358,13 +366,10 @@ pub(super) struct Joint {
 pub(super) fn joint_plans(c: &ClosureArgs, l: &LayeringChoice) -> anyhow::Result<Joint> {
     let budget = budget(l.max_layers, l.base.from_image.as_deref())?;
     let mut graphs = Vec::new();
-    let mut exclude = HashSet::new();
     for input in &c.input {
-        let one = ClosureArgs { input: vec![input.clone()], exclude_paths: c.exclude_paths.clone() };
-        let (g, ex) = load_closure(&one)?;
-        graphs.push(g);
-        exclude = ex;
+        graphs.push(load_graph(std::slice::from_ref(input))?);
     }
+    let exclude = load_exclude(c.exclude_paths.as_deref())?;
     distinct(&graphs, &c.input)?;
     let registry = PreviousRegistry { args: &l.access, push: None, architecture: None };
     let previous = match graphs.first() {
@@ -399,6 +404,6 @@ pub(super) fn image_layers(
     let joint_with = Some(&a.joint_with[..]).filter(|j| !j.is_empty()).map(|j| (j, &previous[..]));
     let how = How::of(a.pipeline.as_deref(), a.popularity, a.auto_layer.then_some(budget), joint_with);
     let single_previous = if matches!(how, How::Stable) { single(previous.clone())? } else { None };
-    let layers = choose(closure, exclude, how, budget, single_previous.as_ref(), &a.closure.exclude_paths)?.layers;
+    let layers = choose(closure, exclude, how, budget, single_previous.as_ref())?.layers;
     Ok(layers.into_iter().filter(|l| !l.is_empty()).collect())
 }

@@ -28,6 +28,10 @@ pub enum ClosureError {
     NotInStore { path: String, store: String },
 }
 
+/// The largest `narSize` taken (1 PiB): far above any store path, and
+/// small enough that sums over 2^14 such paths fit in a u64.
+pub const MAX_NAR_SIZE: u64 = 1 << 50;
+
 /// One store path of the closure.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Node {
@@ -97,10 +101,17 @@ impl ClosureGraph {
                 .iter()
                 .map(|r| r.as_str().map(str::to_string).ok_or_else(|| format!("{path}: a reference is not a string")))
                 .collect::<Result<Vec<_>, _>>()?;
+            // Sizes are summed over whole closures: a bound keeps the sums
+            // of even a million paths from overflowing.
             let nar_size = o
                 .get("narSize")
                 .and_then(Value::as_u64)
                 .ok_or_else(|| format!("{path}: \"narSize\" missing or not a non-negative integer"))?;
+            if nar_size > MAX_NAR_SIZE {
+                return Err(format!(
+                    "{path}: \"narSize\" {nar_size} is larger than any store path (at most {MAX_NAR_SIZE})"
+                ));
+            }
             let closure_size = o.get("closureSize").and_then(Value::as_u64);
             let nar_hash = o.get("narHash").and_then(Value::as_str).map(str::to_string);
             nodes.push(Node { path: path.to_string(), references: refs, nar_size, closure_size, nar_hash });
@@ -213,6 +224,9 @@ mod tests {
         assert!(e.contains("/s/x") && e.contains("incomplete"), "{e}");
         let e = ClosureGraph::from_value(&json!({"graph": [{"path": "/s/a", "references": []}]})).unwrap_err();
         assert!(e.contains("narSize"), "{e}");
+        let huge = json!({"graph": [{"path": "/s/a", "references": [], "narSize": u64::MAX}]});
+        let e = ClosureGraph::from_value(&huge).unwrap_err();
+        assert!(e.contains("is larger than any store path"), "{e}");
         let e = ClosureGraph::from_value(&json!({"/s/a": null})).unwrap_err();
         assert!(e.contains("not valid"), "{e}");
     }

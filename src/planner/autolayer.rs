@@ -44,6 +44,22 @@ fn closure_of(starts: &[u32], adj: &[Vec<u32>], mark: &mut [u32], stamp: u32, ou
 /// Splits the closure into at most `limit` layers (fewer when the closure is
 /// small); `ignore` paths are left out of the result (but still shape it).
 pub fn auto_layer(graph: &ClosureGraph, ignore: &HashSet<String>, limit: usize) -> Vec<Vec<String>> {
+    auto_layer_parts(graph, ignore, limit).layers
+}
+
+/// Auto-layer's layers, and which of them holds what no primary path
+/// claims (the roots that are no primary path, with what only they use).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AutoLayers {
+    pub layers: Vec<Vec<String>>,
+    /// The index in `layers` of the unclaimed paths' layer, if any is left
+    /// (none when every path became a primary path).
+    pub unclaimed: Option<usize>,
+}
+
+/// [`auto_layer`], saying which layer is the unclaimed one: with a single
+/// root it is the last (its closure is the whole), with several not always.
+pub fn auto_layer_parts(graph: &ClosureGraph, ignore: &HashSet<String>, limit: usize) -> AutoLayers {
     let n = graph.nodes.len();
     let index = graph.index();
     let refs: Vec<Vec<u32>> =
@@ -120,25 +136,31 @@ pub fn auto_layer(graph: &ClosureGraph, ignore: &HashSet<String>, limit: usize) 
     }
     let mut mark = vec![u32::MAX; n];
     let mut buf = Vec::new();
-    let mut layers: Vec<(u64, Vec<&str>)> = groups
-        .into_values()
+    let mut layers: Vec<(u64, Vec<&str>, bool)> = groups
+        .into_iter()
         .enumerate()
-        .map(|(k, members)| {
+        .map(|(k, (id, members))| {
             closure_of(&members, &refs, &mut mark, k as u32, &mut buf);
             let closure_size: u64 = buf.iter().map(|&v| graph.nodes[v as usize].nar_size).sum();
             let mut paths: Vec<&str> = members.iter().map(|&i| graph.nodes[i as usize].path.as_str()).collect();
             paths.sort_by(|a, b| path_key(a).cmp(&path_key(b)));
-            (closure_size, paths)
+            (closure_size, paths, id.is_empty())
         })
         .collect();
     layers.sort_by(|a, b| {
         a.0.cmp(&b.0).then_with(|| a.1.iter().map(|p| path_key(p)).cmp(b.1.iter().map(|p| path_key(p))))
     });
-    layers
-        .into_iter()
-        .map(|(_, paths)| paths.into_iter().filter(|p| !ignore.contains(*p)).map(str::to_string).collect::<Vec<_>>())
-        .filter(|l| !l.is_empty())
-        .collect()
+    let mut out = AutoLayers { layers: Vec::with_capacity(layers.len()), unclaimed: None };
+    for (_, paths, unclaimed) in layers {
+        let kept: Vec<String> = paths.into_iter().filter(|p| !ignore.contains(*p)).map(str::to_string).collect();
+        if !kept.is_empty() {
+            if unclaimed {
+                out.unclaimed = Some(out.layers.len());
+            }
+            out.layers.push(kept);
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -58,7 +58,12 @@ pub fn compare(new: &[Vec<String>], old: &[Vec<String>], size: &HashMap<&str, u6
             pulled: i >= first_diff,
         })
         .collect();
-    let changed = new.iter().flatten().filter(|p| !old_paths.contains(p.as_str())).map(|p| size[p.as_str()]).sum();
+    let changed = new
+        .iter()
+        .flatten()
+        .filter(|p| !old_paths.contains(p.as_str()))
+        .map(|p| size.get(p.as_str()).copied().unwrap_or(0))
+        .sum();
     Comparison {
         pushed: layers.iter().filter(|l| !l.reused).map(|l| l.bytes).sum(),
         pulled: layers.iter().filter(|l| l.pulled).map(|l| l.bytes).sum(),

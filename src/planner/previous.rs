@@ -276,7 +276,7 @@ fn looks_like_tar(head: &[u8]) -> bool {
 /// A list of lists of store paths, each path once.
 pub fn plan_from_json(v: &Value) -> Result<Vec<Vec<String>>, String> {
     let outer = v.as_array().ok_or("expected a list of layers (lists of store paths)")?;
-    let mut seen = HashSet::new();
+    let mut seen: HashMap<String, usize> = HashMap::new();
     let mut layers = Vec::with_capacity(outer.len());
     for (i, l) in outer.iter().enumerate() {
         let items = l.as_array().ok_or_else(|| format!("layer {}: expected a list of store paths", i + 1))?;
@@ -288,8 +288,10 @@ pub fn plan_from_json(v: &Value) -> Result<Vec<Vec<String>>, String> {
             }
             // `/nix/store/...-app/`, as a shell completes it, is the store path.
             let p = if p.len() > 1 { p.trim_end_matches('/') } else { p };
-            if !seen.insert(p.to_string()) {
-                return Err(format!("layer {}: {p} is already in an earlier layer", i + 1));
+            if let Some(j) = seen.insert(p.to_string(), i) {
+                let where_ =
+                    if j == i { "twice in this layer".to_string() } else { format!("already in layer {}", j + 1) };
+                return Err(format!("layer {}: {p} is {where_}", i + 1));
             }
             layer.push(p.to_string());
         }
@@ -449,11 +451,17 @@ fn from_history(config: &Value, path: &Path) -> Previous {
             .and_then(parse_py_str_list)
             .filter(|ps| !ps.is_empty() && ps.iter().all(|p| p.starts_with('/')));
         match paths {
-            // A customisation layer names a directory, once; a store
-            // layer's paths are in no other layer.
+            // A store layer's paths are in no other layer: one naming a
+            // path again is not a store layer.
             Some(ps) if ps.iter().all(|p| seen.insert(p.clone())) => layers.push(ps),
             _ => other += 1,
         }
+    }
+    // nixpkgs names its customisation layer as the store path it was built
+    // in (`...-NAME-customisation-layer`), last: no closure path.
+    if layers.last().is_some_and(|l| matches!(&l[..], [p] if p.ends_with("-customisation-layer"))) {
+        layers.pop();
+        other += 1;
     }
     Previous { source: path.to_path_buf(), layers, other_layers: other, from_image: true }
 }
@@ -544,7 +552,9 @@ mod tests {
         let e = plan_from_json(&json!({"a": 1})).unwrap_err();
         assert!(e.contains("expected a list of layers"), "{e}");
         let e = plan_from_json(&json!([["/s/a"], ["/s/a"]])).unwrap_err();
-        assert!(e.contains("layer 2: /s/a is already in an earlier layer"), "{e}");
+        assert!(e.contains("layer 2: /s/a is already in layer 1"), "{e}");
+        let e = plan_from_json(&json!([["/s/a", "/s/a"]])).unwrap_err();
+        assert!(e.contains("layer 1: /s/a is twice in this layer"), "{e}");
         let e = plan_from_json(&json!([["/s/a", 3]])).unwrap_err();
         assert!(e.contains("layer 1: 3 is not a string"), "{e}");
         let e = plan_from_json(&json!([["rel"]])).unwrap_err();
@@ -582,6 +592,18 @@ mod tests {
             let e = load(&f, "amd64").unwrap()[0].check_store("/s").unwrap_err().to_string();
             assert!(e.contains("is not a store path (a name right under /s)"), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn nixpkgs_customisation_layer_is_no_store_layer() {
+        let config = json!({"history": [
+            {"comment": "store paths: ['/nix/store/a-lib']"},
+            {"comment": "store paths: ['/nix/store/b-app']"},
+            {"comment": "store paths: ['/nix/store/c-app-customisation-layer']"},
+        ]});
+        let p = from_config("old.tar", config.to_string().as_bytes()).unwrap();
+        assert_eq!(p.layers, vec![vec!["/nix/store/a-lib".to_string()], vec!["/nix/store/b-app".to_string()]]);
+        assert_eq!(p.other_layers, 1);
     }
 
     /// A multi-platform image in an OCI layout: index.json names an image

@@ -35,13 +35,16 @@
 //! is kept, with its paths in their order, in its previous order at the
 //! bottom; the rest of the closure is planned above in the layers left.
 //! When fewer layers are left than the rest deserves (its share of the
-//! budget by bytes, and at least two, so a new top stays apart), the
-//! smallest kept layers are let go: a few bytes sent again now buy a plan
-//! that keeps paying.  They may still come out whole, and so be reused,
-//! above; the result says so in its notes.
+//! budget by bytes, and at least two, so a new top stays apart), kept
+//! layers above the first broken one are let go, smallest first (a host
+//! pulls them anyway), then the topmost kept layers (the least pulled
+//! again): a few bytes sent again now buy a plan that keeps paying.  They
+//! may still come out whole, and so be reused, above; the result says so
+//! in its notes.
 //!
 //! [`plan_joint`] plans several images at once: the paths all of them share
-//! are planned once, as the same bottom layers of every image.
+//! are planned once, as the same bottom layers of every image, whatever the
+//! order the images come in.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
@@ -50,7 +53,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::input::closure::ClosureGraph;
-use crate::planner::autolayer::auto_layer;
+use crate::planner::autolayer::{auto_layer_parts, AutoLayers};
 
 /// Sketch size: closure counts are exact up to this many paths.
 pub const K: usize = 64;
@@ -469,6 +472,15 @@ fn indices(index: &HashMap<&str, u32>, layer: &[String]) -> Vec<u32> {
     layer.iter().map(|p| index[p.as_str()]).collect()
 }
 
+/// Auto-layer's layers without the one of what no large path claims, and
+/// that one: the last when every path became a large path's (with one
+/// root, the root's closure is the whole, so its layer comes last).
+fn unclaimed_apart(mut parts: AutoLayers) -> Option<(Vec<Vec<String>>, Vec<String>)> {
+    let at = parts.unclaimed.or(parts.layers.len().checked_sub(1))?;
+    let rest = parts.layers.remove(at);
+    Some((parts.layers, rest))
+}
+
 /// A plan made afresh.  Auto-layer's grouping hangs layers on the largest
 /// paths, which a small change of the closure leaves alone, so it is
 /// planned with half the budget; the layer it leaves for what no large
@@ -485,9 +497,9 @@ fn fresh(
     exclude: &HashSet<String>,
     budget: usize,
 ) -> Vec<Group> {
-    let mut skeleton = auto_layer(graph, exclude, budget - budget / 2);
-    // Layers go by closure size: the last holds what no large path claims.
-    let Some(top) = skeleton.pop() else { return Vec::new() };
+    let Some((skeleton, top)) = unclaimed_apart(auto_layer_parts(graph, exclude, budget - budget / 2)) else {
+        return Vec::new();
+    };
     let slots = budget - skeleton.len();
     // The large paths' layers keep auto-layer's order (by closure size),
     // which a small change leaves as it is; a host pulls every layer above
@@ -542,8 +554,11 @@ fn split_top(
         })
         .collect();
     let limit = slots - if apart { roots.len() } else { 0 };
-    let mut inner = auto_layer(&ClosureGraph { nodes }, &HashSet::new(), limit - limit / 2);
-    let unclaimed = if limit / 2 > 0 { inner.pop() } else { None };
+    let parts = auto_layer_parts(&ClosureGraph { nodes }, &HashSet::new(), limit - limit / 2);
+    let (inner, unclaimed) = match limit / 2 {
+        0 => (parts.layers, None),
+        _ => unclaimed_apart(parts).map_or((Vec::new(), None), |(inner, rest)| (inner, Some(rest))),
+    };
     let free = limit - inner.len();
     let mut out: Vec<Group> = inner.iter().map(|l| group_of(g, indices(index, l), false)).collect();
     if let Some(rest) = unclaimed {
@@ -742,6 +757,9 @@ pub fn plan_joint(
             }
         }
     }
+    // Auto-layer breaks ties by the graph's order: in path order, the
+    // shared layers are the same whichever image is named first.
+    union.nodes.sort_by(|a, b| a.path.cmp(&b.path));
     let shared: HashSet<&str> =
         holders.iter().filter(|(p, &n)| n == graphs.len() && !exclude.contains(*p)).map(|(p, _)| p.as_str()).collect();
     let size: HashMap<&str, u64> = union.nodes.iter().map(|n| (n.path.as_str(), n.nar_size)).collect();
@@ -771,14 +789,17 @@ pub fn plan_joint(
     };
     let mut not_shared: HashSet<String> = exclude.clone();
     not_shared.extend(union.nodes.iter().filter(|n| !shared.contains(n.path.as_str())).map(|n| n.path.clone()));
-    // Previous layers every image that has a previous plan had are the
-    // shared part's (an image new to the group has none); the others are
-    // each image's own.
+    // Previous layers every image that has a previous plan had, all of
+    // whose paths every image still holds, are the shared part's (an image
+    // new to the group has none); the others are each image's own.
     let in_all: Vec<Vec<String>> = match previous {
         Some(prev) => {
             let given: Vec<&Vec<Vec<String>>> = prev.iter().filter(|p| !p.is_empty()).collect();
+            let still_shared = |l: &&Vec<String>| l.iter().all(|p| shared.contains(p.as_str()));
             match given.split_first() {
-                Some((first, rest)) => first.iter().filter(|l| rest.iter().all(|p| p.contains(l))).cloned().collect(),
+                Some((first, rest)) => {
+                    first.iter().filter(|l| rest.iter().all(|p| p.contains(l))).filter(still_shared).cloned().collect()
+                }
                 None => Vec::new(),
             }
         }
@@ -803,7 +824,9 @@ pub fn plan_joint(
         // Kept layers count from the bottom: the image's own only when every
         // shared layer was kept too.
         let kept = bottom.kept + if bottom.kept == bottom.layers.len() { top.kept } else { 0 };
-        let mut notes: Vec<String> = bottom.notes.iter().map(|n| format!("shared layers: {n}")).collect();
+        // The shared part's notes once, with the first image's.
+        let shared_notes = bottom.notes.iter().filter(|_| i == 0);
+        let mut notes: Vec<String> = shared_notes.map(|n| format!("shared layers: {n}")).collect();
         notes.extend(top.notes.iter().map(|n| format!("image {}: {n}", i + 1)));
         out.push(Planned { layers, kept, notes });
     }
@@ -943,7 +966,11 @@ mod tests {
             assert!(after.len() <= budget);
             assert_eq!(after.last().unwrap(), &["/s/a0-app"], "{budget}: {after:?}");
             let unclaimed: HashSet<String> =
-                auto_layer(&two, &HashSet::new(), budget - budget / 2).pop().unwrap().into_iter().collect();
+                crate::planner::autolayer::auto_layer(&two, &HashSet::new(), budget - budget / 2)
+                    .pop()
+                    .unwrap()
+                    .into_iter()
+                    .collect();
             assert!(unclaimed.contains("/s/x0-extra0") && unclaimed.contains("/s/a0-app"));
             let own = |p: &String| unclaimed.contains(p);
             for layer in before.iter().filter(|l| !l.iter().any(own)) {
@@ -1191,5 +1218,78 @@ mod tests {
         assert!(kept_shared * 2 > shared, "{kept_shared} of {shared} shared layers kept: {:?}", next3[1].notes);
         let err = plan_joint(&[a2, b], &HashSet::new(), budget, Some(&previous[..1])).unwrap_err();
         assert_eq!(err, StableError::JointPrevious { images: 2, plans: 1 });
+    }
+
+    /// Two roots (`nixstream image ./app /nix/store/...-tool`): the layer
+    /// split for the application's part is the one of what no large path
+    /// claims, not the large tool's, which auto-layer orders last.
+    #[test]
+    fn with_two_roots_the_application_part_is_split() {
+        let mut nodes = vec![node("l0-libc", &[], 2_000_000), node("t0-tool", &["l0-libc"], 50_000_000)];
+        let mut app_refs = vec!["l0-libc".to_string()];
+        for i in 0..11u64 {
+            let p = format!("p{i}-priv{i}");
+            nodes.push(node(&p, &["l0-libc"], 10_000 + 1_000 * i));
+            app_refs.push(p);
+        }
+        let refs: Vec<&str> = app_refs.iter().map(String::as_str).collect();
+        nodes.push(node("a0-app", &refs, 100));
+        let g = ClosureGraph { nodes };
+        let p = plan(&g, &HashSet::new(), 8, None).unwrap();
+        every_path_once(&g, &p.layers);
+        assert!(p.layers.len() <= 8);
+        assert!(p.layers.contains(&vec!["/s/a0-app".to_string()]), "the application apart: {:?}", p.layers);
+        let with_priv = p.layers.iter().filter(|l| l.iter().any(|x| x.contains("-priv"))).count();
+        assert!(with_priv > 1, "its private dependencies in more than one layer: {:?}", p.layers);
+    }
+
+    /// Random pairs of closures on a common base, with sizes drawn from a
+    /// few values so that ties are common: the shared layers are the same
+    /// whichever image is named first, and the same whether or not the
+    /// other image has a previous plan.
+    #[test]
+    fn joint_plans_do_not_depend_on_the_order_of_the_images() {
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for case in 0..200 {
+            let shared_count = 2 + next(6) as usize;
+            let mut base: Vec<crate::input::closure::Node> = Vec::new();
+            for i in 0..shared_count {
+                let refs: Vec<String> = (0..i).filter(|_| next(3) == 0).map(|j| format!("s{j}-lib{j}")).collect();
+                let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
+                base.push(node(&format!("s{i}-lib{i}"), &refs, 100 * (1 + next(3))));
+            }
+            let image = |name: &str, own: usize, next: &mut dyn FnMut(u64) -> u64| {
+                let mut nodes = base.clone();
+                let mut top: Vec<String> = (0..shared_count).map(|j| format!("s{j}-lib{j}")).collect();
+                for k in 0..own {
+                    let p = format!("o{k}-{name}own{k}");
+                    let j = next(shared_count as u64);
+                    let dep = format!("s{j}-lib{j}");
+                    nodes.push(node(&p, &[dep.as_str()], 100 * (1 + next(3))));
+                    top.push(p);
+                }
+                let refs: Vec<&str> = top.iter().map(String::as_str).collect();
+                nodes.push(node(&format!("r0-{name}"), &refs, 10));
+                ClosureGraph { nodes }
+            };
+            let a = image("a", 1 + next(4) as usize, &mut next);
+            let b = image("b", 1 + next(4) as usize, &mut next);
+            let budget = 3 + next(6) as usize;
+            let ab = plan_joint(&[a.clone(), b.clone()], &HashSet::new(), budget, None).unwrap();
+            let ba = plan_joint(&[b.clone(), a.clone()], &HashSet::new(), budget, None).unwrap();
+            assert_eq!(ab[0].layers, ba[1].layers, "case {case}: a");
+            assert_eq!(ab[1].layers, ba[0].layers, "case {case}: b");
+            // On a's previous plan only, a's own layers are kept too.
+            let prev = [ab[0].layers.clone(), Vec::new()];
+            let again = plan_joint(&[a.clone(), b.clone()], &HashSet::new(), budget, Some(&prev)).unwrap();
+            assert_eq!(again[0].layers, ab[0].layers, "case {case}: a on its own previous plan");
+            assert_eq!(again[0].kept, ab[0].layers.len(), "case {case}");
+        }
     }
 }
