@@ -101,6 +101,9 @@ fn truncated_base() {
 fn base_without_manifest() {
     let layer = tar_of(&[("x", b"y")]);
     fails_with_base(&tar_of(&[("l/layer.tar", &layer)]), &["no member \"manifest.json\""]);
+    // An oci-archive: what a base is, and how to make one.
+    let oci = tar_of(&[("oci-layout", b"{}"), ("index.json", br#"{"manifests": []}"#)]);
+    fails_with_base(&oci, &["an oci-archive: a base image is a docker-archive (`skopeo copy oci-archive:"]);
 }
 
 #[test]

@@ -490,6 +490,12 @@ fn the_same_previous_plan_twice_is_refused() {
     std::fs::write(&other, serde_json::to_vec(&svc).unwrap()).unwrap();
     let prev = tmp.path().join("prev.json");
     std::fs::write(&prev, r#"[["/nix/store/bbb-lib"], ["/nix/store/aaa-app"]]"#).unwrap();
+    let out = bin().args(["layers", "--joint", "--max-layers", "2"]).arg(&graph).arg(&other).output().unwrap();
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("--max-layers leaves 1 layer for the store paths") && err.contains("raise --max-layers by 1"),
+        "{err}"
+    );
     let out = bin()
         .args(["plan", "--joint"])
         .arg(&graph)

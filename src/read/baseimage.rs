@@ -195,7 +195,14 @@ impl BaseImage {
         let invalid = |what: String| BaseError::Invalid { path: path.to_path_buf(), what };
         let missing = |member: &str| BaseError::MissingMember { path: path.to_path_buf(), member: member.to_string() };
 
-        let manifest_m = first.find("manifest.json").ok_or_else(|| missing("manifest.json"))?;
+        let manifest_m = match first.find("manifest.json") {
+            Some(m) => m,
+            None if first.find("index.json").is_some() => {
+                let p = path.display();
+                return Err(invalid(format!("an oci-archive: a base image is a docker-archive (`skopeo copy oci-archive:{p} docker-archive:BASE.tar` makes one)")));
+            }
+            None => return Err(missing("manifest.json")),
+        };
         let manifest = read_bytes(path, compression, manifest_m, crate::read::manifest::MAX_MANIFEST)?;
         let images = parse_docker_manifest(&manifest).map_err(|e| invalid(format!("manifest.json: {e}")))?;
         if images.len() != 1 {
