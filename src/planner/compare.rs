@@ -14,9 +14,8 @@
 use std::collections::{HashMap, HashSet};
 
 /// One layer of the new plan.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayerCost {
-    pub paths: usize,
     pub bytes: u64,
     /// The previous plan has this very layer: not pushed.
     pub reused: bool,
@@ -24,7 +23,7 @@ pub struct LayerCost {
     pub pulled: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Comparison {
     pub layers: Vec<LayerCost>,
     pub pushed: u64,
@@ -52,7 +51,6 @@ pub fn compare(new: &[Vec<String>], old: &[Vec<String>], size: &HashMap<&str, u6
         .iter()
         .enumerate()
         .map(|(i, l)| LayerCost {
-            paths: l.len(),
             bytes: bytes(l),
             reused: old_layers.contains(l.as_slice()),
             pulled: i >= first_diff,
