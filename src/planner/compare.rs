@@ -50,11 +50,7 @@ pub fn compare(new: &[Vec<String>], old: &[Vec<String>], size: &HashMap<&str, u6
     let layers: Vec<LayerCost> = new
         .iter()
         .enumerate()
-        .map(|(i, l)| LayerCost {
-            bytes: bytes(l),
-            reused: old_layers.contains(l.as_slice()),
-            pulled: i >= first_diff,
-        })
+        .map(|(i, l)| LayerCost { bytes: bytes(l), reused: old_layers.contains(l.as_slice()), pulled: i >= first_diff })
         .collect();
     let changed = new
         .iter()
