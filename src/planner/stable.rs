@@ -35,7 +35,7 @@
 //! is kept, with its paths in their order, in its previous order at the
 //! bottom; the rest of the closure is planned above in the layers left.
 //! When fewer layers are left than the rest deserves (its share of the
-//! budget by bytes, and at least two, so a new top stays apart), kept
+//! budget by bytes, and enough that new roots stay apart), kept
 //! layers above the first broken one are let go, smallest first (a host
 //! pulls them anyway), then the topmost kept layers (the least pulled
 //! again): a few bytes sent again now buy a plan that keeps paying.  They
@@ -645,8 +645,8 @@ pub fn plan(
         (0..g.paths.len() as u32).filter(|&v| wanted(g.paths[v as usize]) && !in_kept.contains(&v)).collect();
 
     // Room for what is not kept.  It deserves its share of the budget by
-    // bytes, and at least two layers when a new top can stand apart from
-    // the rest (see [`apart`]): kept layers above the first broken one are
+    // bytes, and a layer per new root and one more when they can stand
+    // apart from the rest (see [`apart`]): kept layers above the first broken one are
     // let go for that (a host pulls them anyway), smallest first, then the
     // topmost kept layers (the least pulled again).  And it needs one layer
     // at the very least.
@@ -656,7 +656,8 @@ pub fn plan(
         let total = pool_bytes + kept.iter().map(|k| k.size).sum::<u64>();
         let share = (budget as f64 * pool_bytes as f64 / total.max(1) as f64).round() as usize;
         let roots = pool.iter().filter(|&&v| g.root[v as usize]).count();
-        let least = if roots > 0 && roots * 4 <= budget { 2 } else { 1 };
+        // Standing apart takes a layer per root and one for the rest.
+        let least = if roots > 0 && roots * 4 <= budget { roots + usize::from(pool.len() > roots) } else { 1 };
         let want = pool.len().min(share.max(least)).min(budget);
         let free = budget.saturating_sub(kept.len());
         // Layers let go need a layer too, so more kept layers than the
@@ -1291,5 +1292,34 @@ mod tests {
             assert_eq!(again[0].layers, ab[0].layers, "case {case}: a on its own previous plan");
             assert_eq!(again[0].kept, ab[0].layers.len(), "case {case}");
         }
+    }
+
+    /// Two roots released together on a full previous plan: room is made
+    /// for each to stand apart from their changed dependency.
+    #[test]
+    fn two_changed_roots_get_a_layer_each() {
+        let libs = ["l1-lib1", "l2-lib2", "l3-lib3", "l4-lib4", "l5-lib5"];
+        let release = |v: u32| {
+            let mut nodes = vec![node("l0-libc", &[], 2_000_000)];
+            nodes.extend(libs.iter().map(|l| node(l, &["l0-libc"], 500_000)));
+            let p = format!("p{v}-priv");
+            nodes.push(node(&p, &["l0-libc"], 50_000));
+            let mut refs: Vec<&str> = libs.to_vec();
+            refs.push(&p);
+            nodes.push(node(&format!("a{v}-app"), &refs, 1_000));
+            nodes.push(node(&format!("b{v}-tool"), &refs, 1_000));
+            ClosureGraph { nodes }
+        };
+        let s = |p: &str| format!("/s/{p}");
+        let mut previous: Vec<Vec<String>> = vec![vec![s("l0-libc")]];
+        previous.extend(libs.iter().map(|l| vec![s(l)]));
+        previous.push(vec![s("p0-priv")]);
+        previous.push(vec![s("a0-app"), s("b0-tool")]);
+        let g = release(1);
+        let p = plan(&g, &HashSet::new(), 8, Some(&previous)).unwrap();
+        every_path_once(&g, &p.layers);
+        assert!(p.layers.len() <= 8);
+        let n = p.layers.len();
+        assert_eq!(p.layers[n - 2..], [vec![s("a1-app")], vec![s("b1-tool")]], "{:?}", p.layers);
     }
 }
