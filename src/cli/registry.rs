@@ -33,6 +33,7 @@ impl RegistryAccess {
             cert_dir: self.cert_dir.clone(),
             credentials,
             pull_repositories: Vec::new(),
+            answer_timeout: None,
         })
     }
 }

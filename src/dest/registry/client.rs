@@ -35,6 +35,9 @@ pub struct ClientOptions {
     pub credentials: Option<Credentials>,
     /// Repositories of the same registry to ask pull access for (mounts).
     pub pull_repositories: Vec<String>,
+    /// How long a `GET` or `HEAD` waits for each read of its answer
+    /// (`None`: [`ANSWER_TIMEOUT`]).
+    pub answer_timeout: Option<Duration>,
 }
 
 /// A request body.
@@ -84,6 +87,7 @@ pub struct Client {
     pull_repositories: Vec<String>,
     insecure: bool,
     loopback: bool,
+    answer_timeout: Duration,
     auth: Mutex<AuthState>,
     /// Bumped on every (re)authentication, so concurrent 401s refresh once.
     auth_generation: Mutex<u64>,
@@ -98,6 +102,15 @@ impl std::fmt::Debug for Client {
 /// The most of a response body read: manifests and error documents are
 /// small; the OCI spec lets registries refuse manifests over 4 MiB.
 const BODY_LIMIT: u64 = 8 << 20;
+
+/// How long a `GET` or `HEAD` waits for each read of its answer: these ask
+/// for small documents, so a registry silent this long is down or hung,
+/// and saying so beats waiting (nor is the request tried again).
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The same for every other request: a registry may take minutes to
+/// answer the `PUT` that completes a large blob (moving it into storage).
+const SLOW_ANSWER: Duration = Duration::from_secs(300);
 
 impl Client {
     /// Connects to the registry of `reference` (HTTPS, or plain HTTP where
@@ -119,7 +132,7 @@ impl Client {
             .max_redirects_will_error(false)
             .user_agent(concat!("nixstream/", env!("CARGO_PKG_VERSION")))
             .timeout_connect(Some(Duration::from_secs(20)))
-            .timeout_per_read(Some(Duration::from_secs(300)))
+            .timeout_per_read(Some(SLOW_ANSWER))
             .timeout_per_write(Some(Duration::from_secs(300)))
             .tls_config(tls)
             .build();
@@ -133,6 +146,7 @@ impl Client {
             pull_repositories: opts.pull_repositories.clone(),
             insecure: opts.insecure,
             loopback: reference.is_loopback(),
+            answer_timeout: opts.answer_timeout.unwrap_or(ANSWER_TIMEOUT),
             auth: Mutex::new(AuthState::None),
             auth_generation: Mutex::new(0),
         };
@@ -275,8 +289,13 @@ impl Client {
                 AuthState::Bearer(token) => req = req.header("Authorization", format!("Bearer {}", token.expose())),
             }
         }
-        let transport = |e: ureq::Error| self.transport_error(what, e);
+        let quick = method == Method::GET || method == Method::HEAD;
+        let transport = |e: ureq::Error| self.transport_error(what, quick, e);
         let result = match body {
+            Body::Empty if quick => {
+                let r = req.body(()).map_err(|e| self.protocol(what, e.to_string()))?;
+                self.agent.run(self.agent.configure_request(r).timeout_per_read(Some(self.answer_timeout)).build())
+            }
             Body::Empty => {
                 let r = req.body(()).map_err(|e| self.protocol(what, e.to_string()))?;
                 self.agent.run(r)
@@ -381,7 +400,7 @@ impl Client {
         let mut scopes = vec![format!("repository:{}:pull,push", self.repository)];
         scopes.extend(self.pull_repositories.iter().map(|r| format!("repository:{r}:pull")));
         let what = "token request";
-        let map_t = |e: ureq::Error| self.transport_error(what, e);
+        let map_t = |e: ureq::Error| self.transport_error(what, false, e);
         let mut resp = match &self.credentials {
             Some(Credentials::IdentityToken(t)) => {
                 let mut form: Vec<(&str, &str)> =
@@ -461,22 +480,30 @@ impl Client {
         }
     }
 
-    fn transport_error(&self, what: &str, e: ureq::Error) -> RegistryError {
+    /// `quick`: the request waited `answer_timeout` for each read.
+    fn transport_error(&self, what: &str, quick: bool, e: ureq::Error) -> RegistryError {
         let text = e.to_string();
         // A name that does not resolve, or a certificate refused, is the
-        // same on the next try.
+        // same on the next try; a registry silent on a small request is
+        // down or hung, and trying again would only wait as long again.
         let lookup = matches!(e, ureq::Error::HostNotFound) || text.contains("failed to lookup address");
         let certificate = text.contains("certificate");
         let garbled = matches!(&e, ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::InvalidData);
+        let timeout = matches!(e, ureq::Error::Timeout(_));
         let retryable = !lookup
             && !certificate
             && !garbled
+            && (!timeout || !quick)
             && matches!(
                 e,
                 ureq::Error::Io(_) | ureq::Error::Timeout(_) | ureq::Error::ConnectionFailed | ureq::Error::Protocol(_)
             );
         let why = if lookup {
             "host not found".to_string()
+        } else if timeout && quick {
+            format!("no answer within {} s (is the registry up?)", self.answer_timeout.as_secs_f64())
+        } else if timeout {
+            format!("{text} (no answer within {} s)", SLOW_ANSWER.as_secs())
         } else if certificate {
             format!("TLS: {} (a private CA goes in --cert-dir)", text.trim_start_matches("io: "))
         } else if matches!(e, ureq::Error::ConnectionFailed) {

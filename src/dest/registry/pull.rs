@@ -129,7 +129,10 @@ pub fn fetch_image(
             .manifests
             .iter()
             .find(|e| e.platform.as_ref().is_some_and(|p| p.os == "linux" && p.architecture == arch))
-            .ok_or_else(|| bad(format!("an index with no linux/{arch} image")))?;
+            .ok_or_else(|| RegistryError::Protocol {
+                registry: c.registry().into(),
+                what: format!("its image index has no linux/{arch} image (--architecture picks another)"),
+            })?;
         let digest = entry.digest.clone();
         body = get(&c, &c.repo_path(&format!("manifests/{digest}")), &headers, &what_m)?.body;
         if sha256_of(&body) != digest {
@@ -222,7 +225,7 @@ mod tests {
         let got = fetch_image(&at(":multi"), &opts, "--previous", "amd64").unwrap();
         assert_eq!(got.config, config);
         let e = fetch_image(&at(":multi"), &opts, "--previous", "arm64").unwrap_err().to_string();
-        assert!(e.contains("no linux/arm64 image"), "{e}");
+        assert!(e.ends_with(": its image index has no linux/arm64 image (--architecture picks another)"), "{e}");
         // A tag that names nothing is no error; anything else missing is.
         let e = fetch_image(&at(":nothing"), &opts, "--previous", "amd64").unwrap_err();
         assert!(matches!(e, RegistryError::NoSuchImage { .. }), "{e}");
@@ -232,5 +235,26 @@ mod tests {
         let absent = format!("@sha256:{}", "2".repeat(64));
         let e = fetch_image(&at(&absent), &opts, "--previous", "amd64").unwrap_err();
         assert!(matches!(e, RegistryError::Status { status: 404, .. }), "{e}");
+    }
+
+    /// A registry that takes the connection and never answers: an error
+    /// within the answer timeout (twice: HTTPS, then plain HTTP on
+    /// loopback), not a wait of minutes.
+    #[test]
+    fn a_registry_that_never_answers_is_an_error_soon() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for s in listener.incoming() {
+                held.push(s);
+            }
+        });
+        let from = Reference::parse(&format!("docker://127.0.0.1:{port}/r:1")).unwrap();
+        let opts = ClientOptions { answer_timeout: Some(Duration::from_millis(500)), ..Default::default() };
+        let started = std::time::Instant::now();
+        let e = fetch_image(&from, &opts, "--previous", "amd64").unwrap_err().to_string();
+        assert!(e.contains("GET /v2/: no answer within 0.5 s (is the registry up?)"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
     }
 }
