@@ -271,6 +271,23 @@ fn layer_store_paths(archive: &[u8]) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// Without `--tag`, the image is named after the store path, also when
+/// the input is a link to it (`./result`), not after the link.
+#[test]
+#[ignore = "needs nix: run scripts/test"]
+fn the_default_name_is_the_store_paths_through_a_result_link() {
+    let (app, _) = closure();
+    let tmp = tempfile::tempdir().unwrap();
+    let link = tmp.path().join("result");
+    std::os::unix::fs::symlink(app, &link).unwrap();
+    let name = app.file_name().unwrap().to_str().unwrap().split_once('-').unwrap().1.to_lowercase();
+    for input in [app.as_path(), link.as_path()] {
+        let out = run(common::bin().env("NIX_REMOTE", "local").args(["image", "-q"]).arg(input));
+        let archive = common::validate(&out.stdout);
+        assert_eq!(archive.manifest[0]["RepoTags"][0], format!("{name}:latest"), "{}", input.display());
+    }
+}
+
 #[test]
 #[ignore = "needs docker, skopeo, umoci, podman and nix: run scripts/test"]
 fn nixstream_image_from_a_store_path() {

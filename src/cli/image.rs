@@ -23,7 +23,12 @@ pub(super) fn image(a: &ImageArgs) -> anyhow::Result<()> {
     };
     let tag = a.tag.clone().unwrap_or_else(|| {
         let first = a.closure.input.first().map(String::as_str).unwrap_or("image");
-        let base = first.rsplit('/').next().unwrap_or(first);
+        // `./result` names the store path it links to.
+        let resolved = std::fs::canonicalize(first)
+            .ok()
+            .filter(|p| p.parent().and_then(std::path::Path::file_name).is_some_and(|d| d == "store"));
+        let resolved = resolved.as_deref().and_then(|p| p.to_str()).unwrap_or(first);
+        let base = resolved.rsplit('/').next().unwrap_or(resolved);
         let name = base.split_once('-').map(|(_, n)| n).unwrap_or(base).trim_end_matches(".json");
         // A store name may hold what a repository name cannot (uppercase, '+').
         let name: String =
