@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use nixstream::dest::registry::auth::{self, Credentials};
 use nixstream::dest::registry::client::ClientOptions;
-use nixstream::dest::registry::{fetch_cache_hints, push, PushOptions, PushSummary, Reference, RegistryError};
+use nixstream::dest::registry::{fetch_cache_hints, push, Outcome, PushOptions, PushSummary, Reference, RegistryError};
 use nixstream::engine::digest::LayerDigest;
 use nixstream::engine::image::{Compression, Descriptor, EngineError, Image, LayerInfo};
 use sha2::{Digest, Sha256};
@@ -564,7 +564,7 @@ fn push_then_read_back_then_repush_uploads_nothing() {
 
     let first = push_to(&image, &dest, &opts()).unwrap();
     assert_eq!((first.layers, first.layers_uploaded, first.layers_present), (3, 3, 0), "{first}");
-    assert!(first.config_uploaded && first.manifest_uploaded, "{first}");
+    assert!(first.config == Outcome::Uploaded && first.manifest_uploaded, "{first}");
     let blob_bytes: u64 = image.layers.iter().map(|l| l.blob.len() as u64).sum();
     assert_eq!(first.bytes_uploaded, blob_bytes + image.config.len() as u64);
     assert_eq!(reg.tag_digest("nixstream-test/app", "v1").as_deref(), Some(first.manifest_digest.as_str()));
@@ -602,7 +602,7 @@ fn push_then_read_back_then_repush_uploads_nothing() {
     let renders_before = image.rendered().len();
     let again = push_to(&image, &dest, &opts()).unwrap();
     assert_eq!((again.layers_uploaded, again.layers_present, again.bytes_uploaded), (0, 3, 0), "{again}");
-    assert!(!again.manifest_uploaded && !again.config_uploaded, "{again}");
+    assert!(!again.manifest_uploaded && again.config == Outcome::Present, "{again}");
     assert_eq!(image.rendered().len(), renders_before, "a re-push rendered layer bytes");
     let uploads = reg.uploads_since(mark);
     assert!(uploads.is_empty(), "the registry saw uploads on a re-push:\n{}", uploads.join("\n"));
@@ -645,7 +645,8 @@ fn one_changed_layer_mounts_chunks_and_docker_manifests() {
     let o = PushOptions { mount_from: vec!["team/app".into()], ..opts() };
     let mark = reg.log().len();
     let s = push_to(&v2, &format!("{}/other/app:v2", reg.host()), &o).unwrap();
-    assert_eq!((s.layers_uploaded, s.layers_mounted), (0, 3), "{s}");
+    assert_eq!((s.layers_uploaded, s.layers_mounted, s.config), (0, 3, Outcome::Mounted), "{s}");
+    assert!(s.to_string().contains("config mounted"), "{s}");
     assert_eq!(reg.uploads_since(mark).iter().filter(|l| l.contains("\"PATCH ")).count(), 0);
 
     // Chunked, 256 KiB chunks, Docker schema 2, into a third repository.
@@ -2005,5 +2006,6 @@ fn previous_creds_go_only_to_their_registry() {
     let (ok, err) = image(&["--previous", &previous, "--push", &dest, "--creds", &creds], None);
     assert!(!ok, "the previous image's registry got --creds meant for {dest}");
     assert!(err.contains("--previous") && err.contains(&secure.host()), "{err}");
+    assert!(err.contains(&format!("--creds is for the push's registry {}", plain.host())), "{err}");
     assert!(!err.contains(PASSWORD), "{err}");
 }

@@ -181,7 +181,12 @@ fn joint(
 fn previous_from_registry(reference: &str, registry: &PreviousRegistry, arch: &str) -> anyhow::Result<Previous> {
     use crate::dest::registry::{pull, Reference, RegistryError};
     let from = Reference::parse(reference)?;
-    let opts = registry.args.client_options(&from, registry.push.as_deref(), &|_| {})?;
+    let say = |line: &str| {
+        if !registry.quiet {
+            let _ = writeln!(io::stderr(), "nixstream: --previous: {line}");
+        }
+    };
+    let opts = registry.args.client_options(&from, registry.push.as_deref(), &say)?;
     match pull::fetch_image(&from, &opts, "--previous", arch) {
         Ok(image) => Ok(crate::planner::previous::from_config(reference, &image.config)?),
         Err(RegistryError::NoSuchImage { .. }) => {
@@ -202,6 +207,8 @@ struct PreviousRegistry<'a> {
     push: Option<String>,
     /// The image's `--architecture`, to pick from an image index.
     architecture: Option<&'a str>,
+    /// `-q`: not even where the credentials came from.
+    quiet: bool,
 }
 
 fn note(planned: &crate::planner::stable::Planned) {
@@ -346,7 +353,7 @@ pub(super) fn plan_with(
         (How::AutoLayer(_), None) | (How::Pipeline(_), None) => Budget { base_layers: 0, store: 0 },
         _ => budget(l.max_layers, from_image)?,
     };
-    let registry = PreviousRegistry { args: &l.access, push: None, architecture: None };
+    let registry = PreviousRegistry { args: &l.access, push: None, architecture: None, quiet: false };
     let previous = single(load_previous(&l.previous, closure, &registry)?)?;
     let allowed = Some(budget.store).filter(|_| !matches!(how, How::AutoLayer(_) | How::Pipeline(_)));
     let planned = choose(closure, exclude, how, budget.store, previous.as_ref())?;
@@ -371,7 +378,7 @@ pub(super) fn joint_plans(c: &ClosureArgs, l: &LayeringChoice) -> anyhow::Result
     }
     let exclude = load_exclude(c.exclude_paths.as_deref())?;
     distinct(&graphs, &c.input)?;
-    let registry = PreviousRegistry { args: &l.access, push: None, architecture: None };
+    let registry = PreviousRegistry { args: &l.access, push: None, architecture: None, quiet: false };
     let previous = match graphs.first() {
         Some(g) => load_previous(&l.previous, g, &registry)?,
         None => Vec::new(),
@@ -398,7 +405,12 @@ pub(super) fn image_layers(
             Some(p) => Some(crate::dest::registry::Reference::parse(p)?.registry),
             None => None,
         };
-        let registry = PreviousRegistry { args: &a.registry.access, push, architecture: a.architecture.as_deref() };
+        let registry = PreviousRegistry {
+            args: &a.registry.access,
+            push,
+            architecture: a.architecture.as_deref(),
+            quiet: a.output.run.quiet,
+        };
         load_previous(&a.previous, closure, &registry)?
     };
     let joint_with = Some(&a.joint_with[..]).filter(|j| !j.is_empty()).map(|j| (j, &previous[..]));

@@ -142,6 +142,7 @@ pub(super) fn push_image(
             "layers_present": pushed.layers_present,
             "layers_mounted": pushed.layers_mounted,
             "bytes_uploaded": pushed.bytes_uploaded,
+            "config": pushed.config.describe(),
             "manifest_uploaded": pushed.manifest_uploaded,
             "manifest_digest": pushed.manifest_digest,
             "retries": pushed.retries,

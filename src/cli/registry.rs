@@ -20,7 +20,16 @@ impl RegistryAccess {
         creds_for: Option<&str>,
         say: &dyn Fn(&str),
     ) -> anyhow::Result<ClientOptions> {
-        let explicit = if creds_for.is_none_or(|reg| reg == r.registry) { explicit_credentials(self)? } else { None };
+        let ours = creds_for.is_none_or(|reg| reg == r.registry);
+        let explicit = if ours { explicit_credentials(self)? } else { None };
+        // --creds given for the push's registry, and this one is another.
+        let no_credentials_hint = match creds_for {
+            Some(push) if !ours && self.creds.is_some() => Some(format!(
+                "--creds is for the push's registry {push}: log in to {} with `docker login` / `podman login`, or name an auth file in $REGISTRY_AUTH_FILE",
+                r.registry
+            )),
+            _ => None,
+        };
         let credentials = match explicit {
             Some(c) => Some(c),
             None => auth::lookup(&r.registry, &r.repository, &auth::default_auth_files())?.map(|found| {
@@ -34,6 +43,7 @@ impl RegistryAccess {
             credentials,
             pull_repositories: Vec::new(),
             answer_timeout: None,
+            no_credentials_hint,
         })
     }
 }

@@ -27,6 +27,12 @@ pub enum AuthError {
     Helper { helper: String, registry: String, why: String },
     #[error("--creds must be USER:PASSWORD (or USER with the password on stdin)")]
     BadCreds,
+    #[error(
+        "--creds USER:PASSWORD and --password-stdin both give a password: give --creds USER with --password-stdin"
+    )]
+    PasswordTwice,
+    #[error("--password-stdin: standard input has no password (an empty first line)")]
+    NoPassword,
 }
 
 /// A password or token.  Never printed.
@@ -71,9 +77,11 @@ pub struct Found {
 /// alone and the password read by the caller.
 pub fn parse_creds(arg: &str, stdin_password: Option<String>) -> Result<Credentials, AuthError> {
     let (user, pass) = match (arg.split_once(':'), stdin_password) {
+        (None, Some(p)) if p.is_empty() => return Err(AuthError::NoPassword),
         (None, Some(p)) => (arg.to_string(), p),
         (Some((u, p)), None) => (u.to_string(), p.to_string()),
-        _ => return Err(AuthError::BadCreds),
+        (Some(_), Some(_)) => return Err(AuthError::PasswordTwice),
+        (None, None) => return Err(AuthError::BadCreds),
     };
     if user.is_empty() {
         return Err(AuthError::BadCreds);
@@ -386,6 +394,10 @@ mod tests {
         assert!(!format!("{c:?}").contains("from-stdin"));
         assert!(parse_creds("alice", None).is_err());
         assert!(parse_creds(":x", None).is_err());
+        let e = parse_creds("alice:pw", Some("pw".into())).unwrap_err().to_string();
+        assert!(e.contains("both give a password: give --creds USER with --password-stdin"), "{e}");
+        let e = parse_creds("alice", Some(String::new())).unwrap_err().to_string();
+        assert!(e.contains("standard input has no password"), "{e}");
     }
 
     #[test]

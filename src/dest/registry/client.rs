@@ -38,6 +38,9 @@ pub struct ClientOptions {
     /// How long a `GET` or `HEAD` waits for each read of its answer
     /// (`None`: [`ANSWER_TIMEOUT`]).
     pub answer_timeout: Option<Duration>,
+    /// What to do when the registry wants credentials and there are none
+    /// (`None`: use --creds, or log in).
+    pub no_credentials_hint: Option<String>,
 }
 
 /// A request body.
@@ -88,6 +91,7 @@ pub struct Client {
     insecure: bool,
     loopback: bool,
     answer_timeout: Duration,
+    no_credentials_hint: Option<String>,
     auth: Mutex<AuthState>,
     /// Bumped on every (re)authentication, so concurrent 401s refresh once.
     auth_generation: Mutex<u64>,
@@ -147,6 +151,7 @@ impl Client {
             insecure: opts.insecure,
             loopback: reference.is_loopback(),
             answer_timeout: opts.answer_timeout.unwrap_or(ANSWER_TIMEOUT),
+            no_credentials_hint: opts.no_credentials_hint.clone(),
             auth: Mutex::new(AuthState::None),
             auth_generation: Mutex::new(0),
         };
@@ -369,12 +374,16 @@ impl Client {
                     AuthState::Basic(Secret::new(basic_header(username, password)))
                 }
                 Some(Credentials::IdentityToken(_)) => {
-                    return Err(self.unauthorized("it asks for Basic authentication, and the credentials found are an identity token".into()))
+                    return Err(self.unauthorized(
+                        "it asks for Basic authentication, and the credentials found are an identity token".into(),
+                    ))
                 }
                 None => {
-                    return Err(self.unauthorized(
-                        "authentication required and no credentials found (use --creds, or `docker login` / `podman login`)".into(),
-                    ))
+                    let hint = self
+                        .no_credentials_hint
+                        .as_deref()
+                        .unwrap_or("use --creds, or `docker login` / `podman login`");
+                    return Err(self.unauthorized(format!("authentication required and no credentials found ({hint})")));
                 }
             }
         } else {

@@ -18,7 +18,8 @@ pub mod reference;
 
 pub use cache_from::HintLookup;
 pub use push::{
-    fetch_cache_hints, push, CacheHint, PushOptions, PushSummary, LAYER_KEY_ANNOTATION, LAYER_TAR_SIZE_ANNOTATION,
+    fetch_cache_hints, push, CacheHint, Outcome, PushOptions, PushSummary, LAYER_KEY_ANNOTATION,
+    LAYER_TAR_SIZE_ANNOTATION,
 };
 pub use reference::Reference;
 

@@ -98,7 +98,8 @@ pub struct PushSummary {
     pub layers_mounted: usize,
     /// Layer and config bytes in uploads that the registry accepted.
     pub bytes_uploaded: u64,
-    pub config_uploaded: bool,
+    /// How the config came to be in the repository.
+    pub config: Outcome,
     pub manifest_uploaded: bool,
     /// `sha256:...` of the manifest the tag names now.
     pub manifest_digest: String,
@@ -117,7 +118,7 @@ impl std::fmt::Display for PushSummary {
             self.layers_present,
             self.layers_mounted,
             self.bytes_uploaded,
-            if self.config_uploaded { "uploaded" } else { "already there" },
+            self.config.describe(),
             if self.manifest_uploaded { "pushed" } else { "unchanged" },
             self.manifest_digest,
             self.retries,
@@ -127,11 +128,25 @@ impl std::fmt::Display for PushSummary {
 }
 
 /// How a blob came to be in the repository.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Outcome {
+    /// The repository had it.
+    #[default]
     Present,
+    /// Mounted from another repository of the registry.
     Mounted,
     Uploaded,
+}
+
+impl Outcome {
+    /// As the summary says it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Outcome::Present => "already there",
+            Outcome::Mounted => "mounted",
+            Outcome::Uploaded => "uploaded",
+        }
+    }
 }
 
 /// A layer in the repository.
@@ -292,7 +307,7 @@ fn push_with(
     let config = image.config().map_err(RegistryError::Config)?;
     let config_desc = manifest::config_descriptor(opts.format, &config);
     let outcome = p.ensure_blob(&config_desc, Source::Bytes(&config), "config")?;
-    summary.config_uploaded = outcome == Outcome::Uploaded;
+    summary.config = outcome;
 
     let media_type = manifest::layer_media_type(opts.format, compression).expect("checked above");
     let described: Vec<(Descriptor, Vec<(String, String)>)> = layers
