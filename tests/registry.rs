@@ -1960,6 +1960,17 @@ fn previous_read_from_the_registry() {
     // Two blobs went up (POST, PATCH, PUT each): that layer and the config.
     let puts = reg.uploads_since(log).iter().filter(|l| l.contains("\"PUT ")).count();
     assert_eq!(puts, 2, "{:?}", reg.uploads_since(log));
+
+    // Into another repository of the same registry: the blobs of the
+    // previous image's repository (this release's too, pushed there just
+    // now) are mounted from it, not uploaded again.
+    let other = format!("docker://{}/other/app:2", reg.host());
+    let (_, err) = run(&["image", "-q", "--stats", "--max-layers", "16", r2s, "--previous", &v1, "--push", &other]);
+    let line = err.lines().find_map(|l| l.strip_prefix("nixstream: stats ")).expect("a stats line");
+    let s: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!((s["layers_uploaded"].as_u64(), s["bytes_uploaded"].as_u64()), (Some(0), Some(0)), "{s}");
+    assert_eq!(s["layers_mounted"].as_u64(), Some(old.len() as u64 + 1), "{s}");
+    assert_eq!(s["config"], "mounted", "{s}");
 }
 
 /// `--creds` goes with `--previous docker://...` only where it belongs:

@@ -88,7 +88,8 @@ pub(super) fn image(a: &ImageArgs) -> anyhow::Result<()> {
             "--push sends the image to a registry: leave out --format, --oci-layout, --output and --compress"
         );
         let compression = o.layer_compression.unwrap_or(LayerCompression::Gzip).into();
-        return push::push_image(&conf, dest, compression, &a.registry, &o.run, Some(nar_hashes), &known);
+        let closure = push::FromClosure { nar_hashes, previous: &a.previous };
+        return push::push_image(&conf, dest, compression, &a.registry, &o.run, Some(closure), &known);
     }
     emit::emit(&conf, &a.output, &nar_hashes, &known)
 }

@@ -28,16 +28,24 @@ pub(super) fn push(a: &PushArgs) -> anyhow::Result<()> {
     push_image(&a.conf.load()?, &a.destination, a.layer_compression.into(), &a.registry, &a.run, None, &known)
 }
 
+/// What `image --push` knows beyond the configuration.
+pub(super) struct FromClosure<'a> {
+    /// Store path to narHash, to key the layers.
+    pub(super) nar_hashes: HashMap<String, String>,
+    /// `--previous`: an image on the destination's registry lends its
+    /// repository's blobs (mounted, not uploaded again).
+    pub(super) previous: &'a [std::path::PathBuf],
+}
+
 /// Plans the image for `conf` and pushes it (the registry destination).
-/// `nar_hashes` (store path to narHash) key the layers; without them the
-/// local Nix is asked.
+/// Without `closure` (`push CONF`), the local Nix is asked for narHashes.
 pub(super) fn push_image(
     conf: &Conf,
     destination: &str,
     compression: Compression,
     a: &RegistryArgs,
     run: &RunArgs,
-    nar_hashes: Option<HashMap<String, String>>,
+    closure: Option<FromClosure>,
     known: &[LayerDigestFile],
 ) -> anyhow::Result<()> {
     let dest = Reference::parse(destination)?;
@@ -60,8 +68,19 @@ pub(super) fn push_image(
     // --cache-from) need every store path's narHash: the local Nix knows
     // it for paths in its store.  Without it layers go unannotated.
     let paths: Vec<String> = conf.store_layers_text.iter().flatten().cloned().collect();
-    let nar_hashes: HashMap<String, String> = if let Some(h) = nar_hashes {
-        h
+    // The repositories of --previous images on this registry: a layer kept
+    // from the previous release is then mounted, whatever repository it is in.
+    let mut mount_from = a.mount_from.clone();
+    for p in closure.iter().flat_map(|c| c.previous) {
+        let Some(r) = p.to_str().filter(|r| r.starts_with("docker://")).and_then(|r| Reference::parse(r).ok()) else {
+            continue;
+        };
+        if r.registry == dest.registry && r.repository != dest.repository && !mount_from.contains(&r.repository) {
+            mount_from.push(r.repository);
+        }
+    }
+    let nar_hashes: HashMap<String, String> = if let Some(c) = closure {
+        c.nar_hashes
     } else if paths.is_empty() {
         HashMap::new()
     } else {
@@ -100,7 +119,7 @@ pub(super) fn push_image(
     let push_opts = registry::PushOptions {
         client,
         format,
-        mount_from: a.mount_from.clone(),
+        mount_from,
         chunk_size: a.chunk_size,
         jobs,
         tries: a.retries.saturating_add(1),
