@@ -402,9 +402,14 @@ fn graph_file(dir: &Path, store: &str) -> PathBuf {
 }
 
 fn fails_with(args: &[&str], previous: &Path, graph: &Path) -> String {
-    let out = bin().args(args).arg(graph).arg("--previous").arg(previous).output().unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stdout));
+    one_line_error(bin().args(args).arg(graph).arg("--previous").arg(previous))
+}
+
+/// Runs `cmd`, which must exit 1 with one line on stderr: that line.
+fn one_line_error(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
     let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{err}{}", String::from_utf8_lossy(&out.stdout));
     assert_eq!(err.lines().count(), 1, "one line: {err}");
     err
 }
@@ -470,13 +475,8 @@ fn a_closure_graph_on_stdin() {
 #[ignore = "needs nix: run scripts/test"]
 fn a_directory_outside_the_store_is_named() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = bin().arg("layers").arg(tmp.path()).output().unwrap();
-    let err = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(
-        err.contains(&format!("{} is not in the Nix store", tmp.path().display())) && err.lines().count() == 1,
-        "{err}"
-    );
+    let err = one_line_error(bin().arg("layers").arg(tmp.path()));
+    assert!(err.contains(&format!("{} is not in the Nix store", tmp.path().display())), "{err}");
 }
 
 #[test]
@@ -490,25 +490,14 @@ fn the_same_previous_plan_twice_is_refused() {
     std::fs::write(&other, serde_json::to_vec(&svc).unwrap()).unwrap();
     let prev = tmp.path().join("prev.json");
     std::fs::write(&prev, r#"[["/nix/store/bbb-lib"], ["/nix/store/aaa-app"]]"#).unwrap();
-    let out = bin().args(["layers", "--joint", "--max-layers", "2"]).arg(&graph).arg(&other).output().unwrap();
-    let err = String::from_utf8(out.stderr).unwrap();
+    let err = one_line_error(bin().args(["layers", "--joint", "--max-layers", "2"]).arg(&graph).arg(&other));
     assert!(
         err.contains("--max-layers leaves 1 layer for the store paths") && err.contains("raise --max-layers by 1"),
         "{err}"
     );
-    let out = bin()
-        .args(["plan", "--joint"])
-        .arg(&graph)
-        .arg(&other)
-        .arg("--previous")
-        .arg(&prev)
-        .arg("--previous")
-        .arg(&prev)
-        .output()
-        .unwrap();
-    let err = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("prev.json are the same plan") && err.lines().count() == 1, "{err}");
+    let twice = [&graph, &other, Path::new("--previous"), &prev, Path::new("--previous"), &prev];
+    let err = one_line_error(bin().args(["plan", "--joint"]).args(twice));
+    assert!(err.contains("prev.json are the same plan"), "{err}");
 }
 
 #[test]
@@ -518,10 +507,8 @@ fn an_image_planned_jointly_with_itself_is_refused() {
     let copy = tmp.path().join("copy.json");
     std::fs::copy(&graph, &copy).unwrap();
     for cmd in ["layers", "plan"] {
-        let out = bin().args([cmd, "--joint"]).arg(&graph).arg(&copy).output().unwrap();
-        let err = String::from_utf8(out.stderr).unwrap();
-        assert_eq!(out.status.code(), Some(1), "{err}");
-        assert!(err.contains("copy.json are the same closure") && err.lines().count() == 1, "{err}");
+        let err = one_line_error(bin().args([cmd, "--joint"]).arg(&graph).arg(&copy));
+        assert!(err.contains("copy.json are the same closure"), "{err}");
     }
 }
 
