@@ -1816,7 +1816,9 @@ fn cli_credentials_from_helpers_files_and_stdin() {
     let out = cmd().env("REGISTRY_AUTH_FILE", &auth_file).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("credentials refused as pusher") && err.contains(&auth_file.display().to_string()), "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(last.contains(&format!("credentials from {}", auth_file.display())), "the error names the file: {err}");
+    assert!(last.contains("refused as pusher"), "{err}");
     assert!(
         !err.contains(PASSWORD) && err.lines().last().is_some_and(|l| l.starts_with("nixstream: registry")),
         "{err}"

@@ -30,12 +30,15 @@ impl RegistryAccess {
             )),
             _ => None,
         };
-        let credentials = match explicit {
-            Some(c) => Some(c),
-            None => auth::lookup(&r.registry, &r.repository, &auth::default_auth_files())?.map(|found| {
-                say(&format!("credentials for {} from {}", r.registry, found.source));
-                found.credentials
-            }),
+        let (credentials, credentials_source) = match explicit {
+            Some(c) => (Some(c), Some("--creds".to_string())),
+            None => match auth::lookup(&r.registry, &r.repository, &auth::default_auth_files())? {
+                Some(found) => {
+                    say(&format!("credentials for {} from {}", r.registry, found.source));
+                    (Some(found.credentials), Some(found.source.to_string()))
+                }
+                None => (None, None),
+            },
         };
         Ok(ClientOptions {
             insecure: self.insecure || !self.tls_verify,
@@ -44,6 +47,7 @@ impl RegistryAccess {
             pull_repositories: Vec::new(),
             answer_timeout: None,
             no_credentials_hint,
+            credentials_source,
         })
     }
 }

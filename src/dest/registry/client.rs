@@ -41,6 +41,9 @@ pub struct ClientOptions {
     /// What to do when the registry wants credentials and there are none
     /// (`None`: use --creds, or log in).
     pub no_credentials_hint: Option<String>,
+    /// Where `credentials` came from (a file, or `--creds`), for the
+    /// message when the registry refuses them.
+    pub credentials_source: Option<String>,
 }
 
 /// A request body.
@@ -92,6 +95,7 @@ pub struct Client {
     loopback: bool,
     answer_timeout: Duration,
     no_credentials_hint: Option<String>,
+    credentials_source: Option<String>,
     auth: Mutex<AuthState>,
     /// Bumped on every (re)authentication, so concurrent 401s refresh once.
     auth_generation: Mutex<u64>,
@@ -152,6 +156,7 @@ impl Client {
             loopback: reference.is_loopback(),
             answer_timeout: opts.answer_timeout.unwrap_or(ANSWER_TIMEOUT),
             no_credentials_hint: opts.no_credentials_hint.clone(),
+            credentials_source: opts.credentials_source.clone(),
             auth: Mutex::new(AuthState::None),
             auth_generation: Mutex::new(0),
         };
@@ -469,8 +474,9 @@ impl Client {
             Some(Credentials::IdentityToken(_)) => " with an identity token".into(),
             None => String::new(),
         };
+        let from = self.credentials_source.as_deref().map(|s| format!(" from {s}")).unwrap_or_default();
         let says = super::registry_says(&code, &message);
-        self.unauthorized(format!("{what}: credentials refused{who} (HTTP {}{says})", reply.status))
+        self.unauthorized(format!("{what}: credentials{from} refused{who} (HTTP {}{says})", reply.status))
     }
 
     fn protocol(&self, what: &str, why: String) -> RegistryError {
