@@ -87,7 +87,7 @@ fn main() {
             let (mut pushed, mut changed, mut pulled, mut layers) = (0, 0, 0, prev.len());
             for g in &releases[1..] {
                 let new = planner.plan(g, budget, Some(&prev));
-                let size: HashMap<&str, u64> = g.nodes.iter().map(|n| (n.path.as_str(), n.nar_size)).collect();
+                let size = g.nar_sizes();
                 let c = compare(&new, &prev, &size);
                 pushed += c.pushed;
                 changed += c.changed;

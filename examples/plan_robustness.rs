@@ -140,7 +140,7 @@ fn main() {
                 rebuild(&h, &HashSet::from([root.clone()]), t as u64)
             }
         };
-        let mut size: HashMap<&str, u64> = g.nodes.iter().map(|n| (n.path.as_str(), n.nar_size)).collect();
+        let mut size = g.nar_sizes();
         size.extend(next.nodes.iter().map(|n| (n.path.as_str(), n.nar_size)));
         let with_previous = stable::plan(&next, &none, budget, Some(&base_stable)).unwrap().layers;
         let results = [

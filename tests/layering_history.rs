@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Mutex;
@@ -81,7 +81,7 @@ fn check_on_previous(g: &ClosureGraph, p: &stable::Planned, previous: &[Vec<Stri
     if p.kept < whole.len() {
         assert!(p.notes.iter().any(|n| n.contains("let go of")), "whole previous layers dropped silently");
     }
-    let size: HashMap<&str, u64> = g.nodes.iter().map(|n| (n.path.as_str(), n.nar_size)).collect();
+    let size = g.nar_sizes();
     let c = compare(&p.layers, previous, &size);
     assert!(c.pushed >= c.changed, "pushed {} under the floor {}", c.pushed, c.changed);
     assert!(c.layers.iter().take_while(|l| l.reused).count() >= p.kept, "a kept layer counted as pushed");

@@ -52,7 +52,7 @@ pub(super) fn plan(a: &PlanArgs) -> anyhow::Result<()> {
             .enumerate()
             .map(|(i, (g, p))| {
                 let prev = previous.as_ref()?;
-                let size: HashMap<&str, u64> = g.nodes.iter().map(|n| (n.path.as_str(), n.nar_size)).collect();
+                let size = g.nar_sizes();
                 Some(compare::compare(&p.layers, &prev[i], &size))
             })
             .collect();
@@ -95,7 +95,7 @@ pub(super) fn plan(a: &PlanArgs) -> anyhow::Result<()> {
     let layers = &chosen.planned.layers;
     let mut out = io::stdout().lock();
     if let Some(prev) = &chosen.previous {
-        let size: HashMap<&str, u64> = closure.nodes.iter().map(|n| (n.path.as_str(), n.nar_size)).collect();
+        let size = closure.nar_sizes();
         let c = compare::compare(layers, &prev.layers, &size);
         if a.json {
             let mut v = compared_json(&closure, layers, &c);
@@ -154,7 +154,7 @@ impl<'a> Base<'a> {
 }
 
 fn plan_json(closure: &ClosureGraph, layers: &[Vec<String>]) -> Vec<serde_json::Value> {
-    let size: HashMap<&str, u64> = closure.nodes.iter().map(|n| (n.path.as_str(), n.nar_size)).collect();
+    let size = closure.nar_sizes();
     let bytes = |l: &[String]| l.iter().map(|p| size.get(p.as_str()).copied().unwrap_or(0)).sum::<u64>();
     layers.iter().enumerate().map(|(i, l)| serde_json::json!({"layer": i + 1, "paths": l, "bytes": bytes(l)})).collect()
 }
@@ -183,7 +183,7 @@ fn plan_table(
     if let Some(b) = base {
         writeln!(out, "{} come first: store layer 1 is the image's layer {}", b.describe(), b.layers + 1)?;
     }
-    let size: HashMap<&str, u64> = closure.nodes.iter().map(|n| (n.path.as_str(), n.nar_size)).collect();
+    let size = closure.nar_sizes();
     let bytes = |l: &[String]| l.iter().map(|p| size.get(p.as_str()).copied().unwrap_or(0)).sum::<u64>();
     // Top first, as a stack, like the comparison with --previous.
     writeln!(out, "{:>5} {:>6} {:>10}  largest paths", "layer", "paths", "bytes")?;
@@ -234,7 +234,7 @@ fn compare_table(
     base: Option<&Base>,
 ) -> anyhow::Result<()> {
     const WIDTH: u64 = 30;
-    let size: HashMap<&str, u64> = closure.nodes.iter().map(|n| (n.path.as_str(), n.nar_size)).collect();
+    let size = closure.nar_sizes();
     let most = c.layers.iter().map(|l| l.bytes).max().unwrap_or(0).max(1);
     writeln!(
         out,

@@ -177,6 +177,11 @@ impl ClosureGraph {
         ClosureGraph::from_value(&v).map_err(nix_err)
     }
 
+    /// Each path's narSize.
+    pub fn nar_sizes(&self) -> HashMap<&str, u64> {
+        self.nodes.iter().map(|n| (n.path.as_str(), n.nar_size)).collect()
+    }
+
     pub fn index(&self) -> HashMap<&str, usize> {
         self.nodes.iter().enumerate().map(|(i, n)| (n.path.as_str(), i)).collect()
     }

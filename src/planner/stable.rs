@@ -763,7 +763,7 @@ pub fn plan_joint(
     union.nodes.sort_by(|a, b| a.path.cmp(&b.path));
     let shared: HashSet<&str> =
         holders.iter().filter(|(p, &n)| n == graphs.len() && !exclude.contains(*p)).map(|(p, _)| p.as_str()).collect();
-    let size: HashMap<&str, u64> = union.nodes.iter().map(|n| (n.path.as_str(), n.nar_size)).collect();
+    let size = union.nar_sizes();
     let shared_bytes: u64 = shared.iter().map(|p| size[p]).sum();
     let largest: u64 = graphs
         .iter()
@@ -977,7 +977,7 @@ mod tests {
             for layer in before.iter().filter(|l| !l.iter().any(own)) {
                 assert!(after.contains(layer), "{budget}, {added}: {layer:?} was regrouped: {before:?} → {after:?}");
             }
-            let size: HashMap<&str, u64> = two.nodes.iter().map(|n| (n.path.as_str(), n.nar_size)).collect();
+            let size = two.nar_sizes();
             let sent: u64 = after.iter().filter(|l| !before.contains(l)).flatten().map(|p| size[p.as_str()]).sum();
             let top: u64 = two.nodes.iter().filter(|n| own(&n.path)).map(|n| n.nar_size).sum();
             assert!(sent <= top, "{budget}, {added}: {sent} bytes sent again, more than the app's own {top}");
@@ -1166,7 +1166,7 @@ mod tests {
             }
         }
         let next = plan(&two, &HashSet::new(), budget, Some(&first)).unwrap().layers;
-        let size: HashMap<&str, u64> = two.nodes.iter().map(|n| (n.path.as_str(), n.nar_size)).collect();
+        let size = two.nar_sizes();
         let c = crate::planner::compare::compare(&next, &first, &size);
         let changed = size["/s/za0-app"] + size["/s/zq24-priv24"];
         assert_eq!(c.pushed, changed);
