@@ -180,7 +180,7 @@ pub struct VerifyArgs {
 /// Where the closure comes from.
 #[derive(clap::Args, Debug)]
 pub struct ClosureArgs {
-    /// A closure graph file (exportReferencesGraph's {"graph": ...} or {"closure": ...}, or `nix path-info --json --recursive` output), or store paths whose closure is asked of the local Nix.
+    /// A closure graph file (exportReferencesGraph's {"graph": ...} or {"closure": ...}, or `nix path-info --json --recursive` output; - reads it from stdin), or store paths whose closure is asked of the local Nix.
     #[arg(required = true, value_name = "GRAPH|STORE_PATH")]
     pub input: Vec<String>,
     /// Leave these store paths out: a file with one path per line, or a JSON list.
