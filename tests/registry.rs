@@ -268,6 +268,10 @@ struct ProxyState {
     burst_after_drop: AtomicUsize,
     /// Sleep per 64 KiB forwarded upstream, in microseconds.
     throttle_us: AtomicU64,
+    /// `HEAD` requests swallowed (never forwarded nor answered; the
+    /// connection held until the client gives up), this many.
+    hang_heads: AtomicUsize,
+    hung: AtomicUsize,
     /// Bytes forwarded upstream, all connections.
     upstream_bytes: AtomicU64,
     served_503: AtomicUsize,
@@ -344,6 +348,12 @@ fn serve(mut client: TcpStream, upstream: u16, st: Arc<ProxyState>) {
             Ok(n) => n,
         };
         carried += n as u64;
+        if buf[..n].starts_with(b"HEAD ") && take(&st.hang_heads) {
+            st.hung.fetch_add(1, Ordering::SeqCst);
+            // Held: the client times out and closes (read gives 0 or an error).
+            while matches!(from.read(&mut buf), Ok(n) if n > 0) {}
+            break;
+        }
         if armed && carried > st.drop_after.load(Ordering::SeqCst) {
             armed = false;
             if take(&st.drops) {
@@ -772,6 +782,24 @@ fn base64_encode(b: &[u8]) -> String {
 
 /// 503 bursts and dropped connections through the proxy are retried with
 /// the blob rendered again; the push completes with the right digests.
+/// A `HEAD` the registry never answers, mid-push: a passing stall, tried
+/// again after the answer timeout, and the push completes.
+#[test]
+#[ignore = "needs docker-registry: run scripts/test"]
+fn a_stalled_head_is_tried_again() {
+    let reg = Registry::start(false);
+    let proxy = Proxy::start(reg.port);
+    let image = runnable_image("app", "stall\n", 1 << 20);
+    let dest = format!("{}/stall/app:v1", proxy.host());
+    proxy.state.hang_heads.store(1, Ordering::SeqCst);
+    let client = ClientOptions { answer_timeout: Some(Duration::from_millis(500)), ..Default::default() };
+    let s = push_to(&image, &dest, &PushOptions { jobs: 1, client, ..opts() }).unwrap();
+    assert_eq!(proxy.state.hung.load(Ordering::SeqCst), 1);
+    assert!(s.retries >= 1, "{s}");
+    assert_eq!(s.layers_uploaded, 3, "{s}");
+    assert_no_manifest_with_missing_blobs(&reg);
+}
+
 #[test]
 #[ignore = "needs docker-registry and skopeo: run scripts/test"]
 fn retries_through_503_bursts_and_dropped_connections() {

@@ -28,9 +28,10 @@ pub enum ClosureError {
     NotInStore { path: String, store: String },
 }
 
-/// The largest `narSize` taken (1 PiB): far above any store path, and
-/// small enough that sums over 2^14 such paths fit in a u64.
-pub const MAX_NAR_SIZE: u64 = 1 << 50;
+/// The largest `narSize` taken (1 TiB): far above any store path, and
+/// small enough that sums over 2^24 such paths (more than a closure graph
+/// within its size limit can list) fit in a u64.
+pub const MAX_NAR_SIZE: u64 = 1 << 40;
 
 /// One store path of the closure.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,8 +102,7 @@ impl ClosureGraph {
                 .iter()
                 .map(|r| r.as_str().map(str::to_string).ok_or_else(|| format!("{path}: a reference is not a string")))
                 .collect::<Result<Vec<_>, _>>()?;
-            // Sizes are summed over whole closures: a bound keeps the sums
-            // of even a million paths from overflowing.
+            // Sizes are summed over whole closures: see MAX_NAR_SIZE.
             let nar_size = o
                 .get("narSize")
                 .and_then(Value::as_u64)

@@ -15,7 +15,7 @@
 //! look like JSON and are at most [`MAX_JSON`] bytes are kept.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -118,15 +118,18 @@ pub fn load(path: &Path, arch: &str) -> Result<Vec<Previous>, PreviousError> {
             _ => io_err(e),
         })?)
     };
-    let mut outer = BufReader::with_capacity(1 << 20, f);
-    let compression = Compression::sniff(outer.fill_buf().map_err(io_err)?);
-    let mut r = BufReader::new(compression.decoder(outer).map_err(io_err)?);
-    let head = r.fill_buf().map_err(io_err)?;
+    // A pipe may give fewer bytes at a time than the checks need: the
+    // first block is read whole, then put back in front.
+    let (head, f) = peek(f, 512).map_err(io_err)?;
+    let compression = Compression::sniff(&head);
+    let outer = BufReader::with_capacity(1 << 20, io::Cursor::new(head).chain(f));
+    let (head, decoded) = peek(compression.decoder(outer).map_err(io_err)?, 512).map_err(io_err)?;
+    let r = io::Cursor::new(head.clone()).chain(decoded);
     // JSON of any kind (or nothing at all) is taken for a plan, so that its
     // error is about the plan; a tar archive starts with a member's name.
     let first = head.iter().find(|b| !b.is_ascii_whitespace()).copied();
     let json = first.is_none_or(|b| b"[{\"-0123456789tfn".contains(&b));
-    if json && !looks_like_tar(head) {
+    if json && !looks_like_tar(&head) {
         if let Some(name) = name {
             let what = format!("a JSON plan holds no images to pick {name:?} from");
             return Err(PreviousError::Plan { path: path.to_path_buf(), what });
@@ -159,6 +162,13 @@ pub fn load(path: &Path, arch: &str) -> Result<Vec<Previous>, PreviousError> {
         return Ok(vec![plan(&v, path.to_path_buf())?]);
     }
     Ok(vec![from_archive(r, path, name.as_deref(), arch)?])
+}
+
+/// The first `n` bytes of `r` (fewer only at its end), and `r` after them.
+fn peek<R: Read>(mut r: R, n: u64) -> io::Result<(Vec<u8>, R)> {
+    let mut head = Vec::new();
+    r.by_ref().take(n).read_to_end(&mut head)?;
+    Ok((head, r))
 }
 
 /// What to say of a `--previous` that names no file: skopeo's transports

@@ -113,7 +113,7 @@ const BODY_LIMIT: u64 = 8 << 20;
 
 /// How long a `GET` or `HEAD` waits for each read of its answer: these ask
 /// for small documents, so a registry silent this long is down or hung,
-/// and saying so beats waiting (nor is the request tried again).
+/// and saying so beats waiting ([`RegistryError::NoAnswer`]).
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The same for every other request: a registry may take minutes to
@@ -200,7 +200,8 @@ impl Client {
                 _ => Err(self.status_error("GET /v2/ (is this a registry?)", &r)),
             });
             match r {
-                Err(e) if e.is_retryable() && attempt + 1 < tries => {
+                // Silent on the first request: down or hung, not a stall.
+                Err(e) if e.is_retryable() && !matches!(e, RegistryError::NoAnswer { .. }) && attempt + 1 < tries => {
                     std::thread::sleep(backoff * 2u32.pow(attempt));
                     attempt += 1;
                 }
@@ -498,25 +499,25 @@ impl Client {
     /// `quick`: the request waited `answer_timeout` for each read.
     fn transport_error(&self, what: &str, quick: bool, e: ureq::Error) -> RegistryError {
         let text = e.to_string();
+        let timeout = matches!(e, ureq::Error::Timeout(_));
+        if timeout && quick {
+            let secs = self.answer_timeout.as_secs_f64();
+            return RegistryError::NoAnswer { registry: self.registry.clone(), what: what.to_string(), secs };
+        }
         // A name that does not resolve, or a certificate refused, is the
-        // same on the next try; a registry silent on a small request is
-        // down or hung, and trying again would only wait as long again.
+        // same on the next try.
         let lookup = matches!(e, ureq::Error::HostNotFound) || text.contains("failed to lookup address");
         let certificate = text.contains("certificate");
         let garbled = matches!(&e, ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::InvalidData);
-        let timeout = matches!(e, ureq::Error::Timeout(_));
         let retryable = !lookup
             && !certificate
             && !garbled
-            && (!timeout || !quick)
             && matches!(
                 e,
                 ureq::Error::Io(_) | ureq::Error::Timeout(_) | ureq::Error::ConnectionFailed | ureq::Error::Protocol(_)
             );
         let why = if lookup {
             "host not found".to_string()
-        } else if timeout && quick {
-            format!("no answer within {} s (is the registry up?)", self.answer_timeout.as_secs_f64())
         } else if timeout {
             format!("{text} (no answer within {} s)", SLOW_ANSWER.as_secs())
         } else if certificate {

@@ -34,6 +34,11 @@ pub enum RegistryError {
     Auth(#[from] auth::AuthError),
     #[error("registry {registry}: {what}: {why}")]
     Transport { registry: String, what: String, why: String, retryable: bool },
+    /// A small request (`GET`, `HEAD`) got no answer in time: the registry
+    /// is down or hung.  Tried again inside a push (a passing stall), not
+    /// when first reaching the registry (where it would only wait again).
+    #[error("registry {registry}: {what}: no answer within {secs} s (is the registry up?)")]
+    NoAnswer { registry: String, what: String, secs: f64 },
     #[error("registry {registry}: {what}: HTTP {status}{}", registry_says(code, message))]
     Status { registry: String, what: String, status: u16, code: Option<String>, message: Option<String> },
     #[error("registry {registry}: {what}")]
@@ -94,6 +99,7 @@ impl RegistryError {
     pub fn is_retryable(&self) -> bool {
         match self {
             RegistryError::Transport { retryable, .. } => *retryable,
+            RegistryError::NoAnswer { .. } => true,
             RegistryError::Status { status, .. } => matches!(status, 408 | 429 | 500..=599),
             RegistryError::Layer { source, .. } => source.is_retryable(),
             _ => false,
