@@ -453,11 +453,17 @@ fn a_malformed_plan_is_named() {
     std::fs::write(&prev, r#"[["/nix/store/bbb-lib"]]"#).unwrap();
     let err = fails_with(&["layers", "--auto-layer", "2"], &prev, &graph);
     assert!(err.contains("drop --auto-layer"), "{err}");
-    // Standard input holds one thing: `-` twice, or with --password-stdin.
-    let err = fails_with(&["plan", "--previous", "-"], Path::new("-"), &graph);
+    // Standard input holds one thing: `-` twice, or with --password-stdin,
+    // or a closure graph on it too.
+    let err = fails_with(&["plan", "--previous=-:app"], Path::new("-"), &graph);
     assert!(err.contains("--previous - is given 2 times"), "{err}");
     let err = fails_with(&["plan", "--creds", "u", "--password-stdin"], Path::new("-"), &graph);
-    assert!(err.contains("both read standard input"), "{err}");
+    assert!(err.contains("--previous - and --password-stdin both read standard input"), "{err}");
+    let err = one_line_error(bin().args(["layers", "-", "--previous", "-"]));
+    assert!(err.contains("a closure graph - and --previous - both read standard input"), "{err}");
+    let push = ["image", "-", "--creds", "u", "--password-stdin", "--push", "docker://127.0.0.1:1/a:1"];
+    let err = one_line_error(bin().args(push));
+    assert!(err.contains("a closure graph - and --password-stdin both read"), "{err}");
 }
 
 /// `-` is a closure graph on standard input (`nix path-info --json

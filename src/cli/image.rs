@@ -15,6 +15,7 @@ use crate::input::conf::{Conf, CustomisationSource};
 use crate::output::compress::Compress;
 
 pub(super) fn image(a: &ImageArgs) -> anyhow::Result<()> {
+    planning::one_stdin_reader(&a.closure.input, &a.joint_with, &a.previous, a.registry.access.password_stdin)?;
     let (closure, exclude) = planning::load_closure(&a.closure)?;
     let layers = planning::image_layers(a, &closure, &exclude)?;
     let config = match &a.config {

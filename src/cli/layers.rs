@@ -9,11 +9,13 @@ use std::io::{self, Write};
 use std::path::Path;
 
 use super::args::{LayersArgs, PlanArgs};
-use super::planning::{joint_plans, load_closure, plan_with, Joint};
+use super::planning::{joint_plans, load_closure, one_stdin_reader, plan_with, Joint};
 use crate::input::closure::ClosureGraph;
 use crate::planner::compare;
 
 pub(super) fn layers(a: &LayersArgs) -> anyhow::Result<()> {
+    let l = &a.layering;
+    one_stdin_reader(&a.closure.input, &[], &l.previous, l.access.password_stdin)?;
     let mut out = io::stdout().lock();
     if a.layering.joint {
         let plans: Vec<Vec<Vec<String>>> =
@@ -22,7 +24,6 @@ pub(super) fn layers(a: &LayersArgs) -> anyhow::Result<()> {
         writeln!(out)?;
         return Ok(());
     }
-    let l = &a.layering;
     anyhow::ensure!(
         l.previous.is_empty() || (l.auto_layer.is_none() && l.pipeline.is_none() && !l.popularity),
         "`layers --previous` plans with the stable planner, which builds on it: drop --auto-layer, --pipeline or --popularity (or compare with `nixstream plan`)"
@@ -35,6 +36,8 @@ pub(super) fn layers(a: &LayersArgs) -> anyhow::Result<()> {
 }
 
 pub(super) fn plan(a: &PlanArgs) -> anyhow::Result<()> {
+    let l = &a.layering;
+    one_stdin_reader(&a.closure.input, &[], &l.previous, l.access.password_stdin)?;
     if a.layering.joint {
         let Joint { plans, budget, previous } = joint_plans(&a.closure, &a.layering)?;
         let base = Base::of(a, budget.base_layers);

@@ -64,16 +64,6 @@ fn load_previous(
     closure: &ClosureGraph,
     registry: &PreviousRegistry,
 ) -> anyhow::Result<Vec<Previous>> {
-    use crate::planner::previous::is_stdin;
-    let from_stdin = files.iter().filter(|f| is_stdin(f)).count();
-    anyhow::ensure!(
-        from_stdin <= 1,
-        "--previous - is given {from_stdin} times: standard input holds one plan or image"
-    );
-    anyhow::ensure!(
-        from_stdin == 0 || !registry.args.password_stdin,
-        "--previous - and --password-stdin both read standard input: give the previous plan or image as a file"
-    );
     let store = crate::planner::previous::store_dir_of(closure.nodes.iter().map(|n| n.path.as_str()));
     let arch = registry.architecture.unwrap_or(crate::dest::manifest::host_architecture());
     let mut out = Vec::new();
@@ -93,6 +83,30 @@ fn load_previous(
         }
     }
     Ok(out)
+}
+
+/// Errs when more than one of the options would read standard input
+/// (`-` as a closure, `--joint-with -`, `--previous -` or `-:NAME`,
+/// `--password-stdin`): it holds one thing, and the second reader would
+/// find it empty and blame what it expected.
+pub(super) fn one_stdin_reader(
+    closure: &[String],
+    joint_with: &[String],
+    previous: &[PathBuf],
+    password_stdin: bool,
+) -> anyhow::Result<()> {
+    let previous_stdin = |p: &PathBuf| p.to_str().is_some_and(|p| p == "-" || p.starts_with("-:"));
+    let readers: Vec<&str> = std::iter::empty()
+        .chain(closure.iter().filter(|c| *c == "-").map(|_| "a closure graph -"))
+        .chain(joint_with.iter().filter(|c| *c == "-").map(|_| "--joint-with -"))
+        .chain(previous.iter().filter(|p| previous_stdin(p)).map(|_| "--previous -"))
+        .chain(password_stdin.then_some("--password-stdin"))
+        .collect();
+    match readers.as_slice() {
+        [] | [_] => Ok(()),
+        [a, b, ..] if a == b => anyhow::bail!("{a} is given {} times: standard input holds one thing", readers.len()),
+        [a, b, ..] => anyhow::bail!("{a} and {b} both read standard input: give one of them as a file"),
+    }
 }
 
 /// The one previous plan of a single image.
