@@ -17,7 +17,7 @@ use crate::output::compress::Compress;
 pub(super) fn image(a: &ImageArgs) -> anyhow::Result<()> {
     planning::one_stdin_reader(&a.closure.input, &a.joint_with, &a.previous, a.registry.access.password_stdin)?;
     let (closure, exclude) = planning::load_closure(&a.closure)?;
-    let layers = planning::image_layers(a, &closure, &exclude)?;
+    let (layers, previous_in_registries) = planning::image_layers(a, &closure, &exclude)?;
     let config = match &a.config {
         Some(c) => json_arg("config", c, crate::input::limited::MAX_CONFIG)?,
         None => serde_json::json!({}),
@@ -89,7 +89,7 @@ pub(super) fn image(a: &ImageArgs) -> anyhow::Result<()> {
             "--push sends the image to a registry: leave out --format, --oci-layout, --output and --compress"
         );
         let compression = o.layer_compression.unwrap_or(LayerCompression::Gzip).into();
-        let closure = push::FromClosure { nar_hashes, previous: &a.previous };
+        let closure = push::FromClosure { nar_hashes, previous: &previous_in_registries };
         return push::push_image(&conf, dest, compression, &a.registry, &o.run, Some(closure), &known);
     }
     emit::emit(&conf, &a.output, &nar_hashes, &known)

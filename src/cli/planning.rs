@@ -405,12 +405,13 @@ pub(super) fn joint_plans(c: &ClosureArgs, l: &LayeringChoice) -> anyhow::Result
 }
 
 /// The store layers of `image`: the planner its options name, within
-/// nixpkgs' budget; empty layers left out.
+/// nixpkgs' budget; empty layers left out.  And the `--previous
+/// docker://` images that were there (a push may mount from them).
 pub(super) fn image_layers(
     a: &ImageArgs,
     closure: &ClosureGraph,
     exclude: &HashSet<String>,
-) -> anyhow::Result<Vec<Vec<String>>> {
+) -> anyhow::Result<(Vec<Vec<String>>, Vec<String>)> {
     let budget = budget(a.max_layers, a.base.from_image.as_deref())?.store;
     let previous = if a.previous.is_empty() {
         Vec::new()
@@ -431,5 +432,7 @@ pub(super) fn image_layers(
     let how = How::of(a.pipeline.as_deref(), a.popularity, a.auto_layer.then_some(budget), joint_with);
     let single_previous = if matches!(how, How::Stable) { single(previous.clone())? } else { None };
     let layers = choose(closure, exclude, how, budget, single_previous.as_ref())?.layers;
-    Ok(layers.into_iter().filter(|l| !l.is_empty()).collect())
+    let found = previous.iter().filter(|p| p.from_image).filter_map(|p| p.source.to_str());
+    let in_registries = found.filter(|s| s.starts_with("docker://")).map(str::to_string).collect();
+    Ok((layers.into_iter().filter(|l| !l.is_empty()).collect(), in_registries))
 }

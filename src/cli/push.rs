@@ -32,9 +32,10 @@ pub(super) fn push(a: &PushArgs) -> anyhow::Result<()> {
 pub(super) struct FromClosure<'a> {
     /// Store path to narHash, to key the layers.
     pub(super) nar_hashes: HashMap<String, String>,
-    /// `--previous`: an image on the destination's registry lends its
-    /// repository's blobs (mounted, not uploaded again).
-    pub(super) previous: &'a [std::path::PathBuf],
+    /// The `--previous docker://` images that were there: one on the
+    /// destination's registry lends its repository's blobs (mounted, not
+    /// uploaded again; reading it showed it can be pulled).
+    pub(super) previous: &'a [String],
 }
 
 /// Plans the image for `conf` and pushes it (the registry destination).
@@ -72,9 +73,7 @@ pub(super) fn push_image(
     // from the previous release is then mounted, whatever repository it is in.
     let mut mount_from = a.mount_from.clone();
     for p in closure.iter().flat_map(|c| c.previous) {
-        let Some(r) = p.to_str().filter(|r| r.starts_with("docker://")).and_then(|r| Reference::parse(r).ok()) else {
-            continue;
-        };
+        let Ok(r) = Reference::parse(p) else { continue };
         if r.registry == dest.registry && r.repository != dest.repository && !mount_from.contains(&r.repository) {
             mount_from.push(r.repository);
         }
