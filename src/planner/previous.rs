@@ -310,6 +310,27 @@ pub fn plan_from_json(v: &Value) -> Result<Vec<Vec<String>>, String> {
     Ok(layers)
 }
 
+/// Which entry of an OCI index to read: without a name, of several
+/// entries the one for linux/`arch` when they are one image's platforms
+/// (exactly one matches); else as [`pick`] chooses.
+fn pick_entry(path: &Path, entries: &[Value], name: Option<&str>, arch: &str) -> Result<usize, PreviousError> {
+    let platform =
+        |e: &Value, key: &str| e.pointer(&format!("/platform/{key}")).and_then(Value::as_str).map(str::to_string);
+    let ours = |e: &Value| {
+        platform(e, "os").as_deref() == Some("linux") && platform(e, "architecture").as_deref() == Some(arch)
+    };
+    let matching: Vec<usize> = (0..entries.len()).filter(|&i| ours(&entries[i])).collect();
+    let platforms = entries.iter().all(|e| e.get("platform").is_some());
+    match (name, matching.as_slice()) {
+        (None, [one]) if entries.len() > 1 => Ok(*one),
+        (None, []) if entries.len() > 1 && platforms => Err(PreviousError::Image {
+            path: path.to_path_buf(),
+            what: format!("its index lists no linux/{arch} image (--architecture picks another)"),
+        }),
+        _ => pick(path, &ref_names(entries), name),
+    }
+}
+
 /// An image index (a multi-platform image) resolves to its entry for
 /// linux/`arch`, as `docker pull --platform` picks; an image manifest is
 /// itself.  `read` reads the blob a descriptor names.
@@ -376,7 +397,7 @@ fn from_archive(r: impl Read, path: &Path, name: Option<&str>, arch: &str) -> Re
     } else if json.contains_key("index.json") {
         let index = parse("index.json")?;
         let entries = index.get("manifests").and_then(Value::as_array).cloned().unwrap_or_default();
-        let at = pick(path, &ref_names(&entries), name)?;
+        let at = pick_entry(path, &entries, name, arch)?;
         let digest = entries[at]
             .get("digest")
             .and_then(Value::as_str)
@@ -430,7 +451,7 @@ fn from_layout(dir: &Path, name: Option<&str>, arch: &str) -> Result<Previous, P
     }
     let index = read("index.json")?;
     let entries = index.get("manifests").and_then(Value::as_array).cloned().unwrap_or_default();
-    let at = pick(dir, &ref_names(&entries), name)?;
+    let at = pick_entry(dir, &entries, name, arch)?;
     let manifest = read(&blob(&entries[at], "index.json's manifest")?)?;
     let manifest = for_platform(manifest, arch, |d| read(&blob(d, "the image index's manifest")?), bad)?;
     let config = manifest.get("config").ok_or_else(|| bad("its manifest names no config".into()))?;
@@ -643,6 +664,13 @@ mod tests {
         assert_eq!(layers("arm64"), Ok(vec![vec!["/s/arm".to_string()]]));
         let e = layers("s390x").unwrap_err();
         assert!(e.contains("its image index has no linux/s390x image"), "{e}");
+        // The platforms listed in index.json itself.
+        let flat = json!({"manifests": [entry("arm64", image("/s/arm")), entry("amd64", image("/s/amd"))]});
+        std::fs::write(dir.path().join("index.json"), flat.to_string()).unwrap();
+        assert_eq!(layers("amd64"), Ok(vec![vec!["/s/amd".to_string()]]));
+        assert_eq!(layers("arm64"), Ok(vec![vec!["/s/arm".to_string()]]));
+        let e = layers("s390x").unwrap_err();
+        assert!(e.contains("its index lists no linux/s390x image"), "{e}");
     }
 
     #[test]
