@@ -156,8 +156,13 @@ fn joint(
     if previous.is_empty() {
         return Ok((stable::plan_joint(graphs, exclude, budget, None)?, None));
     }
-    for (i, a) in previous.iter().enumerate().filter(|(_, p)| !p.layers.is_empty()) {
-        if let Some(b) = previous[i + 1..].iter().find(|b| b.layers == a.layers) {
+    // The same file twice (two plans with the same layers may be two
+    // images' whose own paths --exclude-paths took).
+    let same = |a: &Path, b: &Path| {
+        a == b || std::fs::canonicalize(a).is_ok_and(|x| std::fs::canonicalize(b).is_ok_and(|y| x == y))
+    };
+    for (i, a) in previous.iter().enumerate() {
+        if let Some(b) = previous[i + 1..].iter().find(|b| same(&a.source, &b.source)) {
             anyhow::bail!(
                 "--previous {} and {} are the same plan: give each image's previous plan once",
                 a.source.display(),

@@ -761,6 +761,9 @@ pub fn plan_joint(
     // Auto-layer breaks ties by the graph's order: in path order, the
     // shared layers are the same whichever image is named first.
     union.nodes.sort_by(|a, b| a.path.cmp(&b.path));
+    for n in &mut union.nodes {
+        n.references.sort();
+    }
     let shared: HashSet<&str> =
         holders.iter().filter(|(p, &n)| n == graphs.len() && !exclude.contains(*p)).map(|(p, _)| p.as_str()).collect();
     let size = union.nar_sizes();
