@@ -780,8 +780,6 @@ fn base64_encode(b: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(b)
 }
 
-/// 503 bursts and dropped connections through the proxy are retried with
-/// the blob rendered again; the push completes with the right digests.
 /// A `HEAD` the registry never answers, mid-push: a passing stall, tried
 /// again after the answer timeout, and the push completes.
 #[test]
@@ -800,6 +798,8 @@ fn a_stalled_head_is_tried_again() {
     assert_no_manifest_with_missing_blobs(&reg);
 }
 
+/// 503 bursts and dropped connections through the proxy are retried with
+/// the blob rendered again; the push completes with the right digests.
 #[test]
 #[ignore = "needs docker-registry and skopeo: run scripts/test"]
 fn retries_through_503_bursts_and_dropped_connections() {
