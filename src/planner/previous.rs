@@ -314,12 +314,7 @@ pub fn plan_from_json(v: &Value) -> Result<Vec<Vec<String>>, String> {
 /// entries the one for linux/`arch` when they are one image's platforms
 /// (exactly one matches); else as [`pick`] chooses.
 fn pick_entry(path: &Path, entries: &[Value], name: Option<&str>, arch: &str) -> Result<usize, PreviousError> {
-    let platform =
-        |e: &Value, key: &str| e.pointer(&format!("/platform/{key}")).and_then(Value::as_str).map(str::to_string);
-    let ours = |e: &Value| {
-        platform(e, "os").as_deref() == Some("linux") && platform(e, "architecture").as_deref() == Some(arch)
-    };
-    let matching: Vec<usize> = (0..entries.len()).filter(|&i| ours(&entries[i])).collect();
+    let matching: Vec<usize> = (0..entries.len()).filter(|&i| for_linux(&entries[i], arch)).collect();
     let platforms = entries.iter().all(|e| e.get("platform").is_some());
     match (name, matching.as_slice()) {
         (None, [one]) if entries.len() > 1 => Ok(*one),
@@ -329,6 +324,12 @@ fn pick_entry(path: &Path, entries: &[Value], name: Option<&str>, arch: &str) ->
         }),
         _ => pick(path, &ref_names(entries), name),
     }
+}
+
+/// Whether an index entry's platform is linux/`arch`.
+fn for_linux(entry: &Value, arch: &str) -> bool {
+    let field = |key: &str| entry.pointer(&format!("/platform/{key}")).and_then(Value::as_str);
+    field("os") == Some("linux") && field("architecture") == Some(arch)
 }
 
 /// An image index (a multi-platform image) resolves to its entry for
@@ -341,11 +342,9 @@ fn for_platform(
     bad: impl Fn(String) -> PreviousError,
 ) -> Result<Value, PreviousError> {
     let Some(entries) = manifest.get("manifests").and_then(Value::as_array) else { return Ok(manifest) };
-    let platform =
-        |e: &&Value, key: &str| e.pointer(&format!("/platform/{key}")).and_then(Value::as_str).map(str::to_string);
     let entry = entries
         .iter()
-        .find(|e| platform(e, "os").as_deref() == Some("linux") && platform(e, "architecture").as_deref() == Some(arch))
+        .find(|e| for_linux(e, arch))
         .ok_or_else(|| bad(format!("its image index has no linux/{arch} image (--architecture picks another)")))?;
     let inner = read(entry)?;
     if inner.get("manifests").is_some() {
