@@ -288,9 +288,8 @@ fn joint_plans_build_on_the_previous_release() {
     );
     assert!(v[0]["kept"].as_u64().unwrap() >= shared as u64, "{}", v[0]);
     // One image builds on one previous plan.
-    let err = bin().args(["layers", "--max-layers", &max, &a2, "--previous"]).arg(&plans_file).output().unwrap();
-    assert_eq!(err.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&err.stderr).contains("--previous names 2 plans"), "{err:?}");
+    let err = one_line_error(bin().args(["layers", "--max-layers", &max, &a2, "--previous"]).arg(&plans_file));
+    assert!(err.contains("--previous names 2 plans"), "{err}");
 }
 
 /// Weekly releases into one OCI layout (and a docker-archive of two
@@ -313,9 +312,7 @@ fn previous_names_one_image_of_several() {
         )
         .unwrap()
     };
-    let err = bin().args(["layers", "--max-layers", &max, &three, "--previous"]).arg(&layout).output().unwrap();
-    assert_eq!(err.status.code(), Some(1));
-    let msg = String::from_utf8_lossy(&err.stderr);
+    let msg = one_line_error(bin().args(["layers", "--max-layers", &max, &three, "--previous"]).arg(&layout));
     assert!(msg.contains("it holds 2 images (app:1, app:2): name the previous one as"), "{msg}");
     let json = tmp.path().join("two.json");
     // app:2 was planned afresh: its plan, as `layers` prints it.
@@ -324,8 +321,8 @@ fn previous_names_one_image_of_several() {
     assert_eq!(by_name, plan_of(json.to_str().unwrap()), "app:2 of the layout is the plan app:2 was built with");
     assert_eq!(plan_of(&format!("{}:2", layout.display())), by_name, "the tag alone names it too");
     assert_ne!(plan_of(&format!("{}:app:1", layout.display())), by_name);
-    let err = bin().args(["layers", &three, "--previous"]).arg(format!("{}:app:9", layout.display())).output().unwrap();
-    assert!(String::from_utf8_lossy(&err.stderr).contains("it has no image named \"app:9\""), "{err:?}");
+    let err = one_line_error(bin().args(["layers", &three, "--previous"]).arg(format!("{}:app:9", layout.display())));
+    assert!(err.contains("it has no image named \"app:9\""), "{err}");
 }
 
 /// `image` writes the history the next release reads back, from a
