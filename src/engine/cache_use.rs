@@ -332,52 +332,31 @@ mod tests {
         let f = fixture();
         let opts = EngineOptions { jobs: 1, ..Default::default() };
         let progress = Progress::new(Mode::Quiet, 0);
-        // Fails with a removed wrong entry twice, then succeeds.
+        let gone = || wrong(vec![f.root.join("gone")], &f.root);
+        // A destination that answers its nth try with `answer(n)`; what the
+        // run was told before each new try goes into `told`.
         let tries = std::cell::Cell::new(0);
-        let mut told = Vec::new();
-        let (t, _) = run_again_after_wrong_entry(
-            &f.plan,
-            &opts,
-            &progress,
-            |_| {
+        let run = |answer: &dyn Fn(usize) -> Result<usize, EngineError>, told: &mut Vec<String>| {
+            tries.set(0);
+            let dest = |_: &Engine| {
                 tries.set(tries.get() + 1);
-                match tries.get() {
-                    1 | 2 => Err(wrong(vec![f.root.join("gone")], &f.root)),
-                    n => Ok(n),
-                }
-            },
-            |e| told.push(e.to_string()),
-        )
-        .unwrap();
+                answer(tries.get())
+            };
+            run_again_after_wrong_entry(&f.plan, &opts, &progress, dest, |e| told.push(e.to_string())).map(|(t, _)| t)
+        };
+        // Fails with a removed wrong entry twice, then succeeds.
+        let mut told = Vec::new();
+        let t = run(&|n| if n <= 2 { Err(gone()) } else { Ok(n) }, &mut told).unwrap();
         assert_eq!((t, told.len()), (3, 2));
         assert!(told.iter().all(|m| m.contains("the entry was removed from the cache")), "{told:?}");
         // Always wrong: one try, then one more per layer, then the error.
-        tries.set(0);
-        let r = run_again_after_wrong_entry(
-            &f.plan,
-            &opts,
-            &progress,
-            |_| -> Result<(), _> {
-                tries.set(tries.get() + 1);
-                Err(wrong(vec![f.root.join("gone")], &f.root))
-            },
-            |_| {},
-        );
+        let r = run(&|_| Err(gone()), &mut Vec::new());
         assert!(matches!(r, Err(EngineError::WrongDigest(_))));
         assert_eq!(tries.get(), f.plan.layers.len() + 1);
         // Any other error: no second try.
-        tries.set(0);
-        let r = run_again_after_wrong_entry(
-            &f.plan,
-            &opts,
-            &progress,
-            |_| -> Result<(), _> {
-                tries.set(tries.get() + 1);
-                Err(EngineError::Worker("no".into()))
-            },
-            |_| panic!("not again"),
-        );
+        let mut told = Vec::new();
+        let r = run(&|_| Err(EngineError::Worker("no".into())), &mut told);
         assert!(r.is_err());
-        assert_eq!(tries.get(), 1);
+        assert_eq!((tries.get(), told.len()), (1, 0), "not again");
     }
 }
